@@ -1,0 +1,7 @@
+"""foak-compile: a torch.compile backend that rewrites fine-tuning graphs into fused Triton kernels."""
+from . import ops  # noqa: F401  registers torch.ops.foak.*
+from .backend import FoakBackend, backend, foak
+from .patterns import PATTERNS
+from .report import GraphReport, reports, reset_reports, total_counts
+
+__all__ = ["backend", "foak", "FoakBackend", "GraphReport", "PATTERNS", "reports", "reset_reports", "total_counts"]

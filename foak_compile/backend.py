@@ -1,0 +1,76 @@
+"""The `foak` torch.compile backend: pattern passes over Dynamo's graph, then an inner compiler.
+
+    torch.compile(model, backend="foak")                       # all patterns, inductor
+    torch.compile(model, backend=foak_compile.backend(patterns=["rms_norm"], inner="aot_eager",
+                                                      dump_dir="dumps"))
+"""
+import itertools
+import logging
+import os
+from typing import Iterable, Optional
+
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+
+from .engine import run_patterns
+from .patterns import PATTERNS
+from .report import GraphReport, record
+
+log = logging.getLogger("foak_compile")
+INNER = ("inductor", "aot_eager", "eager")
+_graph_ids = itertools.count()
+
+
+class FoakBackend:
+    """A configured backend; pass an instance to torch.compile(backend=...)."""
+
+    def __init__(self, patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
+                 dump_dir: Optional[str] = None):
+        names = list(PATTERNS) if patterns is None else list(patterns)
+        unknown = [n for n in names if n not in PATTERNS]
+        if unknown:
+            raise ValueError(f"unknown foak pattern(s) {unknown}; known: {sorted(PATTERNS)}")
+        if inner not in INNER:
+            raise ValueError(f"inner must be one of {INNER}, not {inner!r}")
+        self.pattern_names, self.inner, self.dump_dir = names, inner, dump_dir
+        self.reports: list[GraphReport] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        report = GraphReport(graph_id=_graph_id(), code_before=gm.code)
+        run_patterns(gm, [PATTERNS[n]() for n in self.pattern_names], report)
+        report.code_after = gm.code
+        dump_dir = self.dump_dir or os.environ.get("FOAK_DUMP_DIR")
+        if dump_dir:
+            report.dump(dump_dir)
+        self.reports.append(report)
+        record(report)
+        log.info(report.summary())
+        if self.inner == "eager":
+            return gm.forward
+        return lookup_backend(self.inner)(gm, example_inputs)
+
+    def __repr__(self):
+        return f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, dump_dir={self.dump_dir!r})"
+
+
+def _graph_id() -> str:
+    n = next(_graph_ids)
+    try:  # Dynamo's own id (frame/attempt), so dumps line up with TORCH_LOGS output
+        from torch._guards import CompileContext
+        cid = CompileContext.current_compile_id()
+        if cid is not None:
+            return f"graph_{n:03d}_frame{str(cid).strip('[]').replace('/', '_')}"
+    except Exception:
+        pass
+    return f"graph_{n:03d}"
+
+
+def backend(patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
+            dump_dir: Optional[str] = None) -> FoakBackend:
+    """A foak backend with a choice of patterns, inner compiler and dump directory."""
+    return FoakBackend(patterns, inner, dump_dir)
+
+
+def foak(gm: torch.fx.GraphModule, example_inputs):
+    """The `backend="foak"` entry point: every pattern, inductor."""
+    return FoakBackend()(gm, example_inputs)

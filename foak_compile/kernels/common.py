@@ -1,0 +1,29 @@
+"""What every kernel launcher needs: when Triton can run, and torch → Triton dtypes."""
+import functools
+import os
+
+import torch
+import triton.language as tl
+
+# TRITON_INTERPRET is read by triton.jit at decoration time, so it must be set before this
+# package is imported; we read it once, the same way.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors run the kernels; CPU tensors only under the Triton interpreter."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(t: torch.Tensor, work_items: int, per_sm: int = 2) -> int:
+    """Grid size for kernels that loop over work items and keep a per-program accumulator."""
+    if t.is_cuda:
+        return max(1, min(work_items, _sm_count(t.device.index or 0) * per_sm))
+    return max(1, min(work_items, 4))  # interpreter: few programs keep it fast

@@ -1,0 +1,159 @@
+"""RMSNorm forward and backward.
+
+y = round_out( w * round_mid( x * rsqrt(mean(x^2) + eps) ) ), all math in fp32.
+`mid` reproduces models that cast the normalised value back to the input dtype before the
+weight multiply (HF Llama); without it the product is rounded once (Gemma, F.rms_norm).
+
+Rows are processed in [BLOCK_R, BLOCK_H] tiles with the whole row in registers, so small
+hidden sizes (Qwen3's q/k norm over head_dim) still give each program enough work. The
+backward recomputes rstd from the row it loads anyway, so the forward saves nothing but x.
+dW is reduced per persistent program into an fp32 [programs, H] buffer and summed once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import TL_DTYPE, persistent_programs, use_triton
+
+MAX_BLOCK_H = 32768  # whole row in registers; longer rows take the torch path
+
+
+@triton.jit
+def _rms_norm_fwd(X, W, Y, n_rows, n_cols, stride_x, stride_y, eps,
+                  HAS_W: tl.constexpr, HAS_MID: tl.constexpr, MID: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    y = x * rstd[:, None]
+    if HAS_MID:
+        y = y.to(MID).to(tl.float32)
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dx, eps,
+                  HAS_W: tl.constexpr, HAS_MID: tl.constexpr, MID: tl.constexpr,
+                  NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < n_cols
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        n = x * rstd[:, None]
+        if HAS_W:
+            g = dy * w[None, :]
+            if NEED_DW:
+                n_w = n
+                if HAS_MID:
+                    n_w = n.to(MID).to(tl.float32)
+                dw_acc += tl.sum(dy * n_w, axis=0)
+        else:
+            g = dy
+        if NEED_DX:
+            # d/dx [x * rstd] applied to g: rstd * (g - n * mean(g * n))
+            dot = tl.sum(g * n, axis=1) / n_cols
+            dx = (g - n * dot[:, None]) * rstd[:, None]
+            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if NEED_DW:
+        tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=cmask)
+
+
+def _tile(n_cols: int):
+    block_h = triton.next_power_of_2(n_cols)
+    block_r = max(1, min(64, 4096 // block_h))
+    num_warps = max(4, min(16, block_r * block_h // 512))
+    return block_r, block_h, num_warps
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def kernel_supported(x: torch.Tensor) -> bool:
+    return use_triton(x) and x.dtype in TL_DTYPE and triton.next_power_of_2(x.shape[-1]) <= MAX_BLOCK_H
+
+
+def rms_norm_forward(x, weight, eps: float, mid_dtype, out_dtype):
+    if not kernel_supported(x):
+        return rms_norm_torch(x, weight, eps, mid_dtype, out_dtype)
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    if n_rows == 0:
+        return y.view(x.shape)
+    w = weight.contiguous() if weight is not None else x2
+    block_r, block_h, num_warps = _tile(n_cols)
+    _rms_norm_fwd[(triton.cdiv(n_rows, block_r),)](
+        x2, w, y, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+        HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
+        MID=TL_DTYPE.get(mid_dtype, tl.float32), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
+    return y.view(x.shape)
+
+
+def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_dw: bool):
+    """Returns (dx or None, dw or None); dw in the weight's dtype."""
+    if not kernel_supported(x):
+        return rms_norm_torch_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw)
+    need_dw = need_dw and weight is not None
+    x2, dy2 = _rows(x), _rows(dy)
+    n_rows, n_cols = x2.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device) if need_dx else None
+    block_r, block_h, num_warps = _tile(n_cols)
+    programs = persistent_programs(x, triton.cdiv(n_rows, block_r))
+    dw_part = torch.zeros((programs, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
+    if n_rows > 0:
+        w = weight.contiguous() if weight is not None else x2
+        _rms_norm_bwd[(programs,)](
+            dy2, x2, w, dx if need_dx else x2, dw_part if need_dw else x2,
+            n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols, eps,
+            HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
+            MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw,
+            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
+    dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
+    return (dx.view(x.shape) if need_dx else None), dw
+
+
+# torch path: devices without Triton (CPU outside the interpreter) and rows too long for one tile.
+def _normalize(x, eps):
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm_torch(x, weight, eps, mid_dtype, out_dtype):
+    y = _normalize(x, eps)
+    if mid_dtype is not None:
+        y = y.to(mid_dtype).float()
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(out_dtype)
+
+
+def rms_norm_torch_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(need_dx)
+        wd = weight.detach().requires_grad_(need_dw) if weight is not None else None
+        n = _normalize(xd, eps)
+        y = n if wd is None else (n.to(mid_dtype).float() if mid_dtype is not None else n) * wd.float()
+        inputs = [t for t, need in ((xd, need_dx), (wd, need_dw and wd is not None)) if need]
+        grads = iter(torch.autograd.grad(y, inputs, dy.float())) if inputs else iter(())
+    dx = next(grads).to(x.dtype) if need_dx else None
+    dw = next(grads).to(weight.dtype) if need_dw and weight is not None else None
+    return dx, dw

@@ -1,0 +1,124 @@
+"""Reading Dynamo-level FX nodes independently of how the user's code spelt the op.
+
+Dynamo records `x * y` as operator.mul, `torch.mul(x, y)` as torch.mul and `x.mul(y)` as a
+call_method; `.float()`, `.to(torch.float32)` and `.type_as(t)` are all casts. `canon` folds
+these spellings into one `Op(kind, args, kwargs)` so patterns are written once.
+"""
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+_FUNCTIONS = {
+    operator.mul: "mul", torch.mul: "mul",
+    operator.add: "add", torch.add: "add",
+    operator.sub: "sub", torch.sub: "sub",
+    operator.truediv: "div", torch.div: "div",
+    operator.pow: "pow", torch.pow: "pow",
+    operator.neg: "neg", torch.neg: "neg",
+    torch.rsqrt: "rsqrt", torch.sqrt: "sqrt", torch.reciprocal: "reciprocal",
+    torch.mean: "mean",
+    F.rms_norm: "rms_norm", F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+}
+if hasattr(torch, "rms_norm"):
+    _FUNCTIONS[torch.rms_norm] = "rms_norm"
+
+_METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "div", "pow": "pow", "neg": "neg",
+            "rsqrt": "rsqrt", "sqrt": "sqrt", "reciprocal": "reciprocal", "mean": "mean"}
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
+
+
+@dataclass
+class Op:
+    kind: str
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        if i < len(self.args):
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+
+def value(node: Any) -> Optional[torch.Tensor]:
+    """The (fake) tensor a node produces, from Dynamo's or AOT's meta."""
+    if not isinstance(node, Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def canon(node: Any) -> Optional[Op]:
+    if not isinstance(node, Node):
+        return None
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        kind = _FUNCTIONS[node.target]
+        if kind in ("add", "sub") and node.kwargs.get("alpha", 1) != 1:
+            return None
+        if kind == "div" and node.kwargs.get("rounding_mode") is not None:
+            return None
+        return Op(kind, tuple(node.args), dict(node.kwargs))
+    if node.op == "call_method":
+        if node.target in _METHODS:
+            return Op(_METHODS[node.target], tuple(node.args), dict(node.kwargs))
+        if node.target in _CAST_METHODS and _is_pure_cast(node):
+            return Op("cast", (node.args[0],), {"dtype": value(node).dtype})
+    return None
+
+
+def _is_pure_cast(node: Node) -> bool:
+    """Only the dtype changes: same shape and device, no copy/memory-format/non_blocking tricks."""
+    src, out = value(node.args[0]), value(node)
+    if src is None or out is None or set(node.kwargs) - {"dtype", "device"}:
+        return False
+    return src.shape == out.shape and src.device == out.device
+
+
+def is_kind(node: Any, kind: str) -> bool:
+    op = canon(node)
+    return op is not None and op.kind == kind
+
+
+def other_operand(op: Op, node: Node) -> Any:
+    """For a binary op with `node` as one operand, the other one."""
+    a, b = op.args[0], op.args[1]
+    return b if a is node else a
+
+
+def source_of(node: Node) -> str:
+    """`file:line in fn: code` of the user's frame that produced `node`."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln for ln in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        ln = lines[i].strip()
+        if ln.startswith("File "):
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            try:
+                path, rest = ln[len('File "'):].split('", line ', 1)
+                lineno, fn = rest.split(", in ", 1)
+            except ValueError:
+                return ln
+            short = "/".join(path.split("/")[-3:])
+            return f"{short}:{lineno} in {fn}: {code}"
+    return ""
+
+
+def module_of(node: Node) -> str:
+    """Innermost nn.Module path and class, e.g. `model.layers.0.input_layernorm (LlamaRMSNorm)`."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    path = _strip_dynamo_prefix(str(path))
+    name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1].strip("'>")
+    return f"{path} ({name})" if path else name
+
+
+def _strip_dynamo_prefix(path: str) -> str:
+    # "L['args'][0].model.layers.0" / "L['self'].model.norm" -> "model.layers.0" / "model.norm"
+    import re
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)
+    return re.sub(r"\._modules\['([^']*)'\]", r".\1", path)

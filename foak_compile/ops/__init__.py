@@ -1,0 +1,4 @@
+"""torch.ops.foak.*: each fused op is defined once as a torch custom op with a fake (meta)
+implementation and an autograd formula, so Dynamo, AOTAutograd and inductor see one opaque
+node in forward and one in backward. Importing this package registers them all."""
+from . import rms_norm  # noqa: F401

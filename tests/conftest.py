@@ -1,0 +1,28 @@
+import os
+import sys
+
+import torch
+
+# Without a GPU the kernels run on CPU tensors through the Triton interpreter, which triton.jit
+# picks at decoration time: set it before anything imports triton.
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", \
+        "triton was imported before TRITON_INTERPRET=1 could be set"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import foak_compile  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_state():
+    torch._dynamo.reset()
+    foak_compile.reset_reports()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,52 @@
+"""Tiny real transformers models (random weights, odd sizes) and eager-vs-foak comparison."""
+import copy
+
+import torch
+
+import foak_compile
+
+# Odd sizes on purpose: hidden and intermediate sizes that are not powers of two.
+TINY = dict(hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=18, vocab_size=131, max_position_embeddings=64)
+
+
+def tiny_model(family: str, dtype=torch.float32, **overrides):
+    import transformers as tf
+    cfg_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+    }[family]
+    cfg = cfg_cls(**{**TINY, **overrides})
+    cfg._attn_implementation = "eager"
+    return model_cls(cfg).to(dtype)
+
+
+def batch(model, bs=2, seq=11, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    ids = torch.randint(0, model.config.vocab_size, (bs, seq), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def loss_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                           if p.requires_grad and p.grad is not None}
+
+
+def compare_with_eager(model, inputs, inner="aot_eager", patterns=None, rtol=1e-5, atol=1e-5):
+    """Loss and every trainable gradient of the foak-compiled model against eager; returns the backend."""
+    eager = copy.deepcopy(model)
+    ref_loss, ref_grads = loss_and_grads(eager, inputs)
+    be = foak_compile.backend(patterns=patterns, inner=inner)
+    compiled = torch.compile(model, backend=be)
+    loss, grads = loss_and_grads(compiled, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    return be
