@@ -6,8 +6,9 @@ of them: the rule that no intermediate may be used outside the match, the graph 
 failure containment, and recording matches and near-misses in the report.
 """
 import logging
+import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 from torch.fx import Graph, GraphModule, Node
 
@@ -24,9 +25,14 @@ class Reject(Exception):
 @dataclass
 class Candidate:
     nodes: list[Node]           # every node the replacement removes, `output` included
-    output: Node                # whose uses the replacement takes over
-    replace: Callable[[Graph], Node]  # inserts the fused call (before `output`) and returns it
+    # whose uses the replacement takes over; a list when the fused op returns a tuple
+    # (output[i]'s uses go to new[i])
+    output: Union[Node, list[Node]]
+    replace: Callable[[Graph], Node]  # inserts the fused call (before the first output) and returns it
     variant: str = ""           # which syntactic variant matched, for the report
+
+    def outputs(self) -> list[Node]:
+        return list(self.output) if isinstance(self.output, list) else [self.output]
 
 
 class Pattern:
@@ -41,10 +47,11 @@ class Pattern:
         raise NotImplementedError
 
 
-def _outside_users(cand: Candidate) -> Optional[str]:
-    inside = set(cand.nodes)
-    for n in cand.nodes:
-        if n is cand.output:
+def outside_users(nodes: list[Node], outputs: list[Node]) -> Optional[str]:
+    """Why `nodes` cannot be removed (an intermediate used outside them), or None."""
+    inside, outs = set(nodes), set(outputs)
+    for n in nodes:
+        if n in outs:
             continue
         outside = [u for u in n.users if u not in inside]
         if outside:
@@ -53,26 +60,54 @@ def _outside_users(cand: Candidate) -> Optional[str]:
     return None
 
 
+def _outside_users(cand: Candidate) -> Optional[str]:
+    return outside_users(cand.nodes, cand.outputs())
+
+
 def _where(node: Node) -> dict:
     return {"source": source_of(node), "module": module_of(node)}
 
 
 def _splice(gm: GraphModule, cand: Candidate) -> Node:
     graph = gm.graph
+    outs = cand.outputs()
+    order = {n: i for i, n in enumerate(graph.nodes)}
     before = set(graph.nodes)
     try:
-        with graph.inserting_before(cand.output):
+        with graph.inserting_before(min(outs, key=order.__getitem__)):
             new = cand.replace(graph)
+            takers = _unpack(graph, new, outs) if isinstance(cand.output, list) else [new]
+        _check_order(graph, before)
     except Exception:
         for n in reversed([n for n in graph.nodes if n not in before]):
             graph.erase_node(n)
         raise
-    new.meta.update({k: v for k, v in cand.output.meta.items() if k not in new.meta})
-    cand.output.replace_all_uses_with(new)
+    for taker, out in zip(takers, outs):
+        taker.meta.update({k: v for k, v in out.meta.items() if k not in taker.meta})
+        out.replace_all_uses_with(taker)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for n in sorted(cand.nodes, key=order.__getitem__, reverse=True):
         graph.erase_node(n)
     return new
+
+
+def _unpack(graph: Graph, new: Node, outs: list[Node]) -> list[Node]:
+    """getitem nodes for a tuple-returning replacement; its meta holds the tuple of values."""
+    vals = tuple(o.meta.get("example_value", o.meta.get("val")) for o in outs)
+    new.meta.update({k: v for k, v in outs[0].meta.items() if k not in new.meta and k not in ("example_value", "val")})
+    new.meta.setdefault("example_value", vals)
+    return [graph.call_function(operator.getitem, (new, i)) for i in range(len(outs))]
+
+
+def _check_order(graph: Graph, before: set) -> None:
+    """Inserted before the first output, a multi-output call may precede one of its inputs."""
+    seen = set()
+    for n in graph.nodes:
+        if n not in before:
+            late = [a.name for a in n.all_input_nodes if a not in seen]
+            if late:
+                raise ValueError(f"{n.name} would use {', '.join(late)} before it is computed")
+        seen.add(n)
 
 
 def run_patterns(gm: GraphModule, patterns: list[Pattern], report: GraphReport) -> None:

@@ -22,12 +22,16 @@ _FUNCTIONS = {
     torch.rsqrt: "rsqrt", torch.sqrt: "sqrt", torch.reciprocal: "reciprocal",
     torch.mean: "mean",
     F.rms_norm: "rms_norm", F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+    # data movement (rotary embeddings' rotate_half)
+    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat", torch.stack: "stack",
+    torch.unsqueeze: "unsqueeze", operator.getitem: "getitem",
 }
 if hasattr(torch, "rms_norm"):
     _FUNCTIONS[torch.rms_norm] = "rms_norm"
 
 _METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "div", "pow": "pow", "neg": "neg",
-            "rsqrt": "rsqrt", "sqrt": "sqrt", "reciprocal": "reciprocal", "mean": "mean"}
+            "rsqrt": "rsqrt", "sqrt": "sqrt", "reciprocal": "reciprocal", "mean": "mean",
+            "unsqueeze": "unsqueeze"}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
 

@@ -3,6 +3,7 @@ import functools
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 # TRITON_INTERPRET is read by triton.jit at decoration time, so it must be set before this
@@ -27,3 +28,19 @@ def persistent_programs(t: torch.Tensor, work_items: int, per_sm: int = 2) -> in
     if t.is_cuda:
         return max(1, min(work_items, _sm_count(t.device.index or 0) * per_sm))
     return max(1, min(work_items, 4))  # interpreter: few programs keep it fast
+
+
+# The interpreter converts fp32→bf16 by truncation, GPUs round to nearest even; kernels round
+# through `cast` so CI sees the numbers a GPU produces.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr):
+    """fp32 `x` to DTYPE, rounding to nearest even."""
+    if _ROUND_BF16_BY_HAND:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPE, persistent_programs, use_triton
+from .common import TL_DTYPE, cast, persistent_programs, use_triton
 
 MAX_BLOCK_H = 32768  # whole row in registers; longer rows take the torch path
 
@@ -31,11 +31,11 @@ def _rms_norm_fwd(X, W, Y, n_rows, n_cols, stride_x, stride_y, eps,
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     y = x * rstd[:, None]
     if HAS_MID:
-        y = y.to(MID).to(tl.float32)
+        y = cast(y, MID).to(tl.float32)
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         y = y * w[None, :]
-    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64 * stride_y + cols[None, :], cast(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, st
             if NEED_DW:
                 n_w = n
                 if HAS_MID:
-                    n_w = n.to(MID).to(tl.float32)
+                    n_w = cast(n, MID).to(tl.float32)
                 dw_acc += tl.sum(dy * n_w, axis=0)
         else:
             g = dy
@@ -70,7 +70,7 @@ def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, st
             # d/dx [x * rstd] applied to g: rstd * (g - n * mean(g * n))
             dot = tl.sum(g * n, axis=1) / n_cols
             dx = (g - n * dot[:, None]) * rstd[:, None]
-            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + rows64 * stride_dx + cols[None, :], cast(dx, DX.dtype.element_ty), mask=mask)
     if NEED_DW:
         tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=cmask)
 

@@ -40,6 +40,15 @@ def _squared(n: Node) -> Optional[Node]:
     return None
 
 
+def _same_value(a, b) -> bool:
+    """`a is b`, or two casts of one tensor to one dtype (`x.float()` written twice)."""
+    if a is b:
+        return True
+    ca, cb = canon(a), canon(b)
+    return (ca is not None and cb is not None and ca.kind == cb.kind == "cast"
+            and ca.args[0] is cb.args[0] and ca.kwargs["dtype"] == cb.kwargs["dtype"])
+
+
 def _mean_centred(n: Node) -> bool:
     op = canon(n)
     if op is not None and op.kind == "cast":
@@ -135,14 +144,17 @@ class RMSNormPattern(Pattern):
         nodes = [sq_node, mean_node, seed.args[0], seed, norm]
         variant = ["x*x" if is_kind(sq_node, "mul") else "pow(2)", kind]
 
-        # The fp32 upcast joins the match when nothing else uses it.
+        # The fp32 upcast (one node, or one per use) joins the match when nothing else uses it.
         x = xf
+        upcasts = list(dict.fromkeys([xf, other_operand(canon(norm), seed) if kind == "rsqrt" else norm.args[0]]))
         up = canon(xf)
         if (up is not None and up.kind == "cast" and value(up.args[0]).dtype in TL_DTYPE
-                and set(xf.users) <= {sq_node, norm}):
+                and all(set(u.users) <= {sq_node, norm} for u in upcasts)):
             x = up.args[0]
-            nodes.insert(0, xf)
+            nodes[:0] = upcasts
             variant.append(f"upcast from {value(x).dtype}")
+        elif len(upcasts) > 1:
+            raise Reject("reduces and normalises two separate upcasts that have other users")
 
         out, mid, weight = self._absorb_tail(norm, nodes, variant)
         return Candidate(nodes, out, _call(x, weight, eps, mid, value(out).dtype), ", ".join(variant))
@@ -154,7 +166,8 @@ class RMSNormPattern(Pattern):
             op = canon(u)
             if op is None or op.kind != want:
                 continue
-            if (want == "mul" and other_operand(op, seed) is xf) or (want == "div" and op.args == (xf, seed)):
+            if (want == "mul" and _same_value(other_operand(op, seed), xf)) or \
+                    (want == "div" and op.args[1] is seed and _same_value(op.args[0], xf)):
                 return u
         raise Reject(f"the {kind} does not normalise the tensor whose mean square it took")
 
