@@ -16,6 +16,7 @@ import triton.language as tl
 from .common import TL_DTYPE, cast, persistent_programs, use_triton
 
 MAX_BLOCK_H = 32768  # whole row in registers; longer rows take the torch path
+PER_SM = 4  # persistent backward programs per SM when dW is reduced
 
 
 @triton.jit
@@ -117,8 +118,11 @@ def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device) if need_dx else None
     block_r, block_h, num_warps = _tile(n_cols)
-    programs = persistent_programs(x, triton.cdiv(n_rows, block_r))
-    dw_part = torch.zeros((programs, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
+    n_blocks = triton.cdiv(n_rows, block_r)
+    # Only a dW reduction needs persistent programs (one fp32 partial row each); LoRA's frozen
+    # norms take one tile per program.
+    programs = persistent_programs(x, n_blocks, PER_SM) if need_dw else n_blocks
+    dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
     if n_rows > 0:
         w = weight.contiguous() if weight is not None else x2
         _rms_norm_bwd[(programs,)](
@@ -147,13 +151,15 @@ def rms_norm_torch(x, weight, eps, mid_dtype, out_dtype):
 
 
 def rms_norm_torch_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
-    with torch.enable_grad():
-        xd = x.detach().requires_grad_(need_dx)
-        wd = weight.detach().requires_grad_(need_dw) if weight is not None else None
-        n = _normalize(xd, eps)
-        y = n if wd is None else (n.to(mid_dtype).float() if mid_dtype is not None else n) * wd.float()
-        inputs = [t for t, need in ((xd, need_dx), (wd, need_dw and wd is not None)) if need]
-        grads = iter(torch.autograd.grad(y, inputs, dy.float())) if inputs else iter(())
-    dx = next(grads).to(x.dtype) if need_dx else None
-    dw = next(grads).to(weight.dtype) if need_dw and weight is not None else None
+    """The kernel's formulas in torch ops (no autograd: this runs below the autograd key)."""
+    xf, dyf = x.float(), dy.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    n = xf * rstd
+    dx = dw = None
+    if need_dw and weight is not None:
+        n_w = n.to(mid_dtype).float() if mid_dtype is not None else n
+        dw = (dyf * n_w).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    if need_dx:
+        g = dyf * weight.float() if weight is not None else dyf
+        dx = ((g - n * (g * n).mean(-1, keepdim=True)) * rstd).to(x.dtype)
     return dx, dw
