@@ -71,23 +71,24 @@ def sweep(rows, hidden, dtype):
     x = torch.randn(rows, hidden, device="cuda", dtype=dtype)
     w = torch.randn(hidden, device="cuda", dtype=dtype)
     dy = torch.randn_like(x)
-    default_tile, default_per_sm = kernel._tile, kernel.PER_SM
+    default_tile, default_dw_tile, default_per_sm, default_stages = kernel._tile, kernel._dw_tile, kernel.PER_SM, kernel.STAGES
     bh = default_tile(hidden)[1]
-    res = {"heuristic": list(default_tile(hidden)) + [default_per_sm]}
+    res = {"heuristic": list(default_tile(hidden)) + list(default_dw_tile(hidden)) + [default_per_sm]}
     for br in (1, 2, 4, 8, 16, 32):
         for nw in (2, 4, 8, 16):
             if br * bh > 16384 or br * bh < 32 * nw:
                 continue
-            kernel._tile = lambda n, br=br, nw=nw: (br, bh, nw)
+            kernel._tile = kernel._dw_tile = lambda n, br=br, nw=nw: (br, bh, nw)
             try:
                 row = [graph_ms(lambda: kernel.rms_norm_forward(x, w, 1e-6, dtype, dtype)),
                        graph_ms(lambda: kernel.rms_norm_backward(dy, x, w, 1e-6, dtype, True, False))]
-                for per_sm in (2, 4, 8):
-                    kernel.PER_SM = per_sm
-                    row.append(graph_ms(lambda: kernel.rms_norm_backward(dy, x, w, 1e-6, dtype, True, True)))
-                res[f"R{br}_w{nw}: fwd, bwd, bwd+dw@2/4/8 per SM"] = [round(t, 4) for t in row]
+                for stages in (1, 2, 3):
+                    for per_sm in (1, 2, 4):
+                        kernel.PER_SM, kernel.STAGES = per_sm, stages
+                        row.append(graph_ms(lambda: kernel.rms_norm_backward(dy, x, w, 1e-6, dtype, True, True)))
+                res[f"R{br}_w{nw}: fwd, bwd, bwd+dw@(stages 1,2,3)x(1,2,4 per SM)"] = [round(t, 4) for t in row]
             finally:
-                kernel._tile, kernel.PER_SM = default_tile, default_per_sm
+                kernel._tile, kernel._dw_tile, kernel.PER_SM, kernel.STAGES = default_tile, default_dw_tile, default_per_sm, default_stages
     return res
 
 

@@ -34,6 +34,11 @@ _METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "div", "pow": "pow"
             "unsqueeze": "unsqueeze"}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
+# Losses and the lm_head (patterns/cross_entropy.py).
+_FUNCTIONS.update({F.linear: "linear", F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss",
+                   F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax"})
+_METHODS.update({"log_softmax": "log_softmax"})
+
 
 @dataclass
 class Op:
@@ -125,4 +130,6 @@ def _strip_dynamo_prefix(path: str) -> str:
     # "L['args'][0].model.layers.0" / "L['self'].model.norm" -> "model.layers.0" / "model.norm"
     import re
     path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)
-    return re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    # attribute access Dynamo spells out on wrapper modules (peft): "__dict__['_modules']['base_model']"
+    path = re.sub(r"\.?(__dict__\['_modules'\]|_modules)\['([^']*)'\]", r".\2", path)
+    return path.lstrip(".")

@@ -16,7 +16,8 @@ import triton.language as tl
 from .common import TL_DTYPE, cast, persistent_programs, use_triton
 
 MAX_BLOCK_H = 32768  # whole row in registers; longer rows take the torch path
-PER_SM = 4  # persistent backward programs per SM when dW is reduced
+PER_SM = 2  # persistent backward programs per SM when dW is reduced (x4 for short rows)
+STAGES = 2  # software pipelining of the persistent backward loop
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _rms_norm_fwd(X, W, Y, n_rows, n_cols, stride_x, stride_y, eps,
 @triton.jit
 def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dx, eps,
                   HAS_W: tl.constexpr, HAS_MID: tl.constexpr, MID: tl.constexpr,
-                  NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+                  NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STAGES: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -50,7 +51,8 @@ def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, st
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for blk in range(pid, tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)):
+    # pipelined: the next tile's loads are in flight while this one reduces
+    for blk in tl.range(pid, tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0), num_stages=STAGES):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = (rows < n_rows)[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
@@ -76,11 +78,18 @@ def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, st
         tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=cmask)
 
 
-def _tile(n_cols: int):
+def _tile(n_cols: int, rows_per_tile: int = 4096):
+    """(BLOCK_R, BLOCK_H, num_warps): ~4k elements a program, 4 warps; measured on H100 in
+    benchmarks/results/rms_norm.json (tile_sweep)."""
     block_h = triton.next_power_of_2(n_cols)
-    block_r = max(1, min(64, 4096 // block_h))
-    num_warps = max(4, min(16, block_r * block_h // 512))
+    block_r = max(1, min(64, rows_per_tile // block_h))
+    num_warps = max(4, min(16, block_r * block_h // 1024))
     return block_r, block_h, num_warps
+
+
+def _dw_tile(n_cols: int):
+    """The dW backward amortises its column reduction over taller tiles."""
+    return _tile(n_cols, 8192)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -117,11 +126,11 @@ def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device) if need_dx else None
-    block_r, block_h, num_warps = _tile(n_cols)
+    block_r, block_h, num_warps = _dw_tile(n_cols) if need_dw else _tile(n_cols)
     n_blocks = triton.cdiv(n_rows, block_r)
     # Only a dW reduction needs persistent programs (one fp32 partial row each); LoRA's frozen
     # norms take one tile per program.
-    programs = persistent_programs(x, n_blocks, PER_SM) if need_dw else n_blocks
+    programs = persistent_programs(x, n_blocks, PER_SM if n_cols >= 1024 else 4 * PER_SM) if need_dw else n_blocks
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
     if n_rows > 0:
         w = weight.contiguous() if weight is not None else x2
@@ -129,7 +138,7 @@ def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_
             dy2, x2, w, dx if need_dx else x2, dw_part if need_dw else x2,
             n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols, eps,
             HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
-            MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw,
+            MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw, STAGES=STAGES if need_dw else 1,
             BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return (dx.view(x.shape) if need_dx else None), dw
