@@ -113,3 +113,17 @@ def test_fake_impl_matches_real():
                           (torch.randn(3, 17, requires_grad=True), torch.randn(17, requires_grad=True),
                            1e-6, torch.bfloat16, torch.float32),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_outputs_are_contiguous_like_the_fake(path, device):
+    """Fake and real strides must agree, or code after the op (a .view) breaks only at run time."""
+    x = torch.randn(4, 6, 40, device=device).transpose(0, 1)
+    w = torch.randn(40, device=device)
+    if path == "kernel":
+        y = kernel.rms_norm_forward(x, w, 1e-6, None, torch.float32)
+        dx, _ = kernel.rms_norm_backward(torch.randn_like(x), x, w, 1e-6, None, True, False)
+    else:
+        y = kernel.rms_norm_torch(x, w, 1e-6, None, torch.float32)
+        dx, _ = kernel.rms_norm_torch_backward(torch.randn_like(x), x, w, 1e-6, None, True, False)
+    assert y.is_contiguous() and dx.is_contiguous()

@@ -156,7 +156,7 @@ def rms_norm_torch(x, weight, eps, mid_dtype, out_dtype):
         y = y.to(mid_dtype).float()
     if weight is not None:
         y = y * weight.float()
-    return y.to(out_dtype)
+    return y.to(out_dtype).contiguous()  # same strides as the kernel's output and the fake
 
 
 def rms_norm_torch_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
@@ -170,5 +170,5 @@ def rms_norm_torch_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
         dw = (dyf * n_w).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     if need_dx:
         g = dyf * weight.float() if weight is not None else dyf
-        dx = ((g - n * (g * n).mean(-1, keepdim=True)) * rstd).to(x.dtype)
+        dx = ((g - n * (g * n).mean(-1, keepdim=True)) * rstd).to(x.dtype).contiguous()
     return dx, dw

@@ -30,8 +30,9 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.
 
 @rms_norm_backward.register_fake
 def _(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
-    dw_like = weight if (need_dw and weight is not None) else x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else x.new_empty(0)), torch.empty_like(dw_like)
+    # outputs are always contiguous, whatever the input strides (the kernel writes them row by row)
+    dw = weight.new_empty(weight.shape) if (need_dw and weight is not None) else x.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), dw
 
 
 def _setup_context(ctx, inputs, output):
