@@ -71,9 +71,10 @@ def sweep(rows, hidden, dtype):
     x = torch.randn(rows, hidden, device="cuda", dtype=dtype)
     w = torch.randn(hidden, device="cuda", dtype=dtype)
     dy = torch.randn_like(x)
-    default_tile, default_dw_tile, default_per_sm, default_stages = kernel._tile, kernel._dw_tile, kernel.PER_SM, kernel.STAGES
-    bh = default_tile(hidden)[1]
-    res = {"heuristic": list(default_tile(hidden)) + list(default_dw_tile(hidden)) + [default_per_sm]}
+    defaults = kernel._tile, kernel._dw_tile, kernel._dw_schedule
+    bh = kernel._tile(hidden)[1]
+    res = {"heuristic (tile, dw tile, dw per-SM/stages)": [kernel._tile(hidden), kernel._dw_tile(hidden),
+                                                           kernel._dw_schedule(hidden)]}
     for br in (1, 2, 4, 8, 16, 32):
         for nw in (2, 4, 8, 16):
             if br * bh > 16384 or br * bh < 32 * nw:
@@ -84,11 +85,11 @@ def sweep(rows, hidden, dtype):
                        graph_ms(lambda: kernel.rms_norm_backward(dy, x, w, 1e-6, dtype, True, False))]
                 for stages in (1, 2, 3):
                     for per_sm in (1, 2, 4):
-                        kernel.PER_SM, kernel.STAGES = per_sm, stages
+                        kernel._dw_schedule = lambda n, s=(per_sm, stages): s
                         row.append(graph_ms(lambda: kernel.rms_norm_backward(dy, x, w, 1e-6, dtype, True, True)))
                 res[f"R{br}_w{nw}: fwd, bwd, bwd+dw@(stages 1,2,3)x(1,2,4 per SM)"] = [round(t, 4) for t in row]
             finally:
-                kernel._tile, kernel._dw_tile, kernel.PER_SM, kernel.STAGES = default_tile, default_dw_tile, default_per_sm, default_stages
+                kernel._tile, kernel._dw_tile, kernel._dw_schedule = defaults
     return res
 
 

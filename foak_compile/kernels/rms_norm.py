@@ -16,8 +16,8 @@ import triton.language as tl
 from .common import TL_DTYPE, cast, persistent_programs, use_triton
 
 MAX_BLOCK_H = 32768  # whole row in registers; longer rows take the torch path
-PER_SM = 2  # persistent backward programs per SM when dW is reduced (x4 for short rows)
-STAGES = 2  # software pipelining of the persistent backward loop
+PER_SM = 1  # persistent backward programs per SM when dW is reduced (rows >= 1024)
+STAGES = 3  # software pipelining of that persistent loop
 
 
 @triton.jit
@@ -89,7 +89,13 @@ def _tile(n_cols: int, rows_per_tile: int = 4096):
 
 def _dw_tile(n_cols: int):
     """The dW backward amortises its column reduction over taller tiles."""
-    return _tile(n_cols, 8192)
+    return _tile(n_cols, 8192 if n_cols >= 1024 else 4096)
+
+
+def _dw_schedule(n_cols: int):
+    """(programs per SM, pipeline stages) of the persistent dW backward, from the H100 sweep:
+    long rows want one deeply pipelined program per SM, short rows more programs."""
+    return (PER_SM, STAGES) if n_cols >= 1024 else (4, 2)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +136,8 @@ def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_
     n_blocks = triton.cdiv(n_rows, block_r)
     # Only a dW reduction needs persistent programs (one fp32 partial row each); LoRA's frozen
     # norms take one tile per program.
-    programs = persistent_programs(x, n_blocks, PER_SM if n_cols >= 1024 else 4 * PER_SM) if need_dw else n_blocks
+    per_sm, stages = _dw_schedule(n_cols)
+    programs = persistent_programs(x, n_blocks, per_sm) if need_dw else n_blocks
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
     if n_rows > 0:
         w = weight.contiguous() if weight is not None else x2
@@ -138,7 +145,7 @@ def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_
             dy2, x2, w, dx if need_dx else x2, dw_part if need_dw else x2,
             n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols, eps,
             HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
-            MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw, STAGES=STAGES if need_dw else 1,
+            MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw, STAGES=stages if need_dw else 1,
             BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return (dx.view(x.shape) if need_dx else None), dw
