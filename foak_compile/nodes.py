@@ -129,7 +129,7 @@ def module_of(node: Node) -> str:
 def _strip_dynamo_prefix(path: str) -> str:
     # "L['args'][0].model.layers.0" / "L['self'].model.norm" -> "model.layers.0" / "model.norm"
     import re
-    path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)
+    path = re.sub(r"^[LG]\['[^']*'\](\[\d+\])?\.?", "", path)
     # attribute access Dynamo spells out on wrapper modules (peft): "__dict__['_modules']['base_model']"
     path = re.sub(r"\.?(__dict__\['_modules'\]|_modules)\['([^']*)'\]", r".\2", path)
     return path.lstrip(".")

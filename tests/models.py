@@ -18,6 +18,7 @@ def tiny_model(family: str, dtype=torch.float32, **overrides):
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),  # final logit softcapping
     }[family]
     cfg = cfg_cls(**{**TINY, **overrides})
     cfg._attn_implementation = "eager"

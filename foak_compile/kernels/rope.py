@@ -86,8 +86,8 @@ def check_shapes(xs, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -
     if cos.shape != sin.shape or cos.dim() != 3:
         raise ValueError(f"cos/sin must both be [B or 1, S, D], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     for x in xs:
-        v = _bshd(x, unsqueeze_dim)
-        if x.dim() != 4 or v.shape[-1] % 2 or cos.shape[2] != v.shape[3] or cos.shape[1] != v.shape[1] \
+        v = _bshd(x, unsqueeze_dim) if x.dim() == 4 else None
+        if v is None or v.shape[-1] % 2 or cos.shape[2] != v.shape[3] or cos.shape[1] != v.shape[1] \
                 or cos.shape[0] not in (1, v.shape[0]):
             raise ValueError(f"cannot rotate {tuple(x.shape)} (unsqueeze_dim={unsqueeze_dim}) "
                              f"with cos/sin {tuple(cos.shape)}")

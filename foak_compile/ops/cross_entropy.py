@@ -1,0 +1,168 @@
+"""torch.ops.foak.cross_entropy and torch.ops.foak.linear_cross_entropy, over kernels/cross_entropy.py.
+
+Both take class-index labels of any shape (flattened like the logits' leading dims) and
+follow F.cross_entropy(..., ignore_index, reduction, label_smoothing) without class weights:
+'mean' divides by the number of non-ignored labels (NaN when there are none, like torch),
+'sum' adds, 'none' returns per-label losses (0 where ignored) shaped like `labels`.
+The loss is computed in fp32 and returned in `out_dtype`. Each op also returns the fp32
+per-label logsumexp its backward needs (not differentiable).
+"""
+from typing import Optional
+
+import torch
+
+from ..kernels import cross_entropy as kernel
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check(n_rows: int, labels: torch.Tensor, label_smoothing: float, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
+    if labels.numel() != n_rows:
+        raise ValueError(f"{n_rows} rows of logits but {labels.numel()} labels")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], not {label_smoothing}")
+
+
+def _reduce(loss, labels, ignore_index, reduction, out_dtype):
+    if reduction == "none":
+        return loss.view(labels.shape).to(out_dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / (labels != ignore_index).sum()  # 0/0 = NaN when every label is ignored
+    return total.to(out_dtype)
+
+
+def _row_scale(dloss, labels, ignore_index, reduction):
+    """d(total)/d(loss_r) · dloss: fp32, one value per row ('none') or one for all rows."""
+    d = dloss.float()
+    if reduction == "none":
+        return d.reshape(-1).contiguous()  # upstream grads may be expanded (stride 0)
+    if reduction == "mean":
+        d = d / (labels != ignore_index).sum()
+    return d.reshape(1)
+
+
+def _fake_outputs(like, labels, reduction, out_dtype):
+    loss = like.new_empty(labels.shape if reduction == "none" else (), dtype=out_dtype)
+    return loss, like.new_empty(labels.shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("foak::cross_entropy", mutates_args=())
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                  reduction: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse) of F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ...)."""
+    x = logits.reshape(-1, logits.shape[-1])
+    _check(x.shape[0], labels, label_smoothing, reduction)
+    loss, lse = kernel.cross_entropy_forward(x, labels.reshape(-1), ignore_index, label_smoothing)
+    return _reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape)
+
+
+@cross_entropy.register_fake
+def _(logits, labels, ignore_index, label_smoothing, reduction, out_dtype):
+    return _fake_outputs(logits, labels, reduction, out_dtype)
+
+
+@torch.library.custom_op("foak::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                           ignore_index: int, label_smoothing: float, reduction: str) -> torch.Tensor:
+    """dloss/dlogits, in the logits' dtype and shape."""
+    x = logits.reshape(-1, logits.shape[-1])
+    scale = _row_scale(dloss, labels, ignore_index, reduction)
+    dx = kernel.cross_entropy_backward(x, labels.reshape(-1), lse.reshape(-1), scale, ignore_index,
+                                       label_smoothing)
+    return dx.view(logits.shape)
+
+
+@cross_entropy_backward.register_fake
+def _(dloss, logits, labels, lse, ignore_index, label_smoothing, reduction):
+    return logits.new_empty(logits.shape)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, label_smoothing, reduction, _ = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (ignore_index, label_smoothing, reduction)
+
+
+def _ce_backward(ctx, dloss, _dlse):
+    logits, labels, lse = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0] and dloss is not None:
+        dx = torch.ops.foak.cross_entropy_backward(dloss, logits, labels, lse, *ctx.args)
+    return dx, None, None, None, None, None
+
+
+cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("foak::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
+                         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse) of F.cross_entropy(F.linear(hidden, weight, bias).float() rows, labels, ...),
+    never holding more than one chunk of tokens' logits."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    _check(h.shape[0], labels, label_smoothing, reduction)
+    loss, lse = kernel.linear_cross_entropy_forward(h, weight, bias, labels.reshape(-1), ignore_index,
+                                                    label_smoothing)
+    return _reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape)
+
+
+@linear_cross_entropy.register_fake
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype):
+    return _fake_outputs(hidden, labels, reduction, out_dtype)
+
+
+@torch.library.custom_op("foak::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                  bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
+                                  ignore_index: int, label_smoothing: float, reduction: str, need_hidden: bool,
+                                  need_weight: bool, need_bias: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty tensor."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    scale = _row_scale(dloss, labels, ignore_index, reduction)
+    dh, dw, db = kernel.linear_cross_entropy_backward(scale, h, weight, bias, labels.reshape(-1),
+                                                      lse.reshape(-1), ignore_index, label_smoothing,
+                                                      need_hidden, need_weight, need_bias)
+    return (dh.view(hidden.shape) if dh is not None else hidden.new_empty(0),
+            dw if dw is not None else weight.new_empty(0),
+            db if db is not None else weight.new_empty(0))
+
+
+@linear_cross_entropy_backward.register_fake
+def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, reduction,
+      need_hidden, need_weight, need_bias):
+    need_bias = need_bias and bias is not None
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+            bias.new_empty(bias.shape) if need_bias else weight.new_empty(0))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, _ = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (ignore_index, label_smoothing, reduction)
+
+
+def _lce_backward(ctx, dloss, _dlse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.needs_input_grad[2] and bias is not None
+    if dloss is None or not (need_h or need_w or need_b):
+        return None, None, None, None, None, None, None, None
+    dh, dw, db = torch.ops.foak.linear_cross_entropy_backward(dloss, hidden, weight, bias, labels, lse,
+                                                              *ctx.args, need_h, need_w, need_b)
+    return (dh if need_h else None), (dw if need_w else None), (db if need_b else None), \
+        None, None, None, None, None
+
+
+linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup_context)

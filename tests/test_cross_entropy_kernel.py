@@ -1,0 +1,230 @@
+"""torch.ops.foak.cross_entropy / linear_cross_entropy and their kernels against float64 torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import foak_compile  # noqa: F401
+from foak_compile.kernels import cross_entropy as kernel
+from foak_compile.kernels.common import use_triton
+
+# gradients are stored in the logits' dtype: one rounding of values up to ~1
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _labels(n, vocab, device, ignore_index=-100, p_ignore=0.3):
+    y = torch.randint(0, vocab, (n,), device=device)
+    y[torch.rand(n, device=device) < p_ignore] = ignore_index
+    if (y == ignore_index).all():
+        y[0] = 0
+    return y
+
+
+def _upstream(ref):
+    return torch.randn_like(ref) if ref.dim() else torch.tensor(1.0 + torch.rand(()).item(), dtype=ref.dtype)
+
+
+def _check_ce(x, y, ignore_index=-100, reduction="mean", label_smoothing=0.0, out_dtype=torch.float32):
+    """Loss and dlogits of the op against F.cross_entropy in float64 on the same values."""
+    assert use_triton(x), "kernel path must be exercised (CUDA or TRITON_INTERPRET=1)"
+    xr = x.clone().requires_grad_()
+    loss, lse = torch.ops.foak.cross_entropy(xr, y, ignore_index, label_smoothing, reduction, out_dtype)
+    xd = x.double().requires_grad_()
+    ref = F.cross_entropy(xd.view(-1, x.shape[-1]), y.view(-1), ignore_index=ignore_index,
+                          reduction=reduction, label_smoothing=label_smoothing)
+    ref = ref.view(y.shape) if reduction == "none" else ref
+    assert loss.dtype == out_dtype and loss.shape == ref.shape and lse.dtype == torch.float32
+    g = _upstream(ref)
+    loss.backward(g.to(out_dtype))
+    ref.backward(g)
+    loss_tol = 2e-6 if out_dtype == torch.float32 else TOL[out_dtype]
+    assert _rel(loss, ref) < loss_tol
+    assert xr.grad.dtype == x.dtype and xr.grad.shape == x.shape
+    assert _rel(xr.grad, xd.grad) < TOL[x.dtype]
+    return loss, xr.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,vocab", [(7, 131), (37, 131), (5, 32001), (3, 128256)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_op_vs_float64(dtype, n, vocab, reduction, device):
+    x = (torch.randn(n, vocab, device=device) * 4).to(dtype)
+    _check_ce(x, _labels(n, vocab, device), reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_smoothing(dtype, device):
+    x = (torch.randn(23, 131, device=device) * 3).to(dtype)
+    for reduction in ("mean", "sum", "none"):
+        _check_ce(x, _labels(23, 131, device), reduction=reduction, label_smoothing=0.1)
+
+
+def test_out_dtype_and_leading_dims(device):
+    """bf16 logits without an upcast: fp32 math, the loss rounded once to bf16; [B, T, V] logits."""
+    x = torch.randn(3, 5, 131, device=device, dtype=torch.bfloat16)
+    y = _labels(15, 131, device)
+    _check_ce(x, y, out_dtype=torch.bfloat16)
+    _check_ce(x, y.view(3, 5), reduction="none")
+
+
+def test_ignore_index_semantics(device):
+    x = torch.randn(9, 131, device=device)
+    # an ignore_index inside the vocabulary ignores that class's rows
+    y = torch.randint(0, 131, (9,), device=device)
+    y[::3] = 5
+    _check_ce(x, y, ignore_index=5)
+    _check_ce(x, y, ignore_index=5, reduction="sum")
+    # every label ignored: mean is NaN (0/0) like torch, sum is 0, the gradient is all zeros
+    y = torch.full((9,), -100, device=device)
+    for reduction, expect in (("mean", float("nan")), ("sum", 0.0)):
+        xr = x.clone().requires_grad_()
+        loss, _ = torch.ops.foak.cross_entropy(xr, y, -100, 0.0, reduction, torch.float32)
+        torch.testing.assert_close(loss, torch.tensor(expect, device=device), equal_nan=True)
+        loss.backward()
+        assert (xr.grad == 0).all()
+    loss, _ = torch.ops.foak.cross_entropy(x, y, -100, 0.0, "none", torch.float32)
+    assert (loss == 0).all()
+
+
+@pytest.mark.parametrize("bad", [131, 1000, -1, -99])
+def test_out_of_range_labels_raise(bad, device):
+    x = torch.randn(4, 131, device=device)
+    y = torch.tensor([1, bad, 2, -100], device=device)
+    with pytest.raises(RuntimeError, match="label out of range"):
+        torch.ops.foak.cross_entropy(x, y, -100, 0.0, "mean", torch.float32)
+    with pytest.raises(RuntimeError, match="label out of range"):
+        torch.ops.foak.linear_cross_entropy(torch.randn(4, 8, device=device), torch.randn(131, 8, device=device),
+                                            None, y, -100, 0.0, "sum", torch.float32)
+    # the kernel itself never reads out of bounds and marks the row NaN
+    loss, _ = torch.empty(4, device=device), torch.empty(4, device=device)
+    kernel._forward_rows(x, y, -100, 0.0, loss, _)
+    assert loss[1].isnan() and loss[[0, 2]].isfinite().all() and loss[3] == 0
+
+
+@pytest.mark.parametrize("block_v", [16, 32, 128])
+def test_many_vocab_blocks_and_minus_inf(block_v, device):
+    """Online logsumexp across blocks, including blocks that are entirely -inf (masked vocab)."""
+    x = torch.randn(11, 131, device=device) * 5
+    x[:, :40] = float("-inf")
+    x[3, 100:] = float("-inf")
+    y = torch.randint(40, 100, (11,), device=device)
+    y[7] = -100
+    loss, lse = kernel.cross_entropy_forward(x, y, -100, 0.0, block_v=block_v)
+    ref = F.cross_entropy(x.double(), y, reduction="none")
+    assert _rel(loss, ref) < 2e-6
+    keep = y != -100
+    assert _rel(lse[keep], torch.logsumexp(x.double(), -1)[keep]) < 2e-6
+    scale = torch.rand(11, device=device)
+    dx = kernel.cross_entropy_backward(x, y, lse, scale, -100, 0.0, block_v=block_v)
+    xd = x.double().requires_grad_()
+    F.cross_entropy(xd, y, reduction="none").backward(scale.double())
+    assert _rel(dx, xd.grad) < 2e-6 and (dx[:, :40] == 0).all()
+
+
+def test_non_contiguous_logits(device):
+    base = torch.randn(2, 9, 131, device=device, dtype=torch.bfloat16)
+    x = base[:, :-1, :]  # the old HF shift: rows are not evenly strided
+    assert not x.is_contiguous()
+    _check_ce(x, _labels(16, 131, device))
+
+
+def test_torch_path_agrees_with_kernel(device):
+    x = torch.randn(13, 131, device=device, dtype=torch.bfloat16)
+    y = _labels(13, 131, device)
+    loss, lse = kernel.cross_entropy_forward(x, y, -100, 0.05)
+    lse_t = torch.empty_like(lse)
+    loss_t = kernel._torch_losses(x, y, -100, 0.05, lse_t)
+    torch.testing.assert_close(loss_t, loss)
+    torch.testing.assert_close(lse_t, lse)
+    scale = torch.rand(13, device=device)
+    torch.testing.assert_close(kernel._torch_grad(x, y, lse, scale, -100, 0.05),
+                               kernel.cross_entropy_backward(x, y, lse, scale, -100, 0.05))
+
+
+# ---------------------------------------------------------------------------------------------
+# lm_head + cross-entropy
+
+def _check_linear_ce(hidden, weight, bias, y, reduction="mean", label_smoothing=0.0, out_dtype=torch.float32):
+    """Loss and grads against F.cross_entropy(F.linear(...)) in float64 on the same input values."""
+    def leaves(cast):
+        return [cast(t.detach()).requires_grad_(t.requires_grad) if t is not None else None
+                for t in (hidden, weight, bias)]
+    args, ref_args = leaves(torch.clone), leaves(torch.Tensor.double)
+    loss, _ = torch.ops.foak.linear_cross_entropy(*args, y, -100, label_smoothing, reduction, out_dtype)
+    logits = F.linear(*ref_args)
+    ref = F.cross_entropy(logits.view(-1, weight.shape[0]), y.view(-1), ignore_index=-100, reduction=reduction,
+                          label_smoothing=label_smoothing)
+    ref = ref.view(y.shape) if reduction == "none" else ref
+    g = _upstream(ref)
+    loss.backward(g.to(out_dtype))
+    ref.backward(g)
+    tol = TOL[hidden.dtype]
+    assert loss.dtype == out_dtype and _rel(loss, ref) < (1e-5 if hidden.dtype == torch.float32 else 1e-2)
+    for ours, theirs in zip(args, ref_args):
+        if theirs is None:
+            continue
+        if not theirs.requires_grad:
+            assert ours.grad is None
+            continue
+        assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape
+        assert _rel(ours.grad, theirs.grad) < 2 * tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [None, 131 * 4, 131 * 10])
+def test_linear_cross_entropy_vs_float64(dtype, chunk_elements, device, monkeypatch):
+    """One chunk; several chunks (with a shorter tail), the weight grad then taken in vocab slabs."""
+    if chunk_elements:
+        monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", chunk_elements)
+    n, h, vocab = 19, 24, 131
+    hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, device=device, dtype=dtype, requires_grad=True)
+    y = _labels(n, vocab, device)
+    _check_linear_ce(hidden, weight, None, y)
+    _check_linear_ce(hidden, weight, bias, y, reduction="sum", label_smoothing=0.1)
+
+
+def test_linear_cross_entropy_large_vocab(device, monkeypatch):
+    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 32001 * 3)
+    hidden = torch.randn(2, 4, 16, device=device, requires_grad=True)  # [B, T, H] hidden
+    weight = torch.randn(32001, 16, device=device, requires_grad=True)
+    _check_linear_ce(hidden, weight, None, _labels(8, 32001, device).view(2, 4), reduction="none")
+
+
+def test_linear_cross_entropy_frozen_weight(device, monkeypatch):
+    """LoRA: the lm_head is frozen, only the hidden states get a gradient."""
+    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 131 * 5)
+    hidden = torch.randn(17, 12, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(131, 12, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(131, device=device, dtype=torch.bfloat16)
+    _check_linear_ce(hidden, weight, bias, _labels(17, 131, device))
+    dh, dw, db = kernel.linear_cross_entropy_backward(torch.ones(1, device=device), hidden.detach(), weight, bias,
+                                                      _labels(17, 131, device), torch.zeros(17, device=device),
+                                                      -100, 0.0, True, False, False)
+    assert dh.shape == hidden.shape and dw is None and db is None
+
+
+def test_linear_cross_entropy_all_ignored(device):
+    hidden = torch.randn(6, 8, device=device, requires_grad=True)
+    weight = torch.randn(131, 8, device=device, requires_grad=True)
+    y = torch.full((6,), -100, device=device)
+    loss, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "mean", torch.float32)
+    assert loss.isnan()
+    loss.backward()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_fake_impls_match_real():
+    y = torch.tensor([3, -100, 7, 130, 0])
+    torch.library.opcheck(torch.ops.foak.cross_entropy.default,
+                          (torch.randn(5, 131, requires_grad=True), y, -100, 0.1, "mean", torch.float32),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(torch.ops.foak.linear_cross_entropy.default,
+                          (torch.randn(5, 8, requires_grad=True), torch.randn(131, 8, requires_grad=True),
+                           torch.randn(131, requires_grad=True), y, -100, 0.0, "none", torch.float32),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
