@@ -83,3 +83,30 @@ def test_full_inductor_on_a_real_model():
     model = tiny_model("qwen3")
     be = compare_with_eager(model, batch(model), inner="inductor", rtol=1e-4, atol=1e-5)
     assert be.reports[0].counts()["rms_norm"] == 9
+
+
+def test_a_failing_rewrite_is_contained():
+    """A replacement that throws leaves the graph as the user wrote it and is reported."""
+    from foak_compile.engine import Candidate, Pattern, run_patterns
+    from foak_compile.report import GraphReport
+
+    class Boom(Pattern):
+        name = "boom"
+
+        def seeds(self, graph):
+            return [n for n in graph.nodes if n.op == "call_function"]
+
+        def match(self, seed):
+            def replace(g):
+                g.call_function(torch.relu, (seed,))  # inserted, then the failure: must be undone
+                raise RuntimeError("kernel compilation failed")
+            return Candidate([seed], seed, replace)
+
+    gm = torch.fx.symbolic_trace(lambda x: torch.sin(x) * 2)
+    code = gm.code
+    report = GraphReport("t")
+    run_patterns(gm, [Boom()], report)
+    assert gm.code == code and report.matches == []
+    assert [m.reason for m in report.near_misses] == ["rewrite failed: RuntimeError('kernel compilation failed')"] * 2
+    x = torch.randn(5)
+    torch.testing.assert_close(gm(x), torch.sin(x) * 2)
