@@ -9,10 +9,13 @@ Both are `y1 = x1·c1 + x2·a1, y2 = x2·c2 + x1·a2` with (a1, a2) = (−s1, s2
 one kernel serves both directions. The backward is the transpose of the forward, which is a
 rotation by −sin only when cos/sin repeat their halves (as HF's do); we never assume that.
 
-One program per token rotates every head of both tensors (q and k, any head counts) and loads
-that token's cos/sin once. Tensors are addressed through [B, S, H, D] strides, so both
-layouts ([B, H, S, D] and [B, S, H, D]) and non-contiguous views need no copy; cos/sin are
-[B or 1, S, D] (stride 0 broadcasts over the batch).
+Work is split into tiles of BLOCK_T tokens × BLOCK_H heads of one tensor (q's head blocks,
+then k's); program ids run over head blocks fastest, so neighbouring programs read
+neighbouring memory in either layout and a program moves enough bytes to keep loads in flight.
+cos/sin are loaded once per tile as [BLOCK_T, 1, D] and broadcast over its heads. Tensors are
+addressed through [B, S, H, D] strides, so both layouts ([B, H, S, D] and [B, S, H, D]) and
+non-contiguous views need no copy; cos/sin are [B or 1, S, D] (stride 0 broadcasts over the
+batch). Offsets are int32 unless a tensor spans 2**31 elements.
 
 Math is fp32. When the result is bf16/fp16, eager rounds each product and the sum to that
 dtype (`round(round(x·c) + round(x'·s))`); `ROUND` reproduces those roundings so results
@@ -26,52 +29,66 @@ from .common import TL_DTYPE, cast, use_triton
 
 
 @triton.jit
-def _rotate_heads(X, Y, base_x, base_y, n_heads, half, sxh, sxd, syh, syd, c1, c2, a1, a2, d,
-                  ROUND: tl.constexpr, BLOCK_H: tl.constexpr):
-    dmask = d < half
-    for h0 in range(0, n_heads, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        mask = (hh < n_heads)[:, None] & dmask[None, :]
-        px = X + base_x + hh[:, None].to(tl.int64) * sxh + d[None, :] * sxd
-        x1 = tl.load(px, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(px + half * sxd, mask=mask, other=0.0).to(tl.float32)
-        p1, q1 = x1 * c1[None, :], x2 * a1[None, :]
-        p2, q2 = x2 * c2[None, :], x1 * a2[None, :]
-        if ROUND:  # eager rounds each product to the result dtype before adding
-            p1 = cast(p1, Y.dtype.element_ty).to(tl.float32)
-            q1 = cast(q1, Y.dtype.element_ty).to(tl.float32)
-            p2 = cast(p2, Y.dtype.element_ty).to(tl.float32)
-            q2 = cast(q2, Y.dtype.element_ty).to(tl.float32)
-        py = Y + base_y + hh[:, None].to(tl.int64) * syh + d[None, :] * syd
-        tl.store(py, cast(p1 + q1, Y.dtype.element_ty), mask=mask)
-        tl.store(py + half * syd, cast(p2 + q2, Y.dtype.element_ty), mask=mask)
+def _rotate_tile(X, Y, tok_x, tok_y, tmask, h0, n_heads, half, sxh, sxd, syh, syd, c1, c2, a1, a2,
+                 ROUND: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """One [BLOCK_T, BLOCK_H, half] tile of each half of X rotated into Y; c*/a* are [BLOCK_T, 1, BLOCK_D]."""
+    hh = h0 + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    # masks only on tokens and heads keep each half-row one contiguous (vectorisable) run
+    mask = tmask[:, None, None] & (hh < n_heads)[None, :, None]
+    if not EVEN_D:
+        mask = mask & (d < half)[None, None, :]
+    px = X + tok_x[:, None, None] + (hh * sxh)[None, :, None] + (d * sxd)[None, None, :]
+    x1 = tl.load(px, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(px + half * sxd, mask=mask, other=0.0).to(tl.float32)
+    p1, q1 = x1 * c1, x2 * a1
+    p2, q2 = x2 * c2, x1 * a2
+    if ROUND:  # eager rounds each product to the result dtype before adding
+        p1 = cast(p1, Y.dtype.element_ty).to(tl.float32)
+        q1 = cast(q1, Y.dtype.element_ty).to(tl.float32)
+        p2 = cast(p2, Y.dtype.element_ty).to(tl.float32)
+        q2 = cast(q2, Y.dtype.element_ty).to(tl.float32)
+    py = Y + tok_y[:, None, None] + (hh * syh)[None, :, None] + (d * syd)[None, None, :]
+    tl.store(py, cast(p1 + q1, Y.dtype.element_ty), mask=mask)
+    tl.store(py + half * syd, cast(p2 + q2, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_kernel(X1, Y1, X2, Y2, COS, SIN, S, H1, H2, half,
+def _rope_kernel(X1, Y1, X2, Y2, COS, SIN, n_tokens, S, H1, H2, half, NHB1, NHB,
                  sx1b, sx1s, sx1h, sx1d, sy1b, sy1s, sy1h, sy1d,
                  sx2b, sx2s, sx2h, sx2d, sy2b, sy2s, sy2h, sy2d,
                  scb, scs, scd, ssb, sss, ssd,
-                 BACKWARD: tl.constexpr, HAS_2: tl.constexpr, ROUND1: tl.constexpr, ROUND2: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b, s = pid // S, pid % S
+                 BACKWARD: tl.constexpr, ROUND1: tl.constexpr, ROUND2: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                 EVEN_D: tl.constexpr, INT64: tl.constexpr):
+    pid = tl.program_id(0)
+    hb = pid % NHB  # head blocks fastest: programs running together touch nearby memory
+    t = (pid // NHB) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if INT64:
+        t = t.to(tl.int64)
+    tmask = t < n_tokens
+    b = t // S
+    s = t - b * S
     d = tl.arange(0, BLOCK_D)
-    dmask = d < half
-    pc, ps = COS + b * scb + s * scs + d * scd, SIN + b * ssb + s * sss + d * ssd
-    c1 = tl.load(pc, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(pc + half * scd, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(ps, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(ps + half * ssd, mask=dmask, other=0.0).to(tl.float32)
+    cmask = tmask[:, None, None]
+    if not EVEN_D:
+        cmask = cmask & (d < half)[None, None, :]
+    pc = COS + (b * scb + s * scs)[:, None, None] + (d * scd)[None, None, :]
+    ps = SIN + (b * ssb + s * sss)[:, None, None] + (d * ssd)[None, None, :]
+    c1 = tl.load(pc, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(pc + half * scd, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(ps, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(ps + half * ssd, mask=cmask, other=0.0).to(tl.float32)
     if BACKWARD:  # the transpose of the forward rotation
         a1, a2 = s2, -s1
     else:
         a1, a2 = -s1, s2
-    _rotate_heads(X1, Y1, b * sx1b + s * sx1s, b * sy1b + s * sy1s, H1, half, sx1h, sx1d, sy1h, sy1d,
-                  c1, c2, a1, a2, d, ROUND1, BLOCK_H)
-    if HAS_2:
-        _rotate_heads(X2, Y2, b * sx2b + s * sx2s, b * sy2b + s * sy2s, H2, half, sx2h, sx2d, sy2h, sy2d,
-                      c1, c2, a1, a2, d, ROUND2, BLOCK_H)
+    if hb < NHB1:
+        _rotate_tile(X1, Y1, b * sx1b + s * sx1s, b * sy1b + s * sy1s, tmask, hb * BLOCK_H, H1, half,
+                     sx1h, sx1d, sy1h, sy1d, c1, c2, a1, a2, ROUND1, BLOCK_H, BLOCK_D, EVEN_D)
+    else:
+        _rotate_tile(X2, Y2, b * sx2b + s * sx2s, b * sy2b + s * sy2s, tmask, (hb - NHB1) * BLOCK_H, H2, half,
+                     sx2h, sx2d, sy2h, sy2d, c1, c2, a1, a2, ROUND2, BLOCK_H, BLOCK_D, EVEN_D)
 
 
 def _bshd(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
@@ -97,10 +114,18 @@ def kernel_supported(*ts: torch.Tensor) -> bool:
     return all(use_triton(t) and t.dtype in TL_DTYPE for t in ts)
 
 
-def _tile(half: int, heads: int):
+def _tile(half: int, h1: int, h2: int):
+    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps) for head_dim 2·half and head counts h1, h2 (0: none)."""
     block_d = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(heads), max(1, 4096 // block_d))
-    return block_h, block_d, max(1, min(8, block_h * block_d // 256))
+    # head blocks that divide both head counts (GQA: 32 q, 8 kv) waste no lanes
+    block_h = min(triton.next_power_of_2(min(h for h in (h1, h2) if h)), max(1, 1024 // block_d), 8)
+    # ~4096 elements per half per program: enough bytes in flight per SM without spilling
+    block_t = max(1, min(16, 4096 // (block_h * block_d)))
+    return block_t, block_h, block_d, 4
+
+
+def _needs_int64(*ts: torch.Tensor) -> bool:
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 for t in ts)
 
 
 def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, backward: bool = False):
@@ -111,27 +136,30 @@ def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, back
     xs = [x1] if x2 is None else [x1, x2]
     check_shapes(xs, cos, sin, unsqueeze_dim)
     outs = [torch.empty_like(x1, dtype=out1_dtype)] + ([] if x2 is None else [torch.empty_like(x2, dtype=out2_dtype)])
+    y2 = outs[1] if x2 is not None else None
     if not kernel_supported(*xs, *outs, cos, sin):
         for x, y in zip(xs, outs):
             y.copy_(rope_torch(x, cos, sin, unsqueeze_dim, y.dtype, backward))
-        return outs[0], (outs[1] if x2 is not None else None)
+        return outs[0], y2
     v = [_bshd(t, unsqueeze_dim) for t in xs + outs]
     vx1, vx2 = v[0], v[1] if x2 is not None else v[0]
     vy1, vy2 = v[len(xs)], v[-1]
     B, S, H1, D = vx1.shape
-    if B * S == 0:
-        return outs[0], (outs[1] if x2 is not None else None)
+    H2 = vx2.shape[2] if x2 is not None else 0
+    if B * S == 0 or H1 + H2 == 0:
+        return outs[0], y2
+    block_t, block_h, block_d, num_warps = _tile(D // 2, H1, H2)
+    nhb1, nhb2 = triton.cdiv(H1, block_h), triton.cdiv(H2, block_h)
     bcast = cos.shape[0] == 1  # one row of cos/sin for every sequence of the batch
-    block_h, block_d, num_warps = _tile(D // 2, max(H1, vx2.shape[2]))
-    _rope_kernel[(B * S,)](
-        vx1, vy1, vx2, vy2, cos, sin, S, H1, vx2.shape[2] if x2 is not None else 0, D // 2,
+    _rope_kernel[(triton.cdiv(B * S, block_t) * (nhb1 + nhb2),)](
+        vx1, vy1, vx2, vy2, cos, sin, B * S, S, H1, H2, D // 2, nhb1, nhb1 + nhb2,
         *vx1.stride(), *vy1.stride(), *vx2.stride(), *vy2.stride(),
         0 if bcast else cos.stride(0), cos.stride(1), cos.stride(2),
         0 if bcast else sin.stride(0), sin.stride(1), sin.stride(2),
-        BACKWARD=backward, HAS_2=x2 is not None,
-        ROUND1=vy1.dtype != torch.float32, ROUND2=vy2.dtype != torch.float32,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps)
-    return outs[0], (outs[1] if x2 is not None else None)
+        BACKWARD=backward, ROUND1=vy1.dtype != torch.float32, ROUND2=vy2.dtype != torch.float32,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, EVEN_D=block_d == D // 2,
+        INT64=_needs_int64(*v, cos, sin), num_warps=num_warps)
+    return outs[0], y2
 
 
 # torch path (CPU outside the interpreter, other dtypes): the same formula and roundings.
