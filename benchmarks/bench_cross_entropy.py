@@ -5,15 +5,21 @@
     liger     LigerFusedLinearCrossEntropyLoss, when liger_kernel is installed
     foak      the same function through foak's backend: linear_cross_entropy → the chunked op
 
-Gradients are taken for the hidden states and the lm_head weight (full fine-tuning; --frozen
-for the LoRA case, weight frozen). Peak memory is torch.cuda.max_memory_allocated during one
-loss+backward, above what was allocated before it (inputs, no grads). Each method's loss
-and grads are compared with eager's.
+Both cases are run: gradients for the hidden states and the lm_head weight (full fine-tuning,
+"weight_grad": true) and for the hidden states only (LoRA: the lm_head is frozen). Peak memory
+is torch.cuda.max_memory_allocated during one loss+backward, above what was allocated before
+it (inputs, no grads). Each method's loss and grads are compared with eager's.
 
-    python -m benchmarks.bench_cross_entropy --out $OUT/ce.json
+--sweep adds, before the cases, the tuning data the defaults come from: the row kernel's
+bandwidth per BLOCK_V / num_warps, and the op's time and peak per chunk size (rows), with
+and without dropping the ignored rows.
+
+    python -m benchmarks.bench_cross_entropy --out $OUT/ce.json [--sweep] [--modes trained frozen]
 """
 import argparse
 import gc
+import json
+import os
 import time
 
 import torch
@@ -21,7 +27,9 @@ import torch.nn.functional as F
 
 import foak_compile
 
-from .common import bench_ms, environment, write_json
+from foak_compile.kernels import cross_entropy as kernel
+
+from .common import bench_ms, copy_bandwidth_gbs, environment
 
 TOKENS = (4096, 16384)
 VOCABS = (128256, 256000)
@@ -99,15 +107,22 @@ def measure(fn, h, w, y, ref):
     return res, ref
 
 
-def run_case(n, v, hdim, frozen, total_gb):
-    torch._dynamo.reset()
+def _inputs(n, v, hdim, frozen):
     g = torch.Generator(device="cuda").manual_seed(0)
     w = (torch.randn(v, hdim, device="cuda", generator=g) / hdim ** 0.5).to(torch.bfloat16)
     w.requires_grad_(not frozen)
     h = torch.randn(n, hdim, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, v, (n,), device="cuda", generator=g)
     y[torch.rand(n, device="cuda", generator=g) < IGNORED] = -100
-    case = {"tokens": n, "vocab": v, "hidden": hdim, "eager_peak_estimate_gb": round(eager_peak_gb(n, v, hdim), 1)}
+    return h, w, y
+
+
+def run_case(n, v, hdim, frozen, total_gb):
+    torch._dynamo.reset()
+    h, w, y = _inputs(n, v, hdim, frozen)
+    case = {"tokens": n, "vocab": v, "hidden": hdim, "weight_grad": not frozen,
+            "eager_peak_estimate_gb": round(eager_peak_gb(n, v, hdim), 1),
+            "foak_chunk_rows": kernel.chunk_rows(n, v)}
     methods, backends = _methods()
     ref = None  # the first method measured (eager, unless it was skipped) is the reference
     for name, make in methods.items():
@@ -133,25 +148,139 @@ def run_case(n, v, hdim, frozen, total_gb):
             ours, eager = case[name], case["eager"]
             case[f"{name}_vs_eager"] = {"memory_x": round(eager["peak_gb"] / max(ours["peak_gb"], 1e-9), 2),
                                         "speedup_x": round(eager["ms"] / ours["ms"], 3)}
+    foak = case.get("foak")
+    if isinstance(foak, dict):  # the targets: memory at or below liger's, time at or below inductor's
+        for name in ("inductor", "liger"):
+            if isinstance(case.get(name), dict):
+                case[f"foak_vs_{name}"] = {"peak_ratio": round(foak["peak_gb"] / case[name]["peak_gb"], 3),
+                                           "time_ratio": round(foak["ms"] / case[name]["ms"], 3)}
+        case["targets_met"] = {
+            "memory_le_liger": foak["peak_gb"] <= case["liger"]["peak_gb"] if isinstance(case.get("liger"), dict) else None,
+            "time_le_inductor": foak["ms"] <= case["inductor"]["ms"] if isinstance(case.get("inductor"), dict) else None}
     print(case, flush=True)
     return case
+
+
+KERNEL_CONFIGS = [(b, w) for b in (2048, 4096, 8192) for w in (4, 8, 16)]
+SWEEP_ROWS = (256, 512, 1024, 2048, 4096)
+
+
+def kernel_sweep(copy_gbs):
+    """The row kernel alone on one chunk of logits: loss only (reads it once) and loss + dlogits
+    in place (reads it twice, writes it once); GB/s of those bytes, % of the copy bandwidth."""
+    out = []
+    for v in VOCABS:
+        for rows in (512, 1024):
+            x = torch.randn(rows, v, device="cuda", dtype=torch.bfloat16)
+            y = torch.randint(0, v, (rows,), device="cuda")
+            loss, lse = torch.empty(rows, device="cuda"), torch.empty(rows, device="cuda")
+            scale = torch.ones(1, device="cuda")
+            nbytes = x.numel() * x.element_size()
+            for block, warps in KERNEL_CONFIGS:
+                def fwd():
+                    kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps)
+
+                def fwd_grad():
+                    kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps,
+                                         grad_scale=scale)
+                f_ms, fg_ms = bench_ms(fwd, warmup=2, reps=10), bench_ms(fwd_grad, warmup=2, reps=10)
+                out.append({"rows": rows, "vocab": v, "block_v": block, "num_warps": warps,
+                            "fwd_ms": round(f_ms, 4), "fwd_gbs": round(nbytes / f_ms / 1e6),
+                            "fwd_grad_ms": round(fg_ms, 4), "fwd_grad_gbs": round(3 * nbytes / fg_ms / 1e6),
+                            "fwd_grad_pct_of_copy": round(100 * 3 * nbytes / fg_ms / 1e6 / copy_gbs, 1)})
+            print(out[-1], flush=True)
+            del x
+    return out
+
+
+def chunk_sweep():
+    """The fused forward+gradients (kernel level: all the work but the backward's scaling) per
+    chunk size; peak above the inputs, i.e. the gradients plus the chunk and its temporaries."""
+    out = []
+    saved = kernel.CHUNK_ROWS, kernel.COMPACT
+    try:
+        for hdim in HIDDENS:
+            for v in VOCABS:
+                for n in TOKENS:
+                    h, w, y = _inputs(n, v, hdim, frozen=False)
+                    h, w = h.detach(), w.detach()
+                    scale = (1.0 / (y != -100).sum()).float().reshape(1)
+                    for frozen in (False, True):
+                        for rows, compact in [(r, True) for r in SWEEP_ROWS] + [(1024, False)]:
+                            kernel.CHUNK_ROWS, kernel.COMPACT = rows, compact
+
+                            def fn():
+                                return kernel.linear_cross_entropy_forward_backward(
+                                    h, w, None, y, -100, 0.0, scale, True, not frozen, False)
+                            fn()
+                            gc.collect()
+                            torch.cuda.synchronize()
+                            torch.cuda.empty_cache()
+                            base = torch.cuda.memory_allocated()
+                            torch.cuda.reset_peak_memory_stats()
+                            res = fn()
+                            torch.cuda.synchronize()
+                            peak = torch.cuda.max_memory_allocated() - base
+                            del res
+                            ms = bench_ms(fn, warmup=1, reps=3)
+                            out.append({"tokens": n, "vocab": v, "hidden": hdim, "weight_grad": not frozen,
+                                        "chunk_rows": rows, "compact": compact, "ms": round(ms, 2),
+                                        "peak_gb": round(peak / 2**30, 3)})
+                            print(out[-1], flush=True)
+                    del h, w, y
+                    gc.collect()
+                    torch.cuda.empty_cache()
+    finally:
+        kernel.CHUNK_ROWS, kernel.COMPACT = saved
+    return out
+
+
+def _save(path, data):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def _summary(case):
+    cols = [f"{case['tokens']}x{case['vocab']}x{case['hidden']} {'trained' if case['weight_grad'] else 'frozen '}"]
+    for name in ("eager", "inductor", "liger", "foak"):
+        r = case.get(name)
+        cols.append(f"{name} {r['ms']:.1f}ms/{r['peak_gb']:.2f}GB" if isinstance(r, dict) else f"{name} -")
+    r = case.get("foak")
+    if isinstance(r, dict):
+        cols.append(f"err loss {r.get('loss_rel_err', 0):.1e} dh {r.get('dh_rel_err', 0):.1e} "
+                    f"dw {r.get('dw_rel_err', 0) if 'dw_rel_err' in r else float('nan'):.1e}")
+    return " | ".join(cols)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/cross_entropy.json")
-    p.add_argument("--frozen", action="store_true", help="lm_head weight frozen (LoRA): no weight grad")
+    p.add_argument("--modes", nargs="+", choices=("trained", "frozen"), default=["trained", "frozen"],
+                   help="trained: weight and hidden grads; frozen (LoRA): hidden grads only")
+    p.add_argument("--frozen", action="store_true", help="only the frozen case (= --modes frozen)")
+    p.add_argument("--sweep", action="store_true", help="also the kernel and chunk-size sweeps")
     args = p.parse_args()
+    modes = ["frozen"] if args.frozen else args.modes
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    res = {"env": environment(), "dtype": "bfloat16", "weight_grad": not args.frozen,
-           "ignored_label_share": IGNORED, "cases": []}
+    res = {"env": environment(), "dtype": "bfloat16", "ignored_label_share": IGNORED,
+           "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1), "foak_chunk_rows_default": kernel.CHUNK_ROWS,
+           "cases": []}
     t0 = time.time()
-    for hdim in HIDDENS:
-        for v in VOCABS:
-            for n in TOKENS:
-                res["cases"].append(run_case(n, v, hdim, args.frozen, total_gb))
+    if args.sweep:
+        res["kernel_sweep"] = kernel_sweep(res["copy_bandwidth_gbs"])
+        _save(args.out, res)
+        res["chunk_sweep"] = chunk_sweep()
+        _save(args.out, res)
+    for mode in modes:
+        for hdim in HIDDENS:
+            for v in VOCABS:
+                for n in TOKENS:
+                    res["cases"].append(run_case(n, v, hdim, mode == "frozen", total_gb))
+                    _save(args.out, res)
     res["total_s"] = round(time.time() - t0, 1)
-    write_json(args.out, res)
+    _save(args.out, res)
+    print("\n".join(_summary(c) for c in res["cases"]))
 
 
 if __name__ == "__main__":

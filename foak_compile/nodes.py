@@ -39,6 +39,9 @@ _FUNCTIONS.update({F.linear: "linear", F.cross_entropy: "cross_entropy", F.nll_l
                    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax"})
 _METHODS.update({"log_softmax": "log_softmax"})
 
+# LoRA's input dropout (patterns/lora.py); args (input, p, training) in both spellings.
+_FUNCTIONS.update({F.dropout: "dropout", torch.dropout: "dropout"})
+
 
 @dataclass
 class Op:

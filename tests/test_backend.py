@@ -12,16 +12,21 @@ import foak_compile
 from tests.models import batch, compare_with_eager, tiny_model
 
 
+def _fresh_python(code: str) -> str:
+    """Run `code` in a new interpreter that has not imported foak_compile; its stdout."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_entry_point_resolves_in_a_fresh_interpreter():
     code = ("import sys, torch\n"
             "from torch._dynamo.backends.registry import lookup_backend\n"
             "be = lookup_backend('foak')\n"
             "assert 'foak_compile' in sys.modules\n"
             "print(be.__module__, be.__name__)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "foak_compile.backend foak"
+    assert _fresh_python(code).strip() == "foak_compile.backend foak"
 
 
 def test_backend_string_compiles_and_runs_in_a_fresh_interpreter():
@@ -32,10 +37,7 @@ def test_backend_string_compiles_and_runs_in_a_fresh_interpreter():
             "torch.testing.assert_close(f(x), m(x))\n"
             "import foak_compile\n"
             "print(foak_compile.total_counts())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "{'rms_norm': 1}"
+    assert _fresh_python(code).strip().splitlines()[-1] == "{'rms_norm': 1}"
 
 
 def test_bad_configuration_is_a_clear_error():

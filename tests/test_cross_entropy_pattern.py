@@ -286,3 +286,22 @@ def test_inductor():
     h, w, y = _inputs()
     assert _run(fn, h, w, torch.randn(13, V), y, inner="inductor") == (
         {"linear_cross_entropy": 1, "cross_entropy": 1}, [])
+
+
+def test_inductor_scales_the_taken_gradients_in_place():
+    """Training: the compiled forward runs the fused op, which takes the gradients; the backward
+    only scales them, in their saved (donated) buffers: no allocation, so dW exists once. Without
+    gradients the graph runs the forward alone."""
+    from torch._inductor.utils import run_and_get_code
+    h, w, y = _inputs()
+    h.requires_grad_()
+    w.requires_grad_()
+    fn = torch.compile(FUSED["hf-style"], backend=foak_compile.backend(patterns=CE, inner="inductor"))
+    _, (fwd, bwd) = run_and_get_code(lambda: fn(h, w, y).backward())
+    assert "foak.linear_cross_entropy_fused.default(" in fwd
+    body = bwd[bwd.index("def call("):]
+    body = body[: body.index("return")]
+    assert "foak" not in body and "empty_strided" not in body
+    with torch.no_grad():
+        _, (code,) = run_and_get_code(lambda: fn(h, w, y))
+    assert "foak.linear_cross_entropy_recompute.default(" in code

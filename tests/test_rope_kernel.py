@@ -122,6 +122,32 @@ def test_general_cos_sin_backward_is_the_transpose(device):
     check_pair(q, k, cos, sin, 2)
 
 
+@pytest.mark.parametrize("tile", [(1, 1, 1), (2, 4, 2), (4, 2, 4), (16, 8, 8)])
+@pytest.mark.parametrize("layout", [1, 2])
+def test_tiles_with_token_and_head_tails(tile, layout, device, monkeypatch):
+    """Tiles that do not divide the tokens (B·S = 26) or the heads (6 q, 3 kv): masked tails."""
+    bt, bh, nw = tile
+    monkeypatch.setattr(kernel, "_tile", lambda half, h1, h2: (bt, bh, max(1, 1 << (half - 1).bit_length()), nw))
+    q, k = make(6, 32, torch.bfloat16, device, layout), make(3, 32, torch.bfloat16, device, layout)
+    cos, sin = cos_sin(random_positions(device), 32, torch.bfloat16, device)
+    check_pair(q, k, cos, sin, layout)
+    x = make(6, 20, torch.float32, device, layout)  # head_dim not a power of two: masked half-rows
+    c, s = cos_sin(random_positions(device), 20, torch.float32, device)
+    torch.testing.assert_close(torch.ops.foak.rope_one(x, c, s, layout), hf_rope(x, c, s, layout),
+                               rtol=2e-6, atol=2e-6)
+
+
+def test_int64_offsets(device, monkeypatch):
+    """The int64 index path (taken for tensors spanning 2**31 elements) computes the same values."""
+    q, k = make(HQ, 64, torch.bfloat16, device, 1), make(HK, 64, torch.bfloat16, device, 1)
+    cos, sin = cos_sin(random_positions(device), 64, torch.bfloat16, device)
+    monkeypatch.setattr(kernel, "_needs_int64", lambda *layouts: True)
+    check_pair(q, k, cos, sin, 1)
+    monkeypatch.undo()
+    assert kernel._needs_int64(((2, 1, 2**30 + 1, 2), (1, 1, 2, 1)))  # spans 2**31 + 2 elements
+    assert not kernel._needs_int64(((2, 1, 2**29, 2), (1, 1, 2, 1)), (tuple(q.shape), q.stride()))
+
+
 @pytest.mark.parametrize("kind", ["packed", "left_padded"])
 def test_position_ids(kind, device):
     """cos/sin gathered per token: sequences restarting mid-row, and left padding."""
@@ -166,6 +192,33 @@ def test_torch_path(dtype, backward, device):
     torch.testing.assert_close(got, want, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
+@pytest.mark.parametrize("layout", [1, 2])
+def test_grads_come_back_in_the_inputs_layout(layout, device):
+    """Upstream grads in another layout (eager attention hands back contiguous [B, H, S, D]):
+    dq, dk are written in q's and k's layout, so AccumulateGrad (here) or the backward of HF's
+    view/transpose (in a model) copies nothing, and the values still match eager's exactly."""
+    q, k = make(HQ, 64, torch.bfloat16, device, layout), make(HK, 64, torch.bfloat16, device, layout)
+    cos, sin = cos_sin(random_positions(device), 64, torch.bfloat16, device)
+    qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()  # clone keeps the transposed layout
+    qe, ke = torch.ops.foak.rope(qr, kr, cos, sin, layout)
+
+    def other_layout(t):  # contiguous for HF's transposed q/k, transposed for contiguous ones
+        if not t.is_contiguous():
+            return torch.randn(t.shape, device=device).bfloat16()
+        return torch.randn(t.transpose(1, 2).shape, device=device).bfloat16().transpose(1, 2)
+    gq, gk = other_layout(qe), other_layout(ke)
+    assert gq.stride() != q.stride() and gk.stride() != k.stride()
+    dq, dk = torch.autograd.grad((qe, ke), (qr, kr), (gq, gk))
+    assert dq.stride() == q.stride() and dk.stride() == k.stride()
+    qx, kx = q.clone().requires_grad_(), k.clone().requires_grad_()
+    want = torch.autograd.grad((hf_rope(qx, cos, sin, layout), hf_rope(kx, cos, sin, layout)), (qx, kx), (gq, gk))
+    torch.testing.assert_close(dq, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(dk, want[1], rtol=0, atol=0)
+    (dx,) = torch.autograd.grad(torch.ops.foak.rope_one(qr, cos, sin, layout), qr, gq)
+    assert dx.stride() == q.stride()
+    torch.testing.assert_close(dx, want[0], rtol=0, atol=0)
+
+
 def test_fake_kernels_and_autograd_registration(device):
     q, k = make(HQ, 16, torch.float32, device, 1), make(HK, 16, torch.float32, device, 1)
     cos, sin = cos_sin(random_positions(device), 16, torch.float32, device)
@@ -174,6 +227,9 @@ def test_fake_kernels_and_autograd_registration(device):
     torch.library.opcheck(torch.ops.foak.rope_one.default, (k, cos, sin, 1))
     g = torch.randn_like(q.detach())
     torch.library.opcheck(torch.ops.foak.rope_backward.default, (g, None, cos, sin, 1, torch.bfloat16, None))
+    torch.library.opcheck(torch.ops.foak.rope_backward.default,
+                          (g.contiguous(), k.detach(), cos, sin, 1, torch.bfloat16, torch.float32,
+                           list(q.stride()), list(k.stride())))
 
 
 def test_bad_shapes_raise(device):

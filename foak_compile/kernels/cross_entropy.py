@@ -5,20 +5,28 @@ Per row, with ε = label_smoothing, V = vocab and lse = logsumexp(x):
     dx   = scale · (softmax(x) - (1-ε)·onehot(y) - ε/V)
 Rows whose label is ignore_index give loss 0 and gradient 0, and are never read.
 
-The forward streams a row in BLOCK_V pieces with an online logsumexp, so any vocabulary fits
-in registers; logits are read in their own dtype and all math is fp32. It keeps one fp32 lse
-per row for the backward, which writes the gradient straight in the logits' dtype: no fp32
-copy of the logits exists at any point.
+The forward streams a row in BLOCK_V pieces with an online logsumexp kept per lane (one
+cross-lane reduction per row, one exp per logit), so any vocabulary fits in registers; logits
+are read in their own dtype and all math is fp32. Given the gradient's scale it goes on to
+write dx over the logits in the same launch; otherwise it keeps one fp32 lse per row for a
+later backward. No fp32 copy of the logits exists at any point.
 
-The fused lm_head + loss never holds more than one chunk of rows × vocab logits: each token
-chunk's logits come from a torch GEMM into a reused buffer, the kernels turn it into
-loss/lse (forward) or, in place, into dlogits (backward, after recomputing the GEMM), and
-further GEMMs take the hidden / weight gradients from it.
+The fused lm_head + loss never holds more than one chunk of rows × vocab logits, in a reused
+buffer filled by a torch GEMM. When the loss is reduced to a scalar (mean/sum) and gradients
+are wanted, the forward takes them too, chunk by chunk: logits GEMM → the kernel turns the
+buffer into dlogits in place → dh_chunk = dlogits·W and dW += dlogitsᵀ·h (in the weight's
+dtype, beta=1, one GEMM per chunk): three GEMMs, as eager, and no recompute; the backward
+only multiplies by the upstream scalar. Otherwise (no gradient, or reduction 'none' whose
+per-row upstream gradient is unknown in the forward) the forward keeps lse and the backward
+recomputes each chunk's logits (four GEMMs).
+
+Rows whose label is ignore_index are dropped before the GEMMs (on CUDA at the cost of one
+host sync for their count, skipped while a CUDA graph is being captured): their loss and
+gradient are zero, so the GEMMs only run over the tokens that count.
 
 Labels outside [0, V) that are not ignore_index raise (asynchronously on CUDA, like torch's
 own device assert); the kernel gives their rows a NaN loss and reads nothing out of bounds.
 """
-import functools
 from typing import Optional
 
 import torch
@@ -27,43 +35,65 @@ import triton.language as tl
 
 from .common import TL_DTYPE, cast, use_triton
 
-CHUNK_ELEMENTS = 1 << 27  # logits per chunk of the fused lm_head + loss: 256 MB in bf16
+
+@triton.jit
+def _ce_fwd(X, Y, LOSS, LSE, SCALE, stride_x, n_rows, n_cols, ignore_index, smooth, smooth_per_col,
+            HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """loss and lse of rows pid, pid + grid, ...; with WRITE_GRAD also dx (scaled by SCALE[0])
+    written over each row. A smaller grid than n_rows keeps fewer rows in flight, so that the
+    gradient pass finds its row still in L2."""
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):  # int64: row * stride
+        _ce_fwd_row(X + row * stride_x, Y + row, LOSS + row, LSE + row, SCALE, n_cols,
+                    ignore_index, smooth, smooth_per_col, HAS_SMOOTH, WRITE_GRAD, BLOCK_V)
 
 
 @triton.jit
-def _ce_fwd(X, Y, LOSS, LSE, stride_x, n_cols, ignore_index, smooth, smooth_per_col,
-            HAS_SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    y = tl.load(Y + row)
+def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth_per_col,
+                HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    y = tl.load(Y)
     keep = y != ignore_index
     in_range = (y >= 0) & (y < n_cols)
     cols0 = tl.arange(0, BLOCK_V)
     limit = tl.where(keep, n_cols, 0)  # ignored rows load nothing
-    m = float("-inf")   # running max
-    d = 0.0             # running Σ exp(x - m)
-    sx = 0.0            # running Σ x (label smoothing only)
+    # Per-lane running max m and Σ exp(x - m): no cross-warp reduction inside the loop. The
+    # new max is m or x, so one of the two rescale factors is exp(0): one exp per logit.
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_V], tl.float32)
+    sx = tl.zeros([BLOCK_V], tl.float32)  # Σ x (label smoothing only)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + cols0
         mask = cols < limit
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # while every logit so far is -inf, rescale against 0 instead of -inf (no inf - inf)
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - base) + tl.sum(tl.exp(x - base), axis=0)
-        m = m_new
+        hi = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
+        lo = tl.minimum(m, x, propagate_nan=tl.PropagateNan.ALL)
+        # while a lane has seen only -inf, measure against 0 instead (no -inf - -inf)
+        t = tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi))
+        d = tl.where(x > m, d * t + 1.0, d + t)
+        m = hi
         if HAS_SMOOTH:
-            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            sx += tl.where(mask, x, 0.0)
+    m_row = tl.max(m, axis=0)
+    base = tl.where(m_row == float("-inf"), 0.0, m_row)
+    d_row = tl.sum(d * tl.exp(m - base), axis=0)
     # ignored rows: lse = 0 rather than log(0), so nothing downstream sees an inf
-    lse = tl.where(keep, m, 0.0) + tl.log(tl.where(keep, d, 1.0))
+    lse = tl.where(keep, base, 0.0) + tl.log(tl.where(keep, d_row, 1.0))
     x_y = tl.load(x_row + y, mask=keep & in_range, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
-        loss = lse - (1.0 - smooth) * x_y - smooth_per_col * sx
+        loss = lse - (1.0 - smooth) * x_y - smooth_per_col * tl.sum(sx, axis=0)
     else:
         loss = lse - x_y
     loss = tl.where(in_range, loss, float("nan"))
-    tl.store(LOSS + row, tl.where(keep, loss, 0.0))
-    tl.store(LSE + row, lse)
+    tl.store(LOSS, tl.where(keep, loss, 0.0))
+    tl.store(LSE, lse)
+    if WRITE_GRAD:
+        scale = tl.load(SCALE)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + cols0
+            x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - smooth_per_col
+            g = tl.where(cols == y, g - (1.0 - smooth), g) * scale
+            g = tl.where(keep, g, 0.0)  # ignored rows: zeros, which the GEMMs then read
+            tl.store(x_row + cols, cast(g, x_row.dtype.element_ty), mask=cols < n_cols)
 
 
 @triton.jit
@@ -116,18 +146,27 @@ def _smooth(label_smoothing: float, n_cols: int):
 # ---------------------------------------------------------------------------------------------
 # Row kernels on a [rows, vocab] block; callers have checked the labels.
 
-def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=None):
-    """Fill loss[r] and lse[r] (fp32) for the rows of x."""
+def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=None, grad_scale=None,
+                  num_warps=None, programs=None):
+    """Fill loss[r] and lse[r] (fp32) for the rows of x; given `grad_scale` (fp32 [1]), also
+    overwrite x with dloss/dx where d(loss_r) = grad_scale for every row. `programs`: the grid
+    (default one program per row)."""
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return
     if not kernel_supported(x):
         loss.copy_(_torch_losses(x, labels, ignore_index, label_smoothing, lse))
+        if grad_scale is not None:
+            x.copy_(_torch_grad(x, labels, lse, grad_scale, ignore_index, label_smoothing))
         return
     block, warps = _block(x, n_cols, block_v)
     eps, eps_v = _smooth(label_smoothing, n_cols)
-    _ce_fwd[(n_rows,)](x, labels, loss, lse, x.stride(0), n_cols, ignore_index, eps, eps_v,
-                       HAS_SMOOTH=eps != 0.0, BLOCK_V=block, num_warps=warps)
+    write = grad_scale is not None
+    warps = num_warps or warps
+    grid = min(n_rows, programs or n_rows)
+    _ce_fwd[(grid,)](x, labels, loss, lse, grad_scale if write else lse, x.stride(0), n_rows, n_cols,
+                     ignore_index, eps, eps_v, HAS_SMOOTH=eps != 0.0, WRITE_GRAD=write,
+                     BLOCK_V=block, num_warps=warps)
 
 
 def _backward_rows(x, labels, lse, scale, ignore_index, label_smoothing, out, block_v=None):
@@ -196,8 +235,18 @@ def cross_entropy_backward(x: torch.Tensor, labels: torch.Tensor, lse: torch.Ten
 # ---------------------------------------------------------------------------------------------
 # lm_head + cross-entropy, chunked over tokens.
 
+# Logits per chunk of the fused lm_head + loss (None: CHUNK_ROWS rows). The chunk is the only
+# memory beyond the gradients themselves; its rows set the GEMMs' M (forward, dh) and K (dW),
+# which must stay large enough for the weight to be streamed at tensor-core speed.
+CHUNK_ELEMENTS: Optional[int] = None
+CHUNK_ROWS = 1024
+# Drop ignored rows before the GEMMs (tests turn it off to exercise the kernel's zero rows).
+COMPACT = True
+
+
 def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -> int:
-    rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, n_cols))
+    budget = chunk_elements or CHUNK_ELEMENTS
+    rows = CHUNK_ROWS if budget is None else max(1, budget // max(1, n_cols))
     if rows >= 256:
         rows -= rows % 128  # whole GEMM tiles
     return max(1, min(n_rows, rows))
@@ -214,68 +263,109 @@ def _logits_into(out, h, weight, bias):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
+def _kept_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Indices of the rows whose label is not ignore_index, or None to run every row: when
+    none is ignored, when COMPACT is off, or while a CUDA graph is captured (the count needs
+    a host sync)."""
+    if not COMPACT or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    keep = labels != ignore_index
+    idx = keep.nonzero().view(-1)  # syncs on CUDA
+    return None if idx.numel() == labels.numel() else idx
+
+
+def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse=None, scale=None,
+             need_hidden=False, need_weight=False, need_bias=False, chunk_elements=None, block_v=None):
+    """The chunk loop behind the lm_head + loss entry points.
+
+    lse None: forward, returns (loss, lse, dh, dw, db); with `scale` (fp32 [1]: d(total)/d(loss_r)
+    for every row) it also takes the gradients asked for, from the same logits.
+    lse given: backward, recomputes the logits; `scale` is then [N] or [1]; returns (dh, dw, db).
+    Gradients not asked for are None."""
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    forward = lse is None
+    need_bias = need_bias and bias is not None
+    grads = need_hidden or need_weight or need_bias
+    device = hidden.device
+    labels = labels.contiguous()
+    idx = _kept_rows(labels, ignore_index)
+    n_work = n_rows if idx is None else idx.numel()
+    new = torch.zeros if idx is not None else torch.empty  # dropped rows: loss, lse, dh = 0
+    if forward:
+        loss = new(n_rows, dtype=torch.float32, device=device)
+        lse = new(n_rows, dtype=torch.float32, device=device)
+    else:
+        lse, scale = lse.contiguous(), scale.contiguous()
+    dh = new(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
+    dw = torch.empty_like(weight) if need_weight else None
+    db = torch.zeros(n_cols, dtype=torch.float32, device=device) if need_bias else None
+    if need_weight and n_work == 0:
+        dw.zero_()
+    if n_work and (forward or grads):
+        rows = chunk_rows(n_work, n_cols, chunk_elements)
+        buf = hidden.new_empty((rows, n_cols))
+        for i, (s, e) in enumerate(_chunks(n_work, rows)):
+            if idx is None:
+                h, y = hidden[s:e], labels[s:e]
+            else:
+                rows_i = idx[s:e]
+                h, y = hidden.index_select(0, rows_i), labels.index_select(0, rows_i)
+            logits = _logits_into(buf[: e - s], h, weight, bias)
+            if forward:
+                loss_c, lse_c = (loss[s:e], lse[s:e]) if idx is None else (
+                    torch.empty(e - s, dtype=torch.float32, device=device),
+                    torch.empty(e - s, dtype=torch.float32, device=device))
+                _forward_rows(logits, y, ignore_index, label_smoothing, loss_c, lse_c, block_v,
+                              grad_scale=scale if grads else None)
+                if idx is not None:
+                    loss.index_copy_(0, rows_i, loss_c)
+                    lse.index_copy_(0, rows_i, lse_c)
+            else:
+                if idx is None:
+                    lse_c, scale_c = lse[s:e], (scale[s:e] if scale.numel() > 1 else scale)
+                else:
+                    lse_c = lse.index_select(0, rows_i)
+                    scale_c = scale.index_select(0, rows_i) if scale.numel() > 1 else scale
+                _backward_rows(logits, y, lse_c, scale_c, ignore_index, label_smoothing, logits, block_v)
+            if need_hidden:
+                if idx is None:
+                    torch.mm(logits, weight, out=dh[s:e])
+                else:
+                    dh.index_copy_(0, rows_i, torch.mm(logits, weight))
+            if need_weight:
+                # accumulated in the weight's dtype (the GEMM adds in fp32, then rounds once per
+                # chunk): no fp32 [V, H] buffer
+                if i == 0:
+                    torch.mm(logits.t(), h, out=dw)
+                else:
+                    dw.addmm_(logits.t(), h)
+            if need_bias:
+                db += logits.sum(0, dtype=torch.float32)
+    db = db.to(bias.dtype) if need_bias else None
+    return (loss, lse, dh, dw, db) if forward else (dh, dw, db)
+
+
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                  labels: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0,
                                  chunk_elements: Optional[int] = None, block_v: Optional[int] = None):
     """(loss, lse) per row of cross_entropy(hidden @ weight.T + bias, labels); hidden is [N, H]."""
-    n_rows, n_cols = hidden.shape[0], weight.shape[0]
-    check_labels(labels, n_cols, ignore_index)
-    labels = labels.contiguous()
-    loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty_like(loss)
-    rows = chunk_rows(n_rows, n_cols, chunk_elements)
-    buf = hidden.new_empty((rows, n_cols))
-    for s, e in _chunks(n_rows, rows):
-        logits = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
-        _forward_rows(logits, labels[s:e], ignore_index, label_smoothing, loss[s:e], lse[s:e], block_v)
+    check_labels(labels, weight.shape[0], ignore_index)
+    loss, lse, *_ = _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing,
+                             chunk_elements=chunk_elements, block_v=block_v)
     return loss, lse
 
 
-@functools.lru_cache(maxsize=None)
-def _fp32_addmm_ok(device: str, dtype: torch.dtype) -> bool:
-    """Whether `torch.addmm(acc32, a, b, out_dtype=float32, out=acc32)` accumulates half-precision
-    products straight into fp32 here (cuBLAS on recent torch; CPU and older torch refuse).
-    Probed once on small matrices against the fp32 result, so a refusal or a wrong answer
-    both fall back to the slab path."""
-    def values(*shape):  # exact in half precision, and no draw from the user's RNG
-        return (torch.arange(shape[0] * shape[1], device=device) % 13 - 6).reshape(shape) / 4
-
-    try:
-        a, b, acc = values(64, 40).to(dtype), values(48, 40).t().to(dtype), values(64, 48)
-        want = acc + a.float() @ b.float()
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
-    except (RuntimeError, TypeError):
-        return False
-
-
-class _WeightGrad:
-    """Σ over chunks of dlogitsᵀ·h. A single chunk is one GEMM written in the weight's dtype,
-    exactly as eager; several accumulate in fp32: in the GEMM's epilogue where torch allows
-    half inputs with an fp32 output, otherwise one GEMM per slab of vocab rows so the
-    half-precision temporary stays small."""
-
-    def __init__(self, weight: torch.Tensor, single: bool):
-        self.dtype, self.single = weight.dtype, single
-        if single:
-            self.acc = torch.empty_like(weight)
-        else:
-            self.acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self.slab = chunk_rows(weight.shape[0], weight.shape[1])
-
-    def add(self, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-        if self.single:
-            torch.mm(dlogits.t(), h, out=self.acc)
-        elif self.dtype == torch.float32:
-            self.acc.addmm_(dlogits.t(), h)
-        elif _fp32_addmm_ok(str(self.acc.device), self.dtype):
-            torch.addmm(self.acc, dlogits.t(), h, out_dtype=torch.float32, out=self.acc)
-        else:
-            for s, e in _chunks(self.acc.shape[0], self.slab):
-                self.acc[s:e] += torch.mm(dlogits[:, s:e].t(), h)
-
-    def result(self) -> torch.Tensor:
-        return self.acc.to(self.dtype)
+def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                          labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                                          scale: torch.Tensor, need_hidden: bool, need_weight: bool,
+                                          need_bias: bool, chunk_elements: Optional[int] = None,
+                                          block_v: Optional[int] = None):
+    """(loss, lse, dhidden, dweight, dbias): the forward's per-row loss and lse, and the gradients
+    asked for (else None) of Σ_r scale·loss_r, scale being one fp32 value ([1]) for all rows."""
+    check_labels(labels, weight.shape[0], ignore_index)
+    return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, scale=scale,
+                    need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                    chunk_elements=chunk_elements, block_v=block_v)
 
 
 def linear_cross_entropy_backward(scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -285,26 +375,6 @@ def linear_cross_entropy_backward(scale: torch.Tensor, hidden: torch.Tensor, wei
                                   chunk_elements: Optional[int] = None, block_v: Optional[int] = None):
     """(dhidden, dweight, dbias), each None unless needed, where d(loss_r) = scale[r]
     (fp32, [N] or [1]). Recomputes each chunk's logits rather than keep them from the forward."""
-    n_rows, n_cols = hidden.shape[0], weight.shape[0]
-    need_bias = need_bias and bias is not None
-    labels, lse, scale = labels.contiguous(), lse.contiguous(), scale.contiguous()
-    rows = chunk_rows(n_rows, n_cols, chunk_elements)
-    chunks = _chunks(n_rows, rows)
-    dh = torch.empty_like(hidden) if need_hidden else None
-    dw = _WeightGrad(weight, len(chunks) <= 1) if need_weight else None
-    db = torch.zeros(n_cols, dtype=torch.float32, device=hidden.device) if need_bias else None
-    if need_weight and not chunks:
-        dw.acc.zero_()
-    buf = hidden.new_empty((rows, n_cols)) if (need_hidden or need_weight or need_bias) else None
-    for s, e in chunks if buf is not None else []:
-        h = hidden[s:e]
-        dlogits = _logits_into(buf[: e - s], h, weight, bias)
-        _backward_rows(dlogits, labels[s:e], lse[s:e], scale[s:e] if scale.numel() > 1 else scale,
-                       ignore_index, label_smoothing, dlogits, block_v)
-        if need_hidden:
-            torch.mm(dlogits, weight, out=dh[s:e])
-        if need_weight:
-            dw.add(dlogits, h)
-        if need_bias:
-            db += dlogits.sum(0, dtype=torch.float32)
-    return dh, (dw.result() if need_weight else None), (db.to(bias.dtype) if need_bias else None)
+    return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, lse=lse, scale=scale,
+                    need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                    chunk_elements=chunk_elements, block_v=block_v)

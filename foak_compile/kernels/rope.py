@@ -21,6 +21,8 @@ Math is fp32. When the result is bf16/fp16, eager rounds each product and the su
 dtype (`round(round(x·c) + round(x'·s))`); `ROUND` reproduces those roundings so results
 are bit-exact with eager rather than one rounding more accurate.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -91,9 +93,13 @@ def _rope_kernel(X1, Y1, X2, Y2, COS, SIN, n_tokens, S, H1, H2, half, NHB1, NHB,
                      sx2h, sx2d, sy2h, sy2d, c1, c2, a1, a2, ROUND2, BLOCK_H, BLOCK_D, EVEN_D)
 
 
-def _bshd(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
-    """A [B, S, H, D] view of a tensor laid out per `unsqueeze_dim` (1: [B, H, S, D], 2: [B, S, H, D])."""
-    return t.transpose(1, 2) if unsqueeze_dim == 1 else t
+def _bshd(t: torch.Tensor, unsqueeze_dim: int):
+    """(sizes, strides) of the [B, S, H, D] view of a tensor laid out per `unsqueeze_dim`
+    (1: [B, H, S, D], 2: [B, S, H, D]); permuted tuples, as views cost host time per launch."""
+    sz, st = tuple(t.shape), t.stride()
+    if unsqueeze_dim == 1:
+        return (sz[0], sz[2], sz[1], sz[3]), (st[0], st[2], st[1], st[3])
+    return sz, st
 
 
 def check_shapes(xs, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> None:
@@ -103,9 +109,9 @@ def check_shapes(xs, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -
     if cos.shape != sin.shape or cos.dim() != 3:
         raise ValueError(f"cos/sin must both be [B or 1, S, D], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     for x in xs:
-        v = _bshd(x, unsqueeze_dim) if x.dim() == 4 else None
-        if v is None or v.shape[-1] % 2 or cos.shape[2] != v.shape[3] or cos.shape[1] != v.shape[1] \
-                or cos.shape[0] not in (1, v.shape[0]):
+        v = _bshd(x, unsqueeze_dim)[0] if x.dim() == 4 else None
+        if v is None or v[-1] % 2 or cos.shape[2] != v[3] or cos.shape[1] != v[1] \
+                or cos.shape[0] not in (1, v[0]):
             raise ValueError(f"cannot rotate {tuple(x.shape)} (unsqueeze_dim={unsqueeze_dim}) "
                              f"with cos/sin {tuple(cos.shape)}")
 
@@ -114,51 +120,87 @@ def kernel_supported(*ts: torch.Tensor) -> bool:
     return all(use_triton(t) and t.dtype in TL_DTYPE for t in ts)
 
 
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1  # triton.next_power_of_2 costs µs per call
+
+
+@functools.lru_cache(maxsize=None)
 def _tile(half: int, h1: int, h2: int):
-    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps) for head_dim 2·half and head counts h1, h2 (0: none)."""
-    block_d = triton.next_power_of_2(half)
+    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps) for head_dim 2·half and head counts h1, h2 (0: none).
+
+    On an H100 every tile from 512 to 8192 elements per half-row block and 2 to 8 warps ran
+    within ±3% of the best (benchmarks/results/rope.json, tile_sweep): the kernel streams at
+    copy bandwidth whatever the tile, so this only keeps lanes busy and registers modest."""
+    block_d = _pow2(half)
     # head blocks that divide both head counts (GQA: 32 q, 8 kv) waste no lanes
-    block_h = min(triton.next_power_of_2(min(h for h in (h1, h2) if h)), max(1, 1024 // block_d), 8)
+    block_h = min(_pow2(min(h for h in (h1, h2) if h)), max(1, 1024 // block_d), 8)
     # ~4096 elements per half per program: enough bytes in flight per SM without spilling
     block_t = max(1, min(16, 4096 // (block_h * block_d)))
     return block_t, block_h, block_d, 4
 
 
-def _needs_int64(*ts: torch.Tensor) -> bool:
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 for t in ts)
+def _needs_int64(*layouts) -> bool:
+    """Whether, for some (sizes, strides), an element lies 2**31 or more elements past the start
+    (torch strides are >= 0)."""
+    for sz, sts in layouts:  # plain loops: this runs on every launch
+        span = 0
+        for n, st in zip(sz, sts):
+            span += (n - 1) * st
+        if span >= 2**31:
+            return True
+    return False
 
 
-def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, backward: bool = False):
+def empty_out(x: torch.Tensor, dtype: torch.dtype, stride=None) -> torch.Tensor:
+    """An output shaped like x: x's layout (`empty_like`) or, if given, `stride`."""
+    if stride is None:
+        return torch.empty_like(x, dtype=dtype)
+    return torch.empty_strided(x.shape, stride, dtype=dtype, device=x.device)
+
+
+def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, backward: bool = False,
+         out_strides=(None, None)):
     """Rotate x1 (and x2, if given) with one launch; returns (y1, y2 or None).
 
-    Outputs have the layout of their inputs (`empty_like`), which the fake kernels mirror.
+    Outputs have the layout of their inputs (`empty_like`) or the strides in `out_strides`
+    (the backward writes dx in x's layout, whatever layout dy came in); the fake kernels mirror this.
     """
     xs = [x1] if x2 is None else [x1, x2]
     check_shapes(xs, cos, sin, unsqueeze_dim)
-    outs = [torch.empty_like(x1, dtype=out1_dtype)] + ([] if x2 is None else [torch.empty_like(x2, dtype=out2_dtype)])
+    outs = [empty_out(x1, out1_dtype, out_strides[0])] + \
+        ([] if x2 is None else [empty_out(x2, out2_dtype, out_strides[1])])
     y2 = outs[1] if x2 is not None else None
     if not kernel_supported(*xs, *outs, cos, sin):
         for x, y in zip(xs, outs):
             y.copy_(rope_torch(x, cos, sin, unsqueeze_dim, y.dtype, backward))
         return outs[0], y2
-    v = [_bshd(t, unsqueeze_dim) for t in xs + outs]
-    vx1, vx2 = v[0], v[1] if x2 is not None else v[0]
-    vy1, vy2 = v[len(xs)], v[-1]
-    B, S, H1, D = vx1.shape
-    H2 = vx2.shape[2] if x2 is not None else 0
+    (B, S, H1, D), sx1 = _bshd(x1, unsqueeze_dim)
+    sy1 = _bshd(outs[0], unsqueeze_dim)[1]
+    if x2 is None:  # the second tensor's arguments are never read: no program has its head blocks
+        x2_, y2_, H2, sx2, sy2 = x1, outs[0], 0, sx1, sy1
+    else:
+        x2_, y2_ = x2, y2
+        (_, _, H2, _), sx2 = _bshd(x2, unsqueeze_dim)
+        sy2 = _bshd(y2, unsqueeze_dim)[1]
     if B * S == 0 or H1 + H2 == 0:
         return outs[0], y2
-    block_t, block_h, block_d, num_warps = _tile(D // 2, H1, H2)
-    nhb1, nhb2 = triton.cdiv(H1, block_h), triton.cdiv(H2, block_h)
-    bcast = cos.shape[0] == 1  # one row of cos/sin for every sequence of the batch
-    _rope_kernel[(triton.cdiv(B * S, block_t) * (nhb1 + nhb2),)](
-        vx1, vy1, vx2, vy2, cos, sin, B * S, S, H1, H2, D // 2, nhb1, nhb1 + nhb2,
-        *vx1.stride(), *vy1.stride(), *vx2.stride(), *vy2.stride(),
-        0 if bcast else cos.stride(0), cos.stride(1), cos.stride(2),
-        0 if bcast else sin.stride(0), sin.stride(1), sin.stride(2),
-        BACKWARD=backward, ROUND1=vy1.dtype != torch.float32, ROUND2=vy2.dtype != torch.float32,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, EVEN_D=block_d == D // 2,
-        INT64=_needs_int64(*v, cos, sin), num_warps=num_warps)
+    half = D // 2
+    block_t, block_h, block_d, num_warps = _tile(half, H1, H2)
+    nhb1, nhb2 = -(-H1 // block_h), -(-H2 // block_h)
+    # stride 0 over the batch: one row of cos/sin for every sequence
+    sc = (0 if cos.shape[0] == 1 else cos.stride(0),) + cos.stride()[1:]
+    ss = (0 if sin.shape[0] == 1 else sin.stride(0),) + sin.stride()[1:]
+    shp1, shp2, shc = (B, S, H1, D), (B, S, H2, D), tuple(cos.shape)
+    int64 = _needs_int64((shp1, sx1), (shp1, sy1), (shp2, sx2), (shp2, sy2), (shc, sc), (shc, ss))
+    _rope_kernel[(-(-(B * S) // block_t) * (nhb1 + nhb2),)](
+        x1, outs[0], x2_, y2_, cos, sin, B * S, S, H1, H2, half, nhb1, nhb1 + nhb2,
+        *sx1, *sy1, *sx2, *sy2, *sc, *ss,
+        BACKWARD=backward, ROUND1=outs[0].dtype != torch.float32, ROUND2=y2_.dtype != torch.float32,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, EVEN_D=block_d == half,
+        INT64=int64, num_warps=num_warps,
+        # no FMA: it would skip the product roundings that make bf16/fp16 match eager, and
+        # (after LLVM narrows the math to bf16) it did so only for some tiles
+        enable_fp_fusion=False)
     return outs[0], y2
 
 

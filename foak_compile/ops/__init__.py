@@ -2,5 +2,6 @@
 implementation and an autograd formula, so Dynamo, AOTAutograd and inductor see one opaque
 node in forward and one in backward. Importing this package registers them all."""
 from . import cross_entropy  # noqa: F401
+from . import lora  # noqa: F401
 from . import rms_norm  # noqa: F401
 from . import rope  # noqa: F401

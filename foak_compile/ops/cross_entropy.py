@@ -102,12 +102,37 @@ cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("foak::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         labels: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
-                         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+# lm_head + cross-entropy. torch.ops.foak.linear_cross_entropy is a composite that picks, where
+# autograd can see what is wanted (eager, or AOTAutograd tracing the graph), one of two ops:
+#   linear_cross_entropy_fused      mean/sum with a gradient wanted: the forward takes the
+#                                   gradients too and keeps them; the backward scales them
+#   linear_cross_entropy_recompute  no gradient, or reduction 'none' (one upstream value per
+#                                   row, unknown in the forward): keeps lse, the backward
+#                                   recomputes the logits
+
+LCE_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, SymInt ignore_index, "
+              "float label_smoothing, str reduction, ScalarType out_dtype) -> (Tensor, Tensor)")
+torch.library.define("foak::linear_cross_entropy", LCE_SCHEMA)
+
+
+@torch.library.impl("foak::linear_cross_entropy", "CompositeImplicitAutograd")
+def linear_cross_entropy(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype):
     """(loss, lse) of F.cross_entropy(F.linear(hidden, weight, bias).float() rows, labels, ...),
     never holding more than one chunk of tokens' logits."""
+    need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    if reduction != "none" and any(need):
+        out = torch.ops.foak.linear_cross_entropy_fused(hidden, weight, bias, labels, ignore_index,
+                                                         label_smoothing, reduction, out_dtype, *need)
+        return out[0], out[1]
+    return torch.ops.foak.linear_cross_entropy_recompute(hidden, weight, bias, labels, ignore_index,
+                                                         label_smoothing, reduction, out_dtype)
+
+
+@torch.library.custom_op("foak::linear_cross_entropy_recompute", mutates_args=())
+def linear_cross_entropy_recompute(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                   labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                                   reduction: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse); the backward (linear_cross_entropy_backward) recomputes the logits."""
     h = hidden.reshape(-1, hidden.shape[-1])
     _check(h.shape[0], labels, label_smoothing, reduction)
     loss, lse = kernel.linear_cross_entropy_forward(h, weight, bias, labels.reshape(-1), ignore_index,
@@ -115,7 +140,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     return _reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape)
 
 
-@linear_cross_entropy.register_fake
+@linear_cross_entropy_recompute.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype):
     return _fake_outputs(hidden, labels, reduction, out_dtype)
 
@@ -132,28 +157,36 @@ def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, wei
     dh, dw, db = kernel.linear_cross_entropy_backward(scale, h, weight, bias, labels.reshape(-1),
                                                       lse.reshape(-1), ignore_index, label_smoothing,
                                                       need_hidden, need_weight, need_bias)
+    return _grads_or_empty(hidden, weight, dh, dw, db)
+
+
+def _grads_or_empty(hidden, weight, dh, dw, db):
     return (dh.view(hidden.shape) if dh is not None else hidden.new_empty(0),
             dw if dw is not None else weight.new_empty(0),
             db if db is not None else weight.new_empty(0))
 
 
-@linear_cross_entropy_backward.register_fake
-def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, reduction,
-      need_hidden, need_weight, need_bias):
+def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
     need_bias = need_bias and bias is not None
     return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
             bias.new_empty(bias.shape) if need_bias else weight.new_empty(0))
 
 
-def _lce_setup_context(ctx, inputs, output):
+@linear_cross_entropy_backward.register_fake
+def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, reduction,
+      need_hidden, need_weight, need_bias):
+    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+def _recompute_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, _ = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.args = (ignore_index, label_smoothing, reduction)
 
 
-def _lce_backward(ctx, dloss, _dlse):
+def _recompute_backward(ctx, dloss, _dlse):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.needs_input_grad[2] and bias is not None
@@ -165,4 +198,52 @@ def _lce_backward(ctx, dloss, _dlse):
         None, None, None, None, None
 
 
-linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+linear_cross_entropy_recompute.register_autograd(_recompute_backward, setup_context=_recompute_setup_context)
+
+
+@torch.library.custom_op("foak::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               labels: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
+                               out_dtype: torch.dtype, need_hidden: bool, need_weight: bool, need_bias: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, dhidden, dweight, dbias) for reduction mean/sum: the gradients of the loss
+    (for an upstream gradient of 1), each an empty tensor unless asked for."""
+    if reduction == "none":
+        raise ValueError("linear_cross_entropy_fused: reduction 'none' has one upstream gradient per "
+                         "row, unknown in the forward; use linear_cross_entropy_recompute")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    _check(h.shape[0], labels, label_smoothing, reduction)
+    y = labels.reshape(-1)
+    scale = _row_scale(torch.ones((), device=h.device), y, ignore_index, reduction)
+    loss, lse, dh, dw, db = kernel.linear_cross_entropy_forward_backward(
+        h, weight, bias, y, ignore_index, label_smoothing, scale, need_hidden, need_weight, need_bias)
+    return (_reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape),
+            *_grads_or_empty(hidden, weight, dh, dw, db))
+
+
+@linear_cross_entropy_fused.register_fake
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype,
+      need_hidden, need_weight, need_bias):
+    return (*_fake_outputs(hidden, labels, reduction, out_dtype),
+            *_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.computed = inputs[8:]
+
+
+def _fused_backward(ctx, dloss, *_):
+    if torch.is_grad_enabled():
+        raise RuntimeError("foak linear_cross_entropy: double backward (create_graph=True) is not supported")
+    grads = []
+    for g, needed, computed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.computed):
+        if needed and not computed:  # cannot happen: the composite asks for what requires grad
+            raise RuntimeError("foak linear_cross_entropy_fused: a gradient was not taken in the forward")
+        # Only a scale: under inductor the saved gradient's buffer is donated and reused in place.
+        grads.append(g * dloss if needed else None)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)

@@ -6,7 +6,9 @@ cos/sin are the per-token [B or 1, S, D] tensors *before* `unsqueeze(unsqueeze_d
 unsqueeze_dim 1 means x is [B, H, S, D], 2 means [B, S, H, D].
 
 The result dtype is eager's promotion of x with cos (cos and sin must share a dtype);
-gradients come back in the dtypes of q and k, as autograd would cast them.
+gradients come back in the dtypes of q and k, as autograd would cast them, and in their
+layouts (the outputs', which are `empty_like(x)`): whatever layout the upstream grad has,
+AccumulateGrad and the backward of HF's `view(...).transpose(1, 2)` then need no copy.
 """
 from typing import Optional
 
@@ -48,17 +50,20 @@ def _(x, cos, sin, unsqueeze_dim):
 
 @torch.library.custom_op("foak::rope_backward", mutates_args=())
 def rope_backward(dy1: torch.Tensor, dy2: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                  unsqueeze_dim: int, dx1_dtype: torch.dtype,
-                  dx2_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx1, dx2) = the transposed rotation of (dy1, dy2); dx2 is empty without dy2."""
-    dx1, dx2 = kernel.rope(dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype, backward=True)
+                  unsqueeze_dim: int, dx1_dtype: torch.dtype, dx2_dtype: Optional[torch.dtype],
+                  dx1_stride: Optional[list[int]] = None,
+                  dx2_stride: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx1, dx2) = the transposed rotation of (dy1, dy2); dx2 is empty without dy2.
+    dx*_stride: the gradient's layout (default: dy's)."""
+    dx1, dx2 = kernel.rope(dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype, backward=True,
+                           out_strides=(dx1_stride, dx2_stride))
     return dx1, (dx2 if dx2 is not None else dy1.new_empty(0))
 
 
 @rope_backward.register_fake
-def _(dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype):
-    dx2 = torch.empty_like(dy2, dtype=dx2_dtype) if dy2 is not None else dy1.new_empty(0)
-    return torch.empty_like(dy1, dtype=dx1_dtype), dx2
+def _(dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype, dx1_stride=None, dx2_stride=None):
+    dx2 = kernel.empty_out(dy2, dx2_dtype, dx2_stride) if dy2 is not None else dy1.new_empty(0)
+    return kernel.empty_out(dy1, dx1_dtype, dx1_stride), dx2
 
 
 def _no_cos_grad(ctx, first_cos_input: int) -> None:
@@ -76,7 +81,9 @@ def _rotate_back(ctx, grads, dtypes):
         cos, sin = ctx.saved_tensors
         g2 = grads[need[1]] if len(need) > 1 else None
         d2 = dtypes[need[1]] if len(need) > 1 else None
-        dx1, dx2 = torch.ops.foak.rope_backward(grads[need[0]], g2, cos, sin, ctx.unsqueeze_dim, dtypes[need[0]], d2)
+        st2 = ctx.strides[need[1]] if len(need) > 1 else None
+        dx1, dx2 = torch.ops.foak.rope_backward(grads[need[0]], g2, cos, sin, ctx.unsqueeze_dim, dtypes[need[0]], d2,
+                                                ctx.strides[need[0]], st2)
         out[need[0]] = dx1
         if len(need) > 1:
             out[need[1]] = dx2
@@ -87,6 +94,7 @@ def _setup_rope(ctx, inputs, output):
     q, k, cos, sin, unsqueeze_dim = inputs
     ctx.save_for_backward(cos, sin)
     ctx.unsqueeze_dim, ctx.dtypes = unsqueeze_dim, (q.dtype, k.dtype)
+    ctx.strides = (list(output[0].stride()), list(output[1].stride()))  # empty_like(q), empty_like(k)
 
 
 def _backward_rope(ctx, dq, dk):
@@ -99,6 +107,7 @@ def _setup_rope_one(ctx, inputs, output):
     x, cos, sin, unsqueeze_dim = inputs
     ctx.save_for_backward(cos, sin)
     ctx.unsqueeze_dim, ctx.dtypes = unsqueeze_dim, (x.dtype,)
+    ctx.strides = (list(output.stride()),)
 
 
 def _backward_rope_one(ctx, dy):
