@@ -12,10 +12,10 @@ import foak_compile
 from tests.models import batch, compare_with_eager, tiny_model
 
 
-def _fresh_python(code: str) -> str:
+def _fresh_python(code: str, interpret: str = "1") -> str:
     """Run `code` in a new interpreter that has not imported foak_compile; its stdout."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
+                         env={**os.environ, "TRITON_INTERPRET": interpret})
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -112,3 +112,21 @@ def test_a_failing_rewrite_is_contained():
     assert [m.reason for m in report.near_misses] == ["rewrite failed: RuntimeError('kernel compilation failed')"] * 2
     x = torch.randn(5)
     torch.testing.assert_close(gm(x), torch.sin(x) * 2)
+
+
+def test_cpu_without_triton_interpreter_falls_back_to_torch():
+    """No GPU and no TRITON_INTERPRET: the ops take their torch path; results still match eager."""
+    code = ("import copy, torch, foak_compile\n"
+            "from foak_compile.kernels.common import INTERPRET\n"
+            "from tests.models import tiny_model, batch, loss_and_grads\n"
+            "assert not INTERPRET and not torch.cuda.is_available()\n"
+            "m = tiny_model('llama'); b = batch(m); e = copy.deepcopy(m)\n"
+            "l0, g0 = loss_and_grads(e, b)\n"
+            "l1, g1 = loss_and_grads(m, b, call=torch.compile(m, backend=foak_compile.backend(inner='aot_eager')))\n"
+            "torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)\n"
+            "[torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6) for k in g0]\n"
+            "print(sorted(foak_compile.total_counts().items()))\n")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the kernels")
+    assert _fresh_python(code, interpret="0").strip().splitlines()[-1] == \
+        "[('cross_entropy', 1), ('rms_norm', 5), ('rope', 2)]"
