@@ -1,0 +1,184 @@
+"""One LoRA training step of a Llama-3.2-1B-shaped model (random weights), each variant in its own
+process, same inputs: eager, inductor, Liger (eager / inductor), foak.
+
+    python -m benchmarks.train_step --all --out benchmarks/results/train_step.json   # driver
+    python -m benchmarks.train_step --variant foak --quant nf4                       # one variant
+
+Measured as the reference figures were (../shared/reference/anchor_train_step.py): bs 2 × seq 2048,
+peft LoRA r=16 alpha=32 on all seven projections, AdamW, 2 warm-up steps after the first, then the
+median of --steps CUDA-event-timed steps; peak allocated memory over the timed steps.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(args):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    if args.quant == "nf4":
+        from transformers import BitsAndBytesConfig
+        path = f"/tmp/llama_{args.layers}_{args.hidden}"
+        if not os.path.exists(path):
+            LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True)
+        model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    else:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, task_type="CAUSAL_LM", target_modules=TARGETS)
+    return get_peft_model(model, lcfg)
+
+
+def matmul_tflops():
+    """Measured bf16 matmul ceiling (8192³), the denominator of MFU."""
+    import torch
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def model_flops_per_step(model, tokens, seq, layers, hidden):
+    """LoRA step: the frozen base costs forward + input-gradient (4 flops/param/token), adapters also
+    their weight gradient (6); causal attention 4·seq·hidden per token per layer, ×3 with backward."""
+    base = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "embed" not in n
+               and p.dim() == 2)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attn = 3 * 4 * seq * hidden * layers / 2
+    return tokens * (4 * base + 6 * lora + attn)
+
+
+def run_one(args):
+    import torch
+    if args.variant.startswith("liger"):
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    model = build(args)
+    model.train()
+    ids = torch.randint(0, 128256, (args.bs, args.seq), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    fwd = model
+    be = None
+    if args.variant in ("inductor", "liger_inductor"):
+        fwd = torch.compile(model)
+    elif args.variant.startswith("foak"):
+        import foak_compile
+        be = foak_compile.backend()
+        # foak_loss compiles the loss alone, so the logits are dead and linear+CE can fuse
+        fwd = torch.compile(model if args.variant == "foak" else (lambda **kw: model(**kw).loss), backend=be)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        out = fwd(input_ids=ids, labels=ids)
+        loss = out if isinstance(out, torch.Tensor) else out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        loss = step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    med = statistics.median(times)
+    tokens = args.bs * args.seq
+    res = dict(variant=args.variant, quant=args.quant, layers=args.layers, bs=args.bs, seq=args.seq,
+               step_ms=round(med, 2), min_ms=round(min(times), 2), tokens_per_s=round(tokens / med * 1000),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), first_step_s=round(first, 1),
+               loss=round(float(loss), 4),
+               model_tflops_per_step=round(model_flops_per_step(model, tokens, args.seq, args.layers, args.hidden) / 1e12, 2))
+    if be is not None:
+        import foak_compile
+        res["foak_matches"] = foak_compile.total_counts(be.reports)
+        res["foak_graphs"] = len(be.reports)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def drive(args):
+    import torch
+    ceiling = matmul_tflops()
+    torch.cuda.empty_cache()
+    rows = []
+    for quant in args.quants.split(","):
+        for variant in args.variants.split(","):
+            cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", variant, "--quant", quant,
+                   "--layers", str(args.layers), "--steps", str(args.steps), "--bs", str(args.bs), "--seq", str(args.seq)]
+            t = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode or not line:
+                rows.append(dict(variant=variant, quant=quant, error=(p.stderr or p.stdout)[-1500:]))
+            else:
+                r = json.loads(line[-1][len("RESULT "):])
+                r["mfu_pct"] = round(100 * r["model_tflops_per_step"] / (r["step_ms"] / 1000) / ceiling, 1)
+                rows.append(r)
+            rows[-1]["wall_s"] = round(time.perf_counter() - t, 1)
+            print(json.dumps(rows[-1])[:400], flush=True)
+    for quant in args.quants.split(","):
+        ind = next((r for r in rows if r.get("quant") == quant and r["variant"] == "inductor" and "error" not in r), None)
+        for r in rows:
+            if ind and r.get("quant") == quant and "error" not in r:
+                r["vs_inductor"] = {"tokens_per_s": round(r["tokens_per_s"] / ind["tokens_per_s"], 3),
+                                    "peak_mem": round(r["peak_gib"] / ind["peak_gib"], 3),
+                                    "first_step": round(r["first_step_s"] / max(ind["first_step_s"], 1e-9), 3)}
+    from .common import environment, write_json
+    write_json(args.out, {"env": environment(), "matmul_tflops": round(ceiling, 1), "rows": rows})
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", choices=VARIANTS)
+    p.add_argument("--all", action="store_true", help="run --variants × --quants, each in its own process")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--quants", default="none,nf4")
+    p.add_argument("--quant", default="none")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=8192)
+    p.add_argument("--bs", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--timeout", type=int, default=300)
+    p.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = p.parse_args()
+    drive(args) if args.all else run_one(args)
+
+
+if __name__ == "__main__":
+    main()
