@@ -128,15 +128,15 @@ def _pow2(n: int) -> int:
 def _tile(half: int, h1: int, h2: int):
     """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps) for head_dim 2·half and head counts h1, h2 (0: none).
 
-    On an H100 every tile from 512 to 8192 elements per half-row block and 2 to 8 warps ran
-    within ±3% of the best (benchmarks/results/rope.json, tile_sweep): the kernel streams at
-    copy bandwidth whatever the tile, so this only keeps lanes busy and registers modest."""
+    On an H100 (benchmarks/results/rope.json, tile_sweep) every tile from 512 to 8192 elements
+    per half and 2 to 8 warps ran within a few % of the best: the kernel streams at about the
+    speed of a copy of as many bytes whatever the tile. ~2048 elements per half on 2 warps (four
+    16-byte loads per thread and half in flight) was the most consistent across shapes and runs."""
     block_d = _pow2(half)
     # head blocks that divide both head counts (GQA: 32 q, 8 kv) waste no lanes
     block_h = min(_pow2(min(h for h in (h1, h2) if h)), max(1, 1024 // block_d), 8)
-    # ~4096 elements per half per program: enough bytes in flight per SM without spilling
-    block_t = max(1, min(16, 4096 // (block_h * block_d)))
-    return block_t, block_h, block_d, 4
+    block_t = max(1, min(16, 2048 // (block_h * block_d)))
+    return block_t, block_h, block_d, 2
 
 
 def _needs_int64(*layouts) -> bool:
