@@ -23,7 +23,23 @@ def rms_norm(d):
     return "\n".join(out)
 
 
-RENDER = {"rms_norm.json": rms_norm}
+def rope(d):
+    env = d["env"]
+    out = [f"Rotary embedding (q and k), bf16, {env['gpu']}, torch {env['torch']}, triton {env['triton']}; "
+           f"GPU time of CUDA-graph replays (ms), % of the measured {d['copy_bandwidth_gbs']:.0f} GB/s copy bandwidth; "
+           "wall = do_bench time with launch overhead.", "",
+           "| shape | method | fwd | bwd | fwd % BW | bwd % BW | wall fwd+bwd | max diff vs eager |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, c in d["cases"].items():
+        for m, r in c["methods"].items():
+            diff = r["max_abs_diff_vs_eager"]
+            diff = max(diff) if isinstance(diff, list) else diff
+            out.append(f"| {name} | {m} | {r['fwd_ms']:.4f} | {r['bwd_ms']:.4f} | {r['fwd_pct_of_copy_bw']:.0f}% | "
+                       f"{r['bwd_pct_of_copy_bw']:.0f}% | {r['wall_fwd_bwd_ms']:.3f} | {diff:g} |")
+    return "\n".join(out)
+
+
+RENDER = {"rms_norm.json": rms_norm, "rope.json": rope}
 
 
 def main(names=None):
