@@ -18,6 +18,7 @@ and without dropping the ignored rows.
 """
 import argparse
 import gc
+import itertools
 import json
 import os
 import time
@@ -122,7 +123,7 @@ def run_case(n, v, hdim, frozen, total_gb):
     h, w, y = _inputs(n, v, hdim, frozen)
     case = {"tokens": n, "vocab": v, "hidden": hdim, "weight_grad": not frozen,
             "eager_peak_estimate_gb": round(eager_peak_gb(n, v, hdim), 1),
-            "foak_chunk_rows": kernel.chunk_rows(n, v)}
+            "foak_chunk_rows": kernel.chunk_rows(n, v, hdim)}
     methods, backends = _methods()
     ref = None  # the first method measured (eager, unless it was skipped) is the reference
     for name, make in methods.items():
@@ -152,7 +153,7 @@ def run_case(n, v, hdim, frozen, total_gb):
     if isinstance(foak, dict):  # the targets: memory at or below liger's, time at or below inductor's
         for name in ("inductor", "liger"):
             if isinstance(case.get(name), dict):
-                case[f"foak_vs_{name}"] = {"peak_ratio": round(foak["peak_gb"] / case[name]["peak_gb"], 3),
+                case[f"foak_vs_{name}"] = {"peak_ratio": round(foak["peak_gb"] / max(case[name]["peak_gb"], 1e-9), 3),
                                            "time_ratio": round(foak["ms"] / case[name]["ms"], 3)}
         case["targets_met"] = {
             "memory_le_liger": foak["peak_gb"] <= case["liger"]["peak_gb"] if isinstance(case.get("liger"), dict) else None,
@@ -162,13 +163,15 @@ def run_case(n, v, hdim, frozen, total_gb):
 
 
 KERNEL_CONFIGS = [(b, w) for b in (2048, 4096, 8192) for w in (4, 8, 16)]
-SWEEP_ROWS = (256, 512, 1024, 2048, 4096)
+PROGRAMS_PER_SM = (None, 1, 2, 4)  # None: one program per row
+SWEEP_ROWS = (256, 512, 1024, 2048)
 
 
 def kernel_sweep(copy_gbs):
     """The row kernel alone on one chunk of logits: loss only (reads it once) and loss + dlogits
     in place (reads it twice, writes it once); GB/s of those bytes, % of the copy bandwidth."""
     out = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for v in VOCABS:
         for rows in (512, 1024):
             x = torch.randn(rows, v, device="cuda", dtype=torch.bfloat16)
@@ -176,15 +179,18 @@ def kernel_sweep(copy_gbs):
             loss, lse = torch.empty(rows, device="cuda"), torch.empty(rows, device="cuda")
             scale = torch.ones(1, device="cuda")
             nbytes = x.numel() * x.element_size()
-            for block, warps in KERNEL_CONFIGS:
+            for (block, warps), per_sm in itertools.product(KERNEL_CONFIGS, PROGRAMS_PER_SM):
+                programs = per_sm and per_sm * sms
+
                 def fwd():
-                    kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps)
+                    kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps,
+                                         programs=programs)
 
                 def fwd_grad():
                     kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps,
-                                         grad_scale=scale)
+                                         grad_scale=scale, programs=programs)
                 f_ms, fg_ms = bench_ms(fwd, warmup=2, reps=10), bench_ms(fwd_grad, warmup=2, reps=10)
-                out.append({"rows": rows, "vocab": v, "block_v": block, "num_warps": warps,
+                out.append({"rows": rows, "vocab": v, "block_v": block, "num_warps": warps, "programs": programs,
                             "fwd_ms": round(f_ms, 4), "fwd_gbs": round(nbytes / f_ms / 1e6),
                             "fwd_grad_ms": round(fg_ms, 4), "fwd_grad_gbs": round(3 * nbytes / fg_ms / 1e6),
                             "fwd_grad_pct_of_copy": round(100 * 3 * nbytes / fg_ms / 1e6 / copy_gbs, 1)})
@@ -197,7 +203,7 @@ def chunk_sweep():
     """The fused forward+gradients (kernel level: all the work but the backward's scaling) per
     chunk size; peak above the inputs, i.e. the gradients plus the chunk and its temporaries."""
     out = []
-    saved = kernel.CHUNK_ROWS, kernel.COMPACT
+    saved = kernel.CHUNK_ELEMENTS, kernel.COMPACT
     try:
         for hdim in HIDDENS:
             for v in VOCABS:
@@ -206,8 +212,10 @@ def chunk_sweep():
                     h, w = h.detach(), w.detach()
                     scale = (1.0 / (y != -100).sum()).float().reshape(1)
                     for frozen in (False, True):
-                        for rows, compact in [(r, True) for r in SWEEP_ROWS] + [(1024, False)]:
-                            kernel.CHUNK_ROWS, kernel.COMPACT = rows, compact
+                        # None: the default policy, also without dropping the ignored rows (the
+                        # time when no label is ignored)
+                        for rows, compact in [(r, True) for r in SWEEP_ROWS] + [(None, True), (None, False)]:
+                            kernel.CHUNK_ELEMENTS, kernel.COMPACT = rows and rows * v, compact
 
                             def fn():
                                 return kernel.linear_cross_entropy_forward_backward(
@@ -224,14 +232,15 @@ def chunk_sweep():
                             del res
                             ms = bench_ms(fn, warmup=1, reps=3)
                             out.append({"tokens": n, "vocab": v, "hidden": hdim, "weight_grad": not frozen,
-                                        "chunk_rows": rows, "compact": compact, "ms": round(ms, 2),
+                                        "chunk_rows": kernel.chunk_rows(n, v, hdim), "default": rows is None,
+                                        "compact": compact, "ms": round(ms, 2),
                                         "peak_gb": round(peak / 2**30, 3)})
                             print(out[-1], flush=True)
                     del h, w, y
                     gc.collect()
                     torch.cuda.empty_cache()
     finally:
-        kernel.CHUNK_ROWS, kernel.COMPACT = saved
+        kernel.CHUNK_ELEMENTS, kernel.COMPACT = saved
     return out
 
 
@@ -264,7 +273,7 @@ def main():
     modes = ["frozen"] if args.frozen else args.modes
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     res = {"env": environment(), "dtype": "bfloat16", "ignored_label_share": IGNORED,
-           "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1), "foak_chunk_rows_default": kernel.CHUNK_ROWS,
+           "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1), "foak_chunk_rows_min_max": [kernel.CHUNK_ROWS_MIN, kernel.CHUNK_ROWS_MAX],
            "cases": []}
     t0 = time.time()
     if args.sweep:

@@ -92,13 +92,15 @@ def test_ignore_index_semantics(device):
 
 @pytest.mark.parametrize("bad", [131, 1000, -1, -99])
 def test_out_of_range_labels_raise(bad, device):
-    x = torch.randn(4, 131, device=device)
-    y = torch.tensor([1, bad, 2, -100], device=device)
+    # The raise is checked on CPU: on CUDA it is a device-side assert, which carries no message
+    # and leaves the process's CUDA context unusable for every later test.
+    x, y = torch.randn(4, 131), torch.tensor([1, bad, 2, -100])
     with pytest.raises(RuntimeError, match="label out of range"):
         torch.ops.foak.cross_entropy(x, y, -100, 0.0, "mean", torch.float32)
     with pytest.raises(RuntimeError, match="label out of range"):
-        torch.ops.foak.linear_cross_entropy(torch.randn(4, 8, device=device), torch.randn(131, 8, device=device),
-                                            None, y, -100, 0.0, "sum", torch.float32)
+        torch.ops.foak.linear_cross_entropy(torch.randn(4, 8), torch.randn(131, 8), None, y, -100, 0.0, "sum",
+                                            torch.float32)
+    x, y = x.to(device), y.to(device)
     # the kernel itself never reads out of bounds and marks the row NaN
     loss, _ = torch.empty(4, device=device), torch.empty(4, device=device)
     kernel._forward_rows(x, y, -100, 0.0, loss, _)
@@ -123,6 +125,22 @@ def test_many_vocab_blocks_and_minus_inf(block_v, device):
     xd = x.double().requires_grad_()
     F.cross_entropy(xd, y, reduction="none").backward(scale.double())
     assert _rel(dx, xd.grad) < 2e-6 and (dx[:, :40] == 0).all()
+
+
+@pytest.mark.parametrize("programs", [1, 4])
+def test_rows_per_program_and_gradient_in_place(programs, device):
+    """A grid smaller than the rows (each program strides over several), and the forward that
+    writes the gradient over the logits, against the separate backward kernel."""
+    x = torch.randn(11, 300, device=device, dtype=torch.bfloat16) * 3
+    y = _labels(11, 300, device)
+    loss, lse = kernel.cross_entropy_forward(x, y, -100, 0.1)
+    scale = torch.full((1,), 0.3, device=device)
+    want = kernel.cross_entropy_backward(x, y, lse, scale, -100, 0.1)
+    g, loss2, lse2 = x.clone(), torch.empty_like(loss), torch.empty_like(lse)
+    kernel._forward_rows(g, y, -100, 0.1, loss2, lse2, grad_scale=scale, programs=programs, block_v=128)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(lse2, lse)
+    torch.testing.assert_close(g, want)
 
 
 def test_non_contiguous_logits(device):
@@ -196,6 +214,16 @@ def test_linear_cross_entropy_vs_float64(dtype, chunk_elements, compact, device,
     y = _labels(n, vocab, device)
     _check_linear_ce(hidden, weight, None, y)
     _check_linear_ce(hidden, weight, bias, y, reduction="sum", label_smoothing=0.1)
+
+
+def test_chunk_rows_policy():
+    """About as many logits per chunk as hidden values, a power of two of rows, within the bounds."""
+    assert kernel.chunk_rows(16384, 128256, 4096) == 512      # 523 rows' worth, rounded down
+    assert kernel.chunk_rows(65536, 128256, 4096) == 2048
+    assert kernel.chunk_rows(4096, 256000, 2048) == kernel.CHUNK_ROWS_MIN
+    assert kernel.chunk_rows(10 ** 6, 32000, 8192) == kernel.CHUNK_ROWS_MAX
+    assert kernel.chunk_rows(100, 128256, 4096) == 100
+    assert kernel.chunk_rows(4096, 1000, 64, chunk_elements=1000 * 300) == 256
 
 
 def test_linear_cross_entropy_large_vocab(device, monkeypatch):

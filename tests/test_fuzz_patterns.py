@@ -99,7 +99,7 @@ def loss_modules(draw):
             return F.log_softmax(xf, 0)[torch.arange(labels.shape[0]), labels.clamp_min(0)].sum()
         kw = dict(ignore_index=ignore, reduction=reduction)
         if miss == "weight":
-            kw["weight"] = class_w[:x.shape[-1]]
+            kw["weight"] = class_w[:x.shape[-1]].to(xf.dtype)
         if spelling == "cross_entropy" or smoothing:
             out = F.cross_entropy(xf, labels, label_smoothing=smoothing, **kw)
         elif spelling == "module":

@@ -119,10 +119,20 @@ def _ce_bwd(X, DX, Y, LSE, SCALE, stride_x, stride_dx, stride_scale, n_cols, ign
 
 
 def _block(t: torch.Tensor, n_cols: int, block_v: Optional[int]):
+    """(BLOCK_V, num_warps) of the backward kernel."""
     if block_v is None:
         # GPU: 4096 keeps registers low at 8 warps; the interpreter runs faster on wide numpy blocks
         block_v = min(4096 if t.is_cuda else 16384, triton.next_power_of_2(n_cols))
     return block_v, (8 if block_v >= 2048 else 4)
+
+
+def _fwd_block(t: torch.Tensor, n_cols: int, block_v: Optional[int]):
+    """(BLOCK_V, num_warps) of the forward kernel. H100 sweep (bench --sweep) on 512-1024 rows of
+    128k-256k bf16 logits: 2048 × 16 warps reaches 85-90% of the copy bandwidth with the gradient
+    pass; 4096 × 8 warps, 55-70%."""
+    if block_v is None:
+        block_v = min(2048 if t.is_cuda else 16384, triton.next_power_of_2(n_cols))
+    return block_v, (16 if block_v >= 2048 else 4)
 
 
 def kernel_supported(x: torch.Tensor) -> bool:
@@ -159,7 +169,7 @@ def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=N
         if grad_scale is not None:
             x.copy_(_torch_grad(x, labels, lse, grad_scale, ignore_index, label_smoothing))
         return
-    block, warps = _block(x, n_cols, block_v)
+    block, warps = _fwd_block(x, n_cols, block_v)
     eps, eps_v = _smooth(label_smoothing, n_cols)
     write = grad_scale is not None
     warps = num_warps or warps
@@ -235,20 +245,29 @@ def cross_entropy_backward(x: torch.Tensor, labels: torch.Tensor, lse: torch.Ten
 # ---------------------------------------------------------------------------------------------
 # lm_head + cross-entropy, chunked over tokens.
 
-# Logits per chunk of the fused lm_head + loss (None: CHUNK_ROWS rows). The chunk is the only
-# memory beyond the gradients themselves; its rows set the GEMMs' M (forward, dh) and K (dW),
-# which must stay large enough for the weight to be streamed at tensor-core speed.
-CHUNK_ELEMENTS: Optional[int] = None
-CHUNK_ROWS = 1024
+# Rows per chunk of the fused lm_head + loss. The chunk (rows × vocab logits) is the only memory
+# beyond the gradients themselves. By default it holds at most as many values as the hidden
+# states (so as much as dh, which exists anyway), in a power of two of rows, but no fewer than
+# CHUNK_ROWS_MIN: the rows are the GEMMs' M (logits, dh) and K (dW += dlogitsᵀ·h), and below
+# ~512 the dW GEMM, which reads and writes all of dW per chunk, turns memory-bound (H100 sweep,
+# weight trained: 256 rows take 1.45-1.6× the time of 1024 rows, 512 rows 1.05-1.15×, 2048 rows
+# 0.83-0.99×). On the benchmark's shapes this gives 512 rows: Liger's memory where its own chunk
+# is 512 rows; where Liger's is smaller (few tokens) its peak is not met, to keep the GEMMs fast.
+CHUNK_ROWS_MIN, CHUNK_ROWS_MAX = 512, 4096
+CHUNK_ELEMENTS: Optional[int] = None  # a fixed number of logits per chunk instead (tests, sweeps)
 # Drop ignored rows before the GEMMs (tests turn it off to exercise the kernel's zero rows).
 COMPACT = True
 
 
-def chunk_rows(n_rows: int, n_cols: int, chunk_elements: Optional[int] = None) -> int:
+def chunk_rows(n_rows: int, n_cols: int, n_hidden: int, chunk_elements: Optional[int] = None) -> int:
     budget = chunk_elements or CHUNK_ELEMENTS
-    rows = CHUNK_ROWS if budget is None else max(1, budget // max(1, n_cols))
-    if rows >= 256:
-        rows -= rows % 128  # whole GEMM tiles
+    if budget is None:
+        rows = 1 << max(0, (n_rows * n_hidden // max(1, n_cols)).bit_length() - 1)
+        rows = min(CHUNK_ROWS_MAX, max(CHUNK_ROWS_MIN, rows))
+    else:
+        rows = max(1, budget // max(1, n_cols))
+        if rows >= 256:
+            rows -= rows % 128  # whole GEMM tiles
     return max(1, min(n_rows, rows))
 
 
@@ -272,6 +291,20 @@ def _kept_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor
     keep = labels != ignore_index
     idx = keep.nonzero().view(-1)  # syncs on CUDA
     return None if idx.numel() == labels.numel() else idx
+
+
+def _buffers(hidden, n_cols, rows, n_work, gather):
+    """(logits [r, V], hidden rows [r, H] or None, r ≤ n_work). Gathered hidden rows (and then
+    their dh) live in the tail of the same budget of rows × V values, so nothing else is
+    allocated per chunk."""
+    if not gather:
+        r = min(rows, n_work)
+        return hidden.new_empty((r, n_cols)), None, r
+    n_hidden = hidden.shape[1]
+    r = min(n_work, max(1, (rows * n_cols - 64) // (n_cols + n_hidden)))
+    tail = -(-r * n_cols // 64) * 64  # 128-byte aligned (bf16) for the GEMMs
+    flat = hidden.new_empty(tail + r * n_hidden)
+    return flat[: r * n_cols].view(r, n_cols), flat[tail:].view(r, n_hidden), r
 
 
 def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse=None, scale=None,
@@ -302,14 +335,15 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
     if need_weight and n_work == 0:
         dw.zero_()
     if n_work and (forward or grads):
-        rows = chunk_rows(n_work, n_cols, chunk_elements)
-        buf = hidden.new_empty((rows, n_cols))
+        rows = chunk_rows(n_rows, n_cols, hidden.shape[1], chunk_elements)
+        buf, hbuf, rows = _buffers(hidden, n_cols, rows, n_work, idx is not None)
         for i, (s, e) in enumerate(_chunks(n_work, rows)):
             if idx is None:
                 h, y = hidden[s:e], labels[s:e]
             else:
                 rows_i = idx[s:e]
-                h, y = hidden.index_select(0, rows_i), labels.index_select(0, rows_i)
+                h = torch.index_select(hidden, 0, rows_i, out=hbuf[: e - s])
+                y = labels.index_select(0, rows_i)
             logits = _logits_into(buf[: e - s], h, weight, bias)
             if forward:
                 loss_c, lse_c = (loss[s:e], lse[s:e]) if idx is None else (
@@ -327,11 +361,6 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
                     lse_c = lse.index_select(0, rows_i)
                     scale_c = scale.index_select(0, rows_i) if scale.numel() > 1 else scale
                 _backward_rows(logits, y, lse_c, scale_c, ignore_index, label_smoothing, logits, block_v)
-            if need_hidden:
-                if idx is None:
-                    torch.mm(logits, weight, out=dh[s:e])
-                else:
-                    dh.index_copy_(0, rows_i, torch.mm(logits, weight))
             if need_weight:
                 # accumulated in the weight's dtype (the GEMM adds in fp32, then rounds once per
                 # chunk): no fp32 [V, H] buffer
@@ -341,6 +370,11 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
                     dw.addmm_(logits.t(), h)
             if need_bias:
                 db += logits.sum(0, dtype=torch.float32)
+            if need_hidden:  # after dW: a gathered h's buffer takes its dh
+                if idx is None:
+                    torch.mm(logits, weight, out=dh[s:e])
+                else:
+                    dh.index_copy_(0, rows_i, torch.mm(logits, weight, out=hbuf[: e - s]))
     db = db.to(bias.dtype) if need_bias else None
     return (loss, lse, dh, dw, db) if forward else (dh, dw, db)
 

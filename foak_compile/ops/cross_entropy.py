@@ -5,7 +5,10 @@ follow F.cross_entropy(..., ignore_index, reduction, label_smoothing) without cl
 'mean' divides by the number of non-ignored labels (NaN when there are none, like torch),
 'sum' adds, 'none' returns per-label losses (0 where ignored) shaped like `labels`.
 The loss is computed in fp32 and returned in `out_dtype`. Each op also returns the fp32
-per-label logsumexp its backward needs (not differentiable).
+per-label logsumexp (not differentiable).
+
+linear_cross_entropy is a composite over two custom ops (see below): with a mean/sum loss and a
+gradient wanted, the forward takes the gradients itself and the backward only scales them.
 """
 from typing import Optional
 
