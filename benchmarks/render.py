@@ -39,7 +39,24 @@ def rope(d):
     return "\n".join(out)
 
 
-RENDER = {"rms_norm.json": rms_norm, "rope.json": rope}
+def cross_entropy(d):
+    env = d["env"]
+    out = [f"Linear + cross-entropy loss and backward, {d['dtype']}, {env['gpu']}, torch {env['torch']}; "
+           f"{int(100 * d['ignored_label_share'])}% of labels ignored; ms / peak GB above the inputs. "
+           "Targets: time ≤ inductor, peak ≤ Liger.", "",
+           "| tokens × vocab × hidden | lm_head | eager | inductor | Liger | foak | foak time ÷ inductor | foak peak ÷ Liger |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in d["cases"]:
+        cell = lambda m: f"{c[m]['ms']:.1f} / {c[m]['peak_gb']:.2f}" if m in c and "ms" in c[m] else "—"
+        mark = lambda ok: " ✓" if ok else ""
+        t, m = c["foak_vs_inductor"]["time_ratio"], c["foak_vs_liger"]["peak_ratio"]
+        out.append(f"| {c['tokens']}×{c['vocab']}×{c['hidden']} | {'trained' if c['weight_grad'] else 'frozen'} | "
+                   f"{cell('eager')} | {cell('inductor')} | {cell('liger')} | {cell('foak')} | "
+                   f"{t:.2f}{mark(c['targets_met']['time_le_inductor'])} | {m:.2f}{mark(c['targets_met']['memory_le_liger'])} |")
+    return "\n".join(out)
+
+
+RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cross_entropy}
 
 
 def main(names=None):
