@@ -149,15 +149,20 @@ def drive(args):
                 rows.append(r)
             rows[-1]["wall_s"] = round(time.perf_counter() - t, 1)
             print(json.dumps(rows[-1])[:400], flush=True)
-    for quant in args.quants.split(","):
+            _write(args.out, ceiling, rows)  # after every row: a cut-short run keeps what it measured
+    _write(args.out, ceiling, rows)
+
+
+def _write(path, ceiling, rows):
+    from .common import environment, write_json
+    for quant in {r.get("quant") for r in rows}:
         ind = next((r for r in rows if r.get("quant") == quant and r["variant"] == "inductor" and "error" not in r), None)
         for r in rows:
             if ind and r.get("quant") == quant and "error" not in r:
                 r["vs_inductor"] = {"tokens_per_s": round(r["tokens_per_s"] / ind["tokens_per_s"], 3),
                                     "peak_mem": round(r["peak_gib"] / ind["peak_gib"], 3),
                                     "first_step": round(r["first_step_s"] / max(ind["first_step_s"], 1e-9), 3)}
-    from .common import environment, write_json
-    write_json(args.out, {"env": environment(), "matmul_tflops": round(ceiling, 1), "rows": rows})
+    write_json(path, {"env": environment(), "matmul_tflops": round(ceiling, 1), "rows": rows})
 
 
 def main():
