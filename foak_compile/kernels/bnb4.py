@@ -1,0 +1,121 @@
+"""Dequantising bitsandbytes 4-bit weights (NF4 / FP4, optionally double-quantised absmax).
+
+The format (bitsandbytes `quantize_4bit`): the [out, in] weight is flattened row-major and
+cut into blocks of `blocksize` values; each value is a 4-bit index into a 16-entry table
+(NF4 or FP4), two per byte, the even element in the high nibble. Block b is scaled by
+absmax[b]. With double quantisation (compress_statistics=True) absmax itself is stored as
+uint8 indices into a 256-entry table, in blocks of `nested_blocksize` (256) scaled by
+nested_absmax, plus a global offset:
+
+    absmax[b] = nested_code[qabsmax[b]] · nested_absmax[b // nested_blocksize] + offset
+    w[i]      = dtype(code[q[i]] · absmax[i // blocksize])
+
+Everything is fp32 up to the one rounding to `dtype`, multiply then add, as bitsandbytes
+does it; the kernel is launched without FMA contraction so a GPU gives the same bits.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import TL_DTYPE, cast, use_triton
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# The two 4-bit formats, by index: NF4 is quantiles of N(0, 1) scaled to [-1, 1] (QLoRA
+# paper); FP4 is sign + 2 exponent bits + 1 mantissa bit, normalised by its largest value 12.
+_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+_FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+
+_TABLES: dict = {}
+
+
+def code_table(quant_type: str, device) -> torch.Tensor:
+    """The 16 fp32 values a 4-bit index stands for (FP4 divided by 12 in fp32, like bitsandbytes)."""
+    key = (quant_type, str(device))
+    if key not in _TABLES:
+        if quant_type == "nf4":
+            t = torch.tensor(_NF4, dtype=torch.float32)
+        elif quant_type == "fp4":
+            t = torch.tensor(_FP4_RAW, dtype=torch.float32) / 12.0
+        else:
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', not {quant_type!r}")
+        _TABLES[key] = t.to(device)
+    return _TABLES[key]
+
+
+@triton.jit
+def _dequant_4bit(Q, CODE, ABSMAX, QABSMAX, NESTED_CODE, OFFSET, OUT, n,
+                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    byte = tl.load(Q + i // 2, mask=mask, other=0).to(tl.int32)
+    idx = tl.where(i % 2 == 0, byte >> 4, byte & 15)
+    v = tl.load(CODE + idx, mask=mask, other=0.0)
+    blk = i // BLOCKSIZE
+    if NESTED:
+        qa = tl.load(QABSMAX + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(NESTED_CODE + qa, mask=mask, other=0.0) * \
+            tl.load(ABSMAX + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = scale + tl.load(OFFSET)
+    else:
+        scale = tl.load(ABSMAX + blk, mask=mask, other=0.0)
+    tl.store(OUT + i, cast(v * scale, OUT.dtype.element_ty), mask=mask)
+
+
+def _check(qweight, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset):
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} not in {BLOCKSIZES}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', not {quant_type!r}")
+    n = shape[0] * shape[1]
+    if qweight.numel() * qweight.element_size() < (n + 1) // 2:
+        raise ValueError(f"{qweight.numel() * qweight.element_size()} packed bytes for a {tuple(shape)} weight")
+    blocks = -(-n // blocksize)
+    if absmax.numel() < blocks:
+        raise ValueError(f"{absmax.numel()} absmax values for {blocks} blocks")
+    if (nested_absmax is None) != (nested_code is None) or (nested_absmax is None) != (offset is None):
+        raise ValueError("double quantisation needs nested_absmax, nested_code and offset together")
+
+
+def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                    shape, dtype: torch.dtype, nested_absmax=None, nested_code=None, offset=None,
+                    nested_blocksize: int = 256) -> torch.Tensor:
+    """The [out, in] weight in `dtype`. `absmax` is fp32, or uint8 when double-quantised
+    (then nested_absmax/nested_code/offset are given)."""
+    shape = tuple(int(s) for s in shape)
+    _check(qweight, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset)
+    q = qweight.reshape(-1).view(torch.uint8) if qweight.dtype != torch.uint8 else qweight.reshape(-1)
+    if not (use_triton(q) and dtype in TL_DTYPE):
+        return dequantize_4bit_torch(q, absmax, blocksize, quant_type, shape, dtype,
+                                     nested_absmax, nested_code, offset, nested_blocksize)
+    n = shape[0] * shape[1]
+    out = torch.empty(shape, dtype=dtype, device=q.device)
+    code = code_table(quant_type, q.device)
+    nested = nested_absmax is not None
+    block = 1024
+    _dequant_4bit[(triton.cdiv(n, block),)](
+        q, code, nested_absmax.float() if nested else absmax.float(), absmax if nested else q,
+        nested_code.float() if nested else code, offset.float().reshape(1) if nested else code, out, n,
+        BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, BLOCK=block, num_warps=4,
+        enable_fp_fusion=False)  # multiply, then add, like bitsandbytes: the same bits
+    return out
+
+
+def dequantize_4bit_torch(q, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
+                          nested_code=None, offset=None, nested_blocksize: int = 256):
+    """The same numbers with torch ops: devices without Triton."""
+    n = shape[0] * shape[1]
+    q = q.reshape(-1)
+    idx = torch.stack(((q >> 4), (q & 15)), dim=1).reshape(-1)[:n].long()
+    v = code_table(quant_type, q.device)[idx]
+    blk = torch.arange(n, device=q.device) // blocksize
+    if nested_absmax is not None:
+        outer = nested_absmax.float().repeat_interleave(nested_blocksize)[:absmax.numel()]
+        scale = nested_code.float()[absmax.long()] * outer + offset.float()
+    else:
+        scale = absmax.float()
+    return (v * scale[blk]).to(dtype).reshape(shape)
