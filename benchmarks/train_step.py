@@ -126,7 +126,33 @@ def run_one(args):
         import foak_compile
         res["foak_matches"] = foak_compile.total_counts(be.reports)
         res["foak_graphs"] = len(be.reports)
+    if args.profile:
+        res["profile"] = profile(step, args.profile, f"{args.variant}_{args.quant}")
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def profile(step, out_dir, name, steps=3):
+    """torch.profiler over a few steps: the top kernels and ops as text, and how much of the step the
+    GPU is busy (kernel time / wall time: what is left is host overhead and synchronisation)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as prof
+    os.makedirs(out_dir, exist_ok=True)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps * 1000
+    ka = p.key_averages()
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
+        f.write(f"# {name}: {steps} steps, wall {wall:.1f} ms/step\n\n## by device time\n")
+        f.write(ka.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
+        f.write("\n\n## by host time\n")
+        f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+    kernel_us = sum(e.time_range.elapsed_us() for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy = kernel_us / steps / 1000
+    return {"wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2), "gpu_busy_pct": round(100 * busy / wall, 1)}
 
 
 def drive(args):
@@ -138,6 +164,7 @@ def drive(args):
         for variant in args.variants.split(","):
             cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", variant, "--quant", quant,
                    "--layers", str(args.layers), "--steps", str(args.steps), "--bs", str(args.bs), "--seq", str(args.seq)]
+            cmd += ["--profile", args.profile] if args.profile else []
             t = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -181,6 +208,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--out", default="benchmarks/results/train_step.json")
+    p.add_argument("--profile", default="", help="directory: also profile 3 steps, write <variant>_<quant>.txt")
     args = p.parse_args()
     drive(args) if args.all else run_one(args)
 

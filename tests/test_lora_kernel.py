@@ -198,9 +198,13 @@ def test_mixed_precision_adapter(device):
 
 # --- dropout ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_mask_distribution(p, device):
-    """iid keep with probability 1 − p, kept values scaled by 1/(1 − p), a new mask per seed."""
+def test_dropout_mask_distribution(p, path, device, monkeypatch):
+    """iid keep with probability 1 − p, kept values scaled by 1/(1 − p), a new mask per seed;
+    for the Triton kernel and for the torch path's hash alike."""
+    if path == "torch":
+        monkeypatch.setattr(kernel, "use_triton", lambda t: False)
     rows, cols = 200, 1000
     n = rows * cols
     ones = torch.ones(rows, cols, device=device)
@@ -234,8 +238,8 @@ def test_dropout_forward_and_backward_use_one_mask(path, dtype, device, monkeypa
     x = torch.randn(4, 21, 65, dtype=dtype, device=device, requires_grad=True)
     a.requires_grad_(), b.requires_grad_()
     y, _, seed = torch.ops.foak.lora_linear(x, w, None, a, b, s, p, dtype)
-    assert seed.device.type == "cpu" and seed.dtype == torch.int64
-    keep = kernel.dropout(torch.ones(4 * 21, 65, device=device), int(seed), p, torch.float32).view(x.shape) != 0
+    assert seed.device == x.device and seed.dtype == torch.int64 and seed.shape == (1,)
+    keep = kernel.dropout(torch.ones(4 * 21, 65, device=device), seed, p, torch.float32).view(x.shape) != 0
     assert 0.55 < keep.float().mean().item() < 0.85  # the mask is not trivially all kept/dropped
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -255,14 +259,15 @@ def test_dropout_4bit_backward_uses_the_forward_mask(device):
     a.requires_grad_(), b.requires_grad_()
     y, _, seed = torch.ops.foak.lora_linear_4bit(x, q, absmax, n_absmax, n_code, offset, None, a, b, 2.0, p,
                                                  "nf4", 64, n_bs, [30, 64], torch.float32, torch.float32)
-    keep = kernel.dropout(torch.ones_like(x), int(seed), p, torch.float32) != 0
+    keep = kernel.dropout(torch.ones_like(x), seed, p, torch.float32) != 0
     dy = torch.randn_like(y)
     y.backward(dy)
     _check_against_reference(y, dy, x, wref, None, a, b, 2.0, keep, p)
 
 
 def test_seed_follows_torch_manual_seed(device):
-    """Masks come from the CPU generator: reproducible, and replayed by activation checkpointing."""
+    """Seeds come from torch's generator on x's device: reproducible, and replayed by activation
+    checkpointing."""
     w, _, a, b = _layer(16, 32, 4, torch.float32, device)
     x = torch.randn(8, 32, device=device)
     torch.manual_seed(7)

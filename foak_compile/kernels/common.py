@@ -44,3 +44,10 @@ def cast(x, DTYPE: tl.constexpr):
             bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+def wrap_triton(kernel):
+    """Launch through torch.library.wrap_triton: inside an inlined op (ops/registry.py) the launch
+    becomes a graph node inductor can schedule; called eagerly it is the plain kernel."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap is None else wrap(kernel)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPE, cast, persistent_programs, use_triton
+from .common import TL_DTYPE, cast, persistent_programs, use_triton, wrap_triton
 
 MAX_BLOCK_H = 32768  # whole row in registers; longer rows take the torch path
 PER_SM = 1  # persistent backward programs per SM when dW is reduced (rows >= 1024)
@@ -108,16 +108,14 @@ def kernel_supported(x: torch.Tensor) -> bool:
 
 
 def rms_norm_forward(x, weight, eps: float, mid_dtype, out_dtype):
-    if not kernel_supported(x):
+    if not kernel_supported(x) or x.numel() == 0:  # empty: nothing to launch (and no [-1, 0] reshape)
         return rms_norm_torch(x, weight, eps, mid_dtype, out_dtype)
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
-    if n_rows == 0:
-        return y.view(x.shape)
     w = weight.contiguous() if weight is not None else x2
     block_r, block_h, num_warps = _tile(n_cols)
-    _rms_norm_fwd[(triton.cdiv(n_rows, block_r),)](
+    wrap_triton(_rms_norm_fwd)[(triton.cdiv(n_rows, block_r),)](
         x2, w, y, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
         HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
         MID=TL_DTYPE.get(mid_dtype, tl.float32), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
@@ -126,7 +124,7 @@ def rms_norm_forward(x, weight, eps: float, mid_dtype, out_dtype):
 
 def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_dw: bool):
     """Returns (dx or None, dw or None); dw in the weight's dtype."""
-    if not kernel_supported(x):
+    if not kernel_supported(x) or x.numel() == 0:  # empty: dw is zeros, not an unwritten partial
         return rms_norm_torch_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw)
     need_dw = need_dw and weight is not None
     x2, dy2 = _rows(x), _rows(dy)
@@ -139,14 +137,13 @@ def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_
     per_sm, stages = _dw_schedule(n_cols)
     programs = persistent_programs(x, n_blocks, per_sm) if need_dw else n_blocks
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
-    if n_rows > 0:
-        w = weight.contiguous() if weight is not None else x2
-        _rms_norm_bwd[(programs,)](
-            dy2, x2, w, dx if need_dx else x2, dw_part if need_dw else x2,
-            n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols, eps,
-            HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
-            MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw, STAGES=stages if need_dw else 1,
-            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
+    w = weight.contiguous() if weight is not None else x2
+    wrap_triton(_rms_norm_bwd)[(programs,)](
+        dy2, x2, w, dx if need_dx else x2, dw_part if need_dw else x2,
+        n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols, eps,
+        HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
+        MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw, STAGES=stages if need_dw else 1,
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return (dx.view(x.shape) if need_dx else None), dw
 
@@ -174,7 +171,8 @@ def rms_norm_torch_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
     dx = dw = None
     if need_dw and weight is not None:
         n_w = n.to(mid_dtype).float() if mid_dtype is not None else n
-        dw = (dyf * n_w).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        # no reshape(-1, H): it fails for H == 0; an empty x gives zeros like autograd
+        dw = (dyf * n_w).reshape(x.numel() // max(1, x.shape[-1]), x.shape[-1]).sum(0).to(weight.dtype)
     if need_dx:
         g = dyf * weight.float() if weight is not None else dyf
         dx = ((g - n * (g * n).mean(-1, keepdim=True)) * rstd).to(x.dtype).contiguous()

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPE, cast, use_triton
+from .common import TL_DTYPE, cast, use_triton, wrap_triton
 
 
 @triton.jit
@@ -192,7 +192,7 @@ def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, back
     ss = (0 if sin.shape[0] == 1 else sin.stride(0),) + sin.stride()[1:]
     shp1, shp2, shc = (B, S, H1, D), (B, S, H2, D), tuple(cos.shape)
     int64 = _needs_int64((shp1, sx1), (shp1, sy1), (shp2, sx2), (shp2, sy2), (shc, sc), (shc, ss))
-    _rope_kernel[(-(-(B * S) // block_t) * (nhb1 + nhb2),)](
+    wrap_triton(_rope_kernel)[(-(-(B * S) // block_t) * (nhb1 + nhb2),)](
         x1, outs[0], x2_, y2_, cos, sin, B * S, S, H1, H2, half, nhb1, nhb1 + nhb2,
         *sx1, *sy1, *sx2, *sy2, *sc, *ss,
         BACKWARD=backward, ROUND1=outs[0].dtype != torch.float32, ROUND2=y2_.dtype != torch.float32,

@@ -24,16 +24,18 @@ import torch
 
 from ..kernels import bnb4
 from ..kernels import lora as kernel
+from .registry import fused_op, register_fake
 
 _SEED_BOUND = 2**31 - 1  # keeps the kernels' seed argument one (int32) specialisation
 
 
-def _new_seed(p: float) -> torch.Tensor:
-    # Drawn from the CPU generator: no device sync, and checkpointing (which restores RNG
-    # state) replays the same mask.
+def _new_seed(p: float, device) -> torch.Tensor:
+    # On x's device: no host sync, capturable by CUDA graphs; drawn from torch's generator, so
+    # torch.manual_seed reproduces it and activation checkpointing (which restores RNG state)
+    # replays the same mask. Without dropout: an empty tensor, no kernel launched.
     if p == 0.0:
-        return torch.zeros((), dtype=torch.int64)
-    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64, device=device)
 
 
 def _check(x, a, b, weight_shape, p):
@@ -50,18 +52,18 @@ def _forward(x, weight: torch.Tensor, bias, a, b, scaling: float, p: float, cdt,
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     w = weight.to(cdt)
     y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(cdt), x2, w.t())
-    seed = _new_seed(p)
-    xd = kernel.dropout(x2, int(seed), p, cdt) if p > 0 else x2
+    seed = _new_seed(p, x.device)
+    xd = kernel.dropout(x2, seed, p, cdt) if p > 0 else x2
     t = torch.mm(xd, a.to(cdt).t())
     y.addmm_(t, b.to(cdt).t(), alpha=scaling)
     lead = x.shape[:-1]
     return y.view(*lead, y.shape[-1]).to(out_dtype), t.view(*lead, t.shape[-1]), seed
 
 
-def _fake_forward(x, weight_shape, a, cdt, out_dtype):
+def _fake_forward(x, weight_shape, a, cdt, out_dtype, p):
     lead = x.shape[:-1]
     return (x.new_empty(*lead, weight_shape[0], dtype=out_dtype), x.new_empty(*lead, a.shape[0], dtype=cdt),
-            torch.empty((), dtype=torch.int64, device="cpu"))
+            x.new_empty(1 if p > 0 else 0, dtype=torch.int64))
 
 
 def _backward(dy, x, get_weight: Callable[[], torch.Tensor], bias, a, b, t, seed, scaling: float, p: float,
@@ -77,12 +79,12 @@ def _backward(dy, x, get_weight: Callable[[], torch.Tensor], bias, a, b, t, seed
         dt = torch.mm(dy2, (b.float() * scaling).to(cdt))  # s · dY·B, [M, r]
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
         if need_a:
-            xd = kernel.dropout(x2, int(seed), p, cdt) if p > 0 else x2
+            xd = kernel.dropout(x2, seed, p, cdt) if p > 0 else x2
             da = torch.mm(dt.t(), xd).to(a.dtype)
         if need_x:
             dx2 = torch.mm(dy2, get_weight())
             if p > 0:  # the adapter's share passes back through the forward's mask
-                kernel.dropout_add_(dx2, torch.mm(dt, a.to(cdt)), int(seed), p)
+                kernel.dropout_add_(dx2, torch.mm(dt, a.to(cdt)), seed, p)
             else:
                 dx2.addmm_(dt, a.to(cdt))
             dx = dx2.view(x.shape).to(x.dtype)
@@ -105,7 +107,7 @@ def _no_base_grad(ctx, base_inputs) -> None:
 
 # --- dense base ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("foak::lora_linear", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@fused_op("foak::lora_linear", seeded=True)
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, dropout_p: float,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,13 +116,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight.dtype, out_dtype)
 
 
-@lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, out_dtype):
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, out_dtype):
     _check(x, lora_a, lora_b, weight.shape, dropout_p)
-    return _fake_forward(x, weight.shape, lora_a, weight.dtype, out_dtype)
+    return _fake_forward(x, weight.shape, lora_a, weight.dtype, out_dtype, dropout_p)
 
 
-@torch.library.custom_op("foak::lora_linear_backward", mutates_args=())
+register_fake(lora_linear, _lora_linear_fake)
+
+
+@fused_op("foak::lora_linear_backward")
 def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          lora_a: torch.Tensor, lora_b: torch.Tensor, t: torch.Tensor, seed: torch.Tensor,
                          scaling: float, dropout_p: float, need_x: bool, need_bias: bool, need_a: bool,
@@ -130,9 +134,12 @@ def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                      need_x, need_bias, need_a, need_b)
 
 
-@lora_linear_backward.register_fake
-def _(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, need_x, need_bias, need_a, need_b):
+def _lora_linear_backward_fake(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, need_x, need_bias,
+                               need_a, need_b):
     return _fake_backward(x, bias, lora_a, lora_b, need_x, need_bias, need_a, need_b)
+
+
+register_fake(lora_linear_backward, _lora_linear_backward_fake)
 
 
 def _setup_dense(ctx, inputs, output):
@@ -163,7 +170,7 @@ def _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, bl
                                 nested_absmax, nested_code, offset, nested_blocksize)
 
 
-@torch.library.custom_op("foak::lora_linear_4bit", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@fused_op("foak::lora_linear_4bit", seeded=True, inline=False)  # its code table is a cached tensor
 def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                      nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                      offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -178,14 +185,16 @@ def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tenso
     return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, compute_dtype, out_dtype)
 
 
-@lora_linear_4bit.register_fake
-def _(x, qweight, absmax, nested_absmax, nested_code, offset, bias, lora_a, lora_b, scaling, dropout_p, quant_type,
-      blocksize, nested_blocksize, weight_shape, compute_dtype, out_dtype):
+def _lora_linear_4bit_fake(x, qweight, absmax, nested_absmax, nested_code, offset, bias, lora_a, lora_b, scaling,
+                           dropout_p, quant_type, blocksize, nested_blocksize, weight_shape, compute_dtype, out_dtype):
     _check(x, lora_a, lora_b, weight_shape, dropout_p)
-    return _fake_forward(x, weight_shape, lora_a, compute_dtype, out_dtype)
+    return _fake_forward(x, weight_shape, lora_a, compute_dtype, out_dtype, dropout_p)
 
 
-@torch.library.custom_op("foak::lora_linear_4bit_backward", mutates_args=())
+register_fake(lora_linear_4bit, _lora_linear_4bit_fake)
+
+
+@fused_op("foak::lora_linear_4bit_backward", inline=False)
 def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                               offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -202,10 +211,13 @@ def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.
                      need_x, need_bias, need_a, need_b)
 
 
-@lora_linear_4bit_backward.register_fake
-def _(dy, x, qweight, absmax, nested_absmax, nested_code, offset, bias, lora_a, lora_b, t, seed, scaling, dropout_p,
-      quant_type, blocksize, nested_blocksize, weight_shape, compute_dtype, need_x, need_bias, need_a, need_b):
+def _lora_linear_4bit_backward_fake(dy, x, qweight, absmax, nested_absmax, nested_code, offset, bias, lora_a, lora_b,
+                                    t, seed, scaling, dropout_p, quant_type, blocksize, nested_blocksize, weight_shape,
+                                    compute_dtype, need_x, need_bias, need_a, need_b):
     return _fake_backward(x, bias, lora_a, lora_b, need_x, need_bias, need_a, need_b)
+
+
+register_fake(lora_linear_4bit_backward, _lora_linear_4bit_backward_fake)
 
 
 _4BIT_QUANT_INPUTS = (1, 2, 3, 4, 5)  # qweight, absmax, nested_absmax, nested_code, offset

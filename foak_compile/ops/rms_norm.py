@@ -4,21 +4,24 @@ from typing import Optional
 import torch
 
 from ..kernels import rms_norm as kernel
+from .registry import fused_op, register_fake
 
 
-@torch.library.custom_op("foak::rms_norm", mutates_args=())
+@fused_op("foak::rms_norm")
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
              mid_dtype: Optional[torch.dtype], out_dtype: torch.dtype) -> torch.Tensor:
     """out_dtype(weight * mid_dtype(x * rsqrt(mean(x², -1) + eps))), statistics in fp32."""
     return kernel.rms_norm_forward(x, weight, eps, mid_dtype, out_dtype)
 
 
-@rms_norm.register_fake
-def _(x, weight, eps, mid_dtype, out_dtype):
+def _rms_norm_fake(x, weight, eps, mid_dtype, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("foak::rms_norm_backward", mutates_args=())
+register_fake(rms_norm, _rms_norm_fake)
+
+
+@fused_op("foak::rms_norm_backward")
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
                       mid_dtype: Optional[torch.dtype], need_dx: bool,
                       need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,11 +31,13 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.
             dw if dw is not None else x.new_empty(0))
 
 
-@rms_norm_backward.register_fake
-def _(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
+def _rms_norm_backward_fake(dy, x, weight, eps, mid_dtype, need_dx, need_dw):
     # outputs are always contiguous, whatever the input strides (the kernel writes them row by row)
     dw = weight.new_empty(weight.shape) if (need_dw and weight is not None) else x.new_empty(0)
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), dw
+
+
+register_fake(rms_norm_backward, _rms_norm_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

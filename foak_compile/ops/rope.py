@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..kernels import rope as kernel
+from .registry import fused_op, register_fake
 
 
 def _out_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
@@ -23,32 +24,36 @@ def _out_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.d
     return torch.promote_types(x.dtype, cos.dtype)
 
 
-@torch.library.custom_op("foak::rope", mutates_args=())
+@fused_op("foak::rope")
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          unsqueeze_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin), cos/sin unsqueezed at unsqueeze_dim."""
     return kernel.rope(q, k, cos, sin, unsqueeze_dim, _out_dtype(q, cos, sin), _out_dtype(k, cos, sin))
 
 
-@rope.register_fake
-def _(q, k, cos, sin, unsqueeze_dim):
+def _rope_fake(q, k, cos, sin, unsqueeze_dim):
     kernel.check_shapes([q, k], cos, sin, unsqueeze_dim)
     return torch.empty_like(q, dtype=_out_dtype(q, cos, sin)), torch.empty_like(k, dtype=_out_dtype(k, cos, sin))
 
 
-@torch.library.custom_op("foak::rope_one", mutates_args=())
+register_fake(rope, _rope_fake)
+
+
+@fused_op("foak::rope_one")
 def rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
     """x·cos + rotate_half(x)·sin, cos/sin unsqueezed at unsqueeze_dim."""
     return kernel.rope(x, None, cos, sin, unsqueeze_dim, _out_dtype(x, cos, sin))[0]
 
 
-@rope_one.register_fake
-def _(x, cos, sin, unsqueeze_dim):
+def _rope_one_fake(x, cos, sin, unsqueeze_dim):
     kernel.check_shapes([x], cos, sin, unsqueeze_dim)
     return torch.empty_like(x, dtype=_out_dtype(x, cos, sin))
 
 
-@torch.library.custom_op("foak::rope_backward", mutates_args=())
+register_fake(rope_one, _rope_one_fake)
+
+
+@fused_op("foak::rope_backward")
 def rope_backward(dy1: torch.Tensor, dy2: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                   unsqueeze_dim: int, dx1_dtype: torch.dtype, dx2_dtype: Optional[torch.dtype],
                   dx1_stride: Optional[list[int]] = None,
@@ -60,10 +65,12 @@ def rope_backward(dy1: torch.Tensor, dy2: Optional[torch.Tensor], cos: torch.Ten
     return dx1, (dx2 if dx2 is not None else dy1.new_empty(0))
 
 
-@rope_backward.register_fake
-def _(dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype, dx1_stride=None, dx2_stride=None):
+def _rope_backward_fake(dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype, dx1_stride=None, dx2_stride=None):
     dx2 = kernel.empty_out(dy2, dx2_dtype, dx2_stride) if dy2 is not None else dy1.new_empty(0)
     return kernel.empty_out(dy1, dx1_dtype, dx1_stride), dx2
+
+
+register_fake(rope_backward, _rope_backward_fake)
 
 
 def _no_cos_grad(ctx, first_cos_input: int) -> None:

@@ -1,0 +1,51 @@
+"""How a foak op is registered, decided once per process.
+
+Where Triton runs natively (CUDA, no interpreter) an op is a `torch.library.triton_op`: still
+`torch.ops.foak.<name>` with its autograd formula, but AOTAutograd traces its body, so inductor
+sees the aten ops and Triton kernels inside (launched with `wrap_triton`) and calls them from its
+generated code. An opaque custom op costs ~100-300 µs of Python dispatch per call, which made the
+1B LoRA train step host-bound (GPU busy 36 % of the step, benchmarks/notes.md).
+
+Under the Triton interpreter (CI) or without CUDA an op is an opaque `torch.library.custom_op`
+with an explicit fake: the interpreter runs kernels on real CPU memory, so their bodies cannot
+be traced with fake tensors. FOAK_INLINE=0/1 overrides the choice (benchmarks compare both).
+"""
+import os
+
+import torch
+
+from ..kernels.common import INTERPRET
+
+
+def _inline() -> bool:
+    forced = os.environ.get("FOAK_INLINE")
+    if forced is not None:
+        return forced == "1"
+    return hasattr(torch.library, "triton_op") and not INTERPRET and torch.cuda.is_available()
+
+
+INLINE = _inline()
+_inlined: set = set()  # names of the ops registered as triton_op
+
+
+def fused_op(name: str, seeded: bool = False, inline: bool = True):
+    """Decorator registering `fn` as torch.ops.<name>. seeded: draws random numbers (the opaque
+    op is tagged so it is never deduplicated or recomputed; inlined, its randint node says so).
+    inline=False keeps an op opaque everywhere (its body is not traceable yet)."""
+    def register(fn):
+        if INLINE and inline:
+            _inlined.add(name)
+            return torch.library.triton_op(name, fn, mutates_args=())
+        tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
+        return torch.library.custom_op(name, fn, mutates_args=(), tags=tags)
+    return register
+
+
+def is_inlined(name: str) -> bool:
+    return name in _inlined
+
+
+def register_fake(op, fake) -> None:
+    """The fake (meta) implementation of an opaque op; an inlined op derives it from its body."""
+    if op._qualname not in _inlined:
+        op.register_fake(fake)
