@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss"]
+VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss", "inductor_cg", "foak_cg"]
+# *_cg: mode="reduce-overhead" (CUDA graphs), for inductor as for foak
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -81,19 +82,23 @@ def run_one(args):
                         generator=torch.Generator(device="cuda").manual_seed(1))
     fwd = model
     be = None
-    if args.variant in ("inductor", "liger_inductor"):
-        fwd = torch.compile(model)
+    cudagraphs = args.variant.endswith("_cg")
+    if args.variant in ("inductor", "liger_inductor", "inductor_cg"):
+        fwd = torch.compile(model, mode="reduce-overhead" if cudagraphs else None)
     elif args.variant.startswith("foak"):
         import foak_compile
-        be = foak_compile.backend()
+        be = foak_compile.backend(mode="reduce-overhead" if cudagraphs else None)
         # foak_loss compiles the loss alone, so the logits are dead and linear+CE can fuse
         fwd = torch.compile(model if args.variant == "foak" else (lambda **kw: model(**kw).loss), backend=be)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
+        if cudagraphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         out = fwd(input_ids=ids, labels=ids)
         loss = out if isinstance(out, torch.Tensor) else out.loss
         loss.backward()
+        loss = loss.detach().clone()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -125,6 +130,7 @@ def run_one(args):
     if be is not None:
         import foak_compile
         res["foak_matches"] = foak_compile.total_counts(be.reports)
+        res["foak_inline"] = os.environ.get("FOAK_INLINE", "default")
         res["foak_graphs"] = len(be.reports)
     if args.profile:
         res["profile"] = profile(step, args.profile, f"{args.variant}_{args.quant}")

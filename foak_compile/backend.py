@@ -10,6 +10,7 @@ import os
 from typing import Iterable, Optional
 
 import torch
+import torch._inductor
 from torch._dynamo.backends.registry import lookup_backend
 
 from .engine import run_patterns
@@ -25,14 +26,18 @@ class FoakBackend:
     """A configured backend; pass an instance to torch.compile(backend=...)."""
 
     def __init__(self, patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
-                 dump_dir: Optional[str] = None):
+                 dump_dir: Optional[str] = None, mode: Optional[str] = None):
         names = list(PATTERNS) if patterns is None else list(patterns)
         unknown = [n for n in names if n not in PATTERNS]
         if unknown:
             raise ValueError(f"unknown foak pattern(s) {unknown}; known: {sorted(PATTERNS)}")
         if inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, not {inner!r}")
-        self.pattern_names, self.inner, self.dump_dir = names, inner, dump_dir
+        if mode is not None:
+            if inner != "inductor":
+                raise ValueError(f"mode={mode!r} is an inductor mode; inner is {inner!r}")
+            torch._inductor.list_mode_options(mode)  # raises for an unknown mode
+        self.pattern_names, self.inner, self.dump_dir, self.mode = names, inner, dump_dir, mode
         self.reports: list[GraphReport] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
@@ -47,10 +52,14 @@ class FoakBackend:
         log.info(report.summary())
         if self.inner == "eager":
             return gm.forward
+        if self.mode is not None:  # e.g. "reduce-overhead": CUDA graphs take the launch cost off the host
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, example_inputs, config_patches=torch._inductor.list_mode_options(self.mode))
         return lookup_backend(self.inner)(gm, example_inputs)
 
     def __repr__(self):
-        return f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, dump_dir={self.dump_dir!r})"
+        return (f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, "
+                f"dump_dir={self.dump_dir!r}, mode={self.mode!r})")
 
 
 def _graph_id() -> str:
@@ -66,9 +75,10 @@ def _graph_id() -> str:
 
 
 def backend(patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
-            dump_dir: Optional[str] = None) -> FoakBackend:
-    """A foak backend with a choice of patterns, inner compiler and dump directory."""
-    return FoakBackend(patterns, inner, dump_dir)
+            dump_dir: Optional[str] = None, mode: Optional[str] = None) -> FoakBackend:
+    """A foak backend with a choice of patterns, inner compiler, dump directory and inductor
+    mode (as torch.compile's `mode`: "reduce-overhead" = CUDA graphs, "max-autotune", ...)."""
+    return FoakBackend(patterns, inner, dump_dir, mode)
 
 
 def foak(gm: torch.fx.GraphModule, example_inputs):

@@ -8,7 +8,8 @@ generated code. An opaque custom op costs ~100-300 µs of Python dispatch per ca
 
 Under the Triton interpreter (CI) or without CUDA an op is an opaque `torch.library.custom_op`
 with an explicit fake: the interpreter runs kernels on real CPU memory, so their bodies cannot
-be traced with fake tensors. FOAK_INLINE=0/1 overrides the choice (benchmarks compare both).
+be traced with fake tensors. FOAK_INLINE=0/1 (or a list of op prefixes, e.g. lora,rms_norm) overrides the choice;
+benchmarks compare them.
 """
 import os
 
@@ -17,8 +18,11 @@ import torch
 from ..kernels.common import INTERPRET
 
 
-def _inline() -> bool:
+def _inline():
+    """True (all ops), False, or a set of op-name prefixes, e.g. FOAK_INLINE=lora,rms_norm."""
     forced = os.environ.get("FOAK_INLINE")
+    if forced is not None and forced not in ("0", "1"):
+        return {f.strip() for f in forced.split(",") if f.strip()}
     if forced is not None:
         return forced == "1"
     return hasattr(torch.library, "triton_op") and not INTERPRET and torch.cuda.is_available()
@@ -33,7 +37,9 @@ def fused_op(name: str, seeded: bool = False, inline: bool = True):
     op is tagged so it is never deduplicated or recomputed; inlined, its randint node says so).
     inline=False keeps an op opaque everywhere (its body is not traceable yet)."""
     def register(fn):
-        if INLINE and inline:
+        short = name.split("::")[-1]
+        wanted = INLINE if isinstance(INLINE, bool) else any(short.startswith(f) for f in INLINE)
+        if wanted and inline:
             _inlined.add(name)
             return torch.library.triton_op(name, fn, mutates_args=())
         tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
