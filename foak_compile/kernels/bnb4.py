@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPE, cast, use_triton
+from .common import TL_DTYPE, cast, use_triton, wrap_triton
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -34,15 +34,21 @@ _TABLES: dict = {}
 
 def code_table(quant_type: str, device) -> torch.Tensor:
     """The 16 fp32 values a 4-bit index stands for (FP4 divided by 12 in fp32, like bitsandbytes)."""
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', not {quant_type!r}")
+
+    def make():
+        if quant_type == "nf4":
+            return torch.tensor(_NF4, dtype=torch.float32).to(device)
+        return (torch.tensor(_FP4_RAW, dtype=torch.float32) / 12.0).to(device)
+
+    if torch._guards.detect_fake_mode() is not None:
+        # traced into a graph (an inlined op): a constant of that graph; a cached real tensor
+        # cannot mix with fake ones, and a fake one must never reach the cache
+        return make()
     key = (quant_type, str(device))
     if key not in _TABLES:
-        if quant_type == "nf4":
-            t = torch.tensor(_NF4, dtype=torch.float32)
-        elif quant_type == "fp4":
-            t = torch.tensor(_FP4_RAW, dtype=torch.float32) / 12.0
-        else:
-            raise ValueError(f"quant_type must be 'nf4' or 'fp4', not {quant_type!r}")
-        _TABLES[key] = t.to(device)
+        _TABLES[key] = make()
     return _TABLES[key]
 
 
@@ -97,7 +103,7 @@ def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, blocksize: int,
     code = code_table(quant_type, q.device)
     nested = nested_absmax is not None
     block = 1024
-    _dequant_4bit[(triton.cdiv(n, block),)](
+    wrap_triton(_dequant_4bit)[(triton.cdiv(n, block),)](
         q, code, nested_absmax.float() if nested else absmax.float(), absmax if nested else q,
         nested_code.float() if nested else code, offset.float().reshape(1) if nested else code, out, n,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, BLOCK=block, num_warps=4,

@@ -170,7 +170,7 @@ def _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, bl
                                 nested_absmax, nested_code, offset, nested_blocksize)
 
 
-@fused_op("foak::lora_linear_4bit", seeded=True, inline=False)  # its code table is a cached tensor
+@fused_op("foak::lora_linear_4bit", seeded=True)
 def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                      nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                      offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -194,7 +194,7 @@ def _lora_linear_4bit_fake(x, qweight, absmax, nested_absmax, nested_code, offse
 register_fake(lora_linear_4bit, _lora_linear_4bit_fake)
 
 
-@fused_op("foak::lora_linear_4bit_backward", inline=False)
+@fused_op("foak::lora_linear_4bit_backward")
 def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                               offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_a: torch.Tensor,
