@@ -1,6 +1,7 @@
 """foak-compile: a torch.compile backend that rewrites fine-tuning graphs into fused Triton kernels."""
 from . import ops  # noqa: F401  registers torch.ops.foak.*
 from .backend import FoakBackend, backend, foak
+from .integrations import compile_for_trainer  # noqa: F401  (Trainer / TRL route; see integrations.py)
 from .patterns import PATTERNS
 from .report import GraphReport, reports, reset_reports, total_counts
 

@@ -42,7 +42,7 @@ class FoakBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         report = GraphReport(graph_id=_graph_id(), code_before=gm.code)
-        run_patterns(gm, [PATTERNS[n]() for n in self.pattern_names], report)
+        _run_nested(gm, [PATTERNS[n]() for n in self.pattern_names], report)
         report.code_after = gm.code
         dump_dir = self.dump_dir or os.environ.get("FOAK_DUMP_DIR")
         if dump_dir:
@@ -60,6 +60,31 @@ class FoakBackend:
     def __repr__(self):
         return (f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, "
                 f"dump_dir={self.dump_dir!r}, mode={self.mode!r})")
+
+
+# Higher-order ops whose body is ordinary model code that runs as written: the same rewrites hold there.
+# tag_activation_checkpoint is how Dynamo records a torch.utils.checkpoint region (HF gradient
+# checkpointing puts every decoder layer in one).
+_BODY_HOPS = ("tag_activation_checkpoint",)
+
+
+def _run_nested(gm: torch.fx.GraphModule, patterns, report: GraphReport) -> None:
+    """Patterns over `gm` and, first, over the bodies of its checkpoint regions."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "__name__", "") not in _BODY_HOPS:
+            continue
+        body_node, operands = node.args[0], node.args[1:]
+        body = getattr(gm, body_node.target, None) if getattr(body_node, "op", None) == "get_attr" else None
+        if not isinstance(body, torch.fx.GraphModule):
+            continue
+        inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
+        for ph, arg in zip(inputs, operands):
+            # the body's inputs are the region's operands: let patterns see the real tensor behind each
+            # (e.g. a bitsandbytes weight's quant_state), as they do at the top level
+            if isinstance(arg, torch.fx.Node) and "grapharg" in arg.meta and "grapharg" not in ph.meta:
+                ph.meta["grapharg"] = arg.meta["grapharg"]
+        _run_nested(body, patterns, report)
+    run_patterns(gm, patterns, report)
 
 
 def _graph_id() -> str:

@@ -139,9 +139,20 @@ def kernel_supported(x: torch.Tensor) -> bool:
     return use_triton(x) and x.dtype in TL_DTYPE
 
 
+class LabelOutOfRange(IndexError, RuntimeError):
+    """A label outside [0, vocab) that is not ignore_index. An IndexError like torch's own on CPU
+    ("Target 7 is out of bounds."), and a RuntimeError like the device assert on CUDA."""
+
+
 def check_labels(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     """Raise for a label outside [0, n_cols) that is not ignore_index; async (no sync) on CUDA."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_cols))
+    if labels.device.type == "cpu":  # the check costs no sync here: raise torch's error class
+        if bad.any():
+            target = labels[bad][0].item()
+            raise LabelOutOfRange(f"foak cross_entropy: label out of range: Target {target} is out of bounds "
+                                  f"(vocab {n_cols}, ignore_index {ignore_index})")
+        return
     torch._assert_async(~bad.any(), "foak cross_entropy: label out of range")
 
 
@@ -162,7 +173,9 @@ def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=N
     overwrite x with dloss/dx where d(loss_r) = grad_scale for every row. `programs`: the grid
     (default one program per row)."""
     n_rows, n_cols = x.shape
-    if n_rows == 0:
+    if x.numel() == 0:  # no rows, or no classes (then every row is ignored: check_labels raised otherwise)
+        loss.zero_()
+        lse.zero_()
         return
     if not kernel_supported(x):
         loss.copy_(_torch_losses(x, labels, ignore_index, label_smoothing, lse))
@@ -183,7 +196,7 @@ def _backward_rows(x, labels, lse, scale, ignore_index, label_smoothing, out, bl
     """out = dloss/dx for the rows of x; `scale` holds one value per row or one for all.
     `out` may be `x` itself: each block is read before it is overwritten."""
     n_rows, n_cols = x.shape
-    if n_rows == 0:
+    if x.numel() == 0:
         return out
     if not kernel_supported(x):
         out.copy_(_torch_grad(x, labels, lse, scale, ignore_index, label_smoothing))
@@ -330,7 +343,8 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
     else:
         lse, scale = lse.contiguous(), scale.contiguous()
     dh = new(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
-    dw = torch.empty_like(weight) if need_weight else None
+    # contiguous whatever the weight's strides: the fake impls promise that layout
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     db = torch.zeros(n_cols, dtype=torch.float32, device=device) if need_bias else None
     if need_weight and n_work == 0:
         dw.zero_()

@@ -58,7 +58,9 @@ def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, st
         rows64 = rows.to(tl.int64)[:, None]
         x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        # rows past the end: rstd 0, not rsqrt(eps), which is inf for eps = 0 and would put
+        # 0 * inf = NaN into the dW column sums
+        rstd = tl.where(rows < n_rows, tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps), 0.0)
         n = x * rstd[:, None]
         if HAS_W:
             g = dy * w[None, :]

@@ -3,5 +3,6 @@ implementation and an autograd formula, so Dynamo, AOTAutograd and inductor see 
 node in forward and one in backward. Importing this package registers them all."""
 from . import cross_entropy  # noqa: F401
 from . import lora  # noqa: F401
+from . import lora_gptq  # noqa: F401
 from . import rms_norm  # noqa: F401
 from . import rope  # noqa: F401

@@ -10,6 +10,7 @@ per-label logsumexp (not differentiable).
 linear_cross_entropy is a composite over two custom ops (see below): with a mean/sum loss and a
 gradient wanted, the forward takes the gradients itself and the backward only scales them.
 """
+import math
 from typing import Optional
 
 import torch
@@ -19,13 +20,28 @@ from ..kernels import cross_entropy as kernel
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., C] as [rows, C]; unlike reshape(-1, C) also for C == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _check(n_rows: int, labels: torch.Tensor, label_smoothing: float, reduction: str) -> None:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        # torch raises a RuntimeError too; the kernel cannot index with these
+        raise RuntimeError(f"foak cross_entropy: labels must be integer class indices, not {labels.dtype}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
     if labels.numel() != n_rows:
         raise ValueError(f"{n_rows} rows of logits but {labels.numel()} labels")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], not {label_smoothing}")
+
+
+def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    # F.linear promotes a bias of another dtype; the chunked GEMMs need one dtype (the pattern
+    # only matches that)
+    if bias is not None and bias.dtype != weight.dtype:
+        raise RuntimeError(f"foak linear_cross_entropy: bias is {bias.dtype} but the weight is {weight.dtype}")
 
 
 def _reduce(loss, labels, ignore_index, reduction, out_dtype):
@@ -58,7 +74,7 @@ def _fake_outputs(like, labels, reduction, out_dtype):
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                   reduction: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) of F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ...)."""
-    x = logits.reshape(-1, logits.shape[-1])
+    x = _rows(logits)
     _check(x.shape[0], labels, label_smoothing, reduction)
     loss, lse = kernel.cross_entropy_forward(x, labels.reshape(-1), ignore_index, label_smoothing)
     return _reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape)
@@ -73,7 +89,7 @@ def _(logits, labels, ignore_index, label_smoothing, reduction, out_dtype):
 def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                            ignore_index: int, label_smoothing: float, reduction: str) -> torch.Tensor:
     """dloss/dlogits, in the logits' dtype and shape."""
-    x = logits.reshape(-1, logits.shape[-1])
+    x = _rows(logits)
     scale = _row_scale(dloss, labels, ignore_index, reduction)
     dx = kernel.cross_entropy_backward(x, labels.reshape(-1), lse.reshape(-1), scale, ignore_index,
                                        label_smoothing)
@@ -136,8 +152,9 @@ def linear_cross_entropy_recompute(hidden: torch.Tensor, weight: torch.Tensor, b
                                    labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                                    reduction: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse); the backward (linear_cross_entropy_backward) recomputes the logits."""
-    h = hidden.reshape(-1, hidden.shape[-1])
+    h = _rows(hidden)
     _check(h.shape[0], labels, label_smoothing, reduction)
+    _check_lm_head(hidden, weight, bias)
     loss, lse = kernel.linear_cross_entropy_forward(h, weight, bias, labels.reshape(-1), ignore_index,
                                                     label_smoothing)
     return _reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape)
@@ -155,7 +172,7 @@ def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, wei
                                   need_weight: bool, need_bias: bool
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty tensor."""
-    h = hidden.reshape(-1, hidden.shape[-1])
+    h = _rows(hidden)
     scale = _row_scale(dloss, labels, ignore_index, reduction)
     dh, dw, db = kernel.linear_cross_entropy_backward(scale, h, weight, bias, labels.reshape(-1),
                                                       lse.reshape(-1), ignore_index, label_smoothing,
@@ -214,8 +231,9 @@ def linear_cross_entropy_fused(hidden: torch.Tensor, weight: torch.Tensor, bias:
     if reduction == "none":
         raise ValueError("linear_cross_entropy_fused: reduction 'none' has one upstream gradient per "
                          "row, unknown in the forward; use linear_cross_entropy_recompute")
-    h = hidden.reshape(-1, hidden.shape[-1])
+    h = _rows(hidden)
     _check(h.shape[0], labels, label_smoothing, reduction)
+    _check_lm_head(hidden, weight, bias)
     y = labels.reshape(-1)
     scale = _row_scale(torch.ones((), device=h.device), y, ignore_index, reduction)
     loss, lse, dh, dw, db = kernel.linear_cross_entropy_forward_backward(

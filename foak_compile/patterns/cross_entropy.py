@@ -168,8 +168,9 @@ def _check_input(t: Optional[torch.Tensor], what: str) -> None:
 
 def _check_loss_dtype(loss) -> None:
     """Like rms_norm: the loss must see fp32 logits (HF upcasts with .float()). Over bf16/fp16
-    logits torch rounds log-probabilities to that dtype; our fp32 kernel would not."""
-    lv = value(loss.logits)
+    logits torch rounds log-probabilities to that dtype; our fp32 kernel would not. What the
+    loss call receives decides: log_softmax(x_bf16, dtype=torch.float32) is an exact upcast."""
+    lv = value(canon(loss.node).arg(0, "input"))
     if lv is not None and lv.dtype in (torch.bfloat16, torch.float16):
         raise Reject(f"loss computed over {lv.dtype} logits without an fp32 upcast "
                      "(the fp32 kernel would round differently)")

@@ -1,5 +1,6 @@
 """LoRA: `base(x) + lora_B(lora_A(dropout(x))) * scaling` → torch.ops.foak.lora_linear (dense
-base) or torch.ops.foak.lora_linear_4bit (bitsandbytes Linear4bit base), ops/lora.py.
+base), torch.ops.foak.lora_linear_4bit (bitsandbytes Linear4bit base), ops/lora.py, or
+torch.ops.foak.lora_linear_gptq (gptqmodel TorchLinear base), ops/lora_gptq.py.
 
 What Dynamo records for peft's lora.Linear (peft casts x to the adapter dtype first and casts
 the sum back to the base's dtype):
@@ -15,11 +16,16 @@ F.linear itself. A 4-bit base is recognised by its module, not by the ops it hap
 (CPU and CUDA bitsandbytes record different op sequences): the nodes Dynamo attributes to a
 bitsandbytes Linear4bit (node.meta['nn_module_stack']) are replaced as one unit, and the
 packed weight's real Params4bit gives its quant_state (format, block sizes, shape) and the
-identity of the graph inputs holding absmax and the double-quantisation statistics.
+identity of the graph inputs holding absmax and the double-quantisation statistics. A GPTQ base
+(peft's GPTQLoraLinear over gptqmodel) is recognised the same way: a gptqmodel TorchLinear in the
+stack, its packed buffers (qweight, qzeros, scales, g_idx) among the call's graph inputs, the bit
+width read from their shapes; gptqmodel's other kernels (Marlin, ExLlama, Triton, fused CPU
+ops) run opaque code and are reported instead.
 
 Near-misses (left alone, reported): DoRA (the adapter output is scaled by a tensor), several
 active adapters on one layer, lora_bias (lora_B has a bias), a base that is not nn.Linear or
-bitsandbytes Linear4bit (Linear8bitLt, transformers Conv1D i.e. fan_in_fan_out, GPTQ, ...),
+bitsandbytes Linear4bit or gptqmodel TorchLinear (Linear8bitLt, transformers Conv1D i.e.
+fan_in_fan_out, gptqmodel's opaque kernels, ...),
 a Linear4bit already repacked for bitsandbytes' CPU inference kernel, a base weight that
 requires grad, a LoRA layer whose base runs alone (adapters merged or disabled), dropout
 that is in place or has a non-constant p, scaling that is not a constant.
@@ -35,6 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
+from ..kernels import gptq
 from ..kernels.bnb4 import BLOCKSIZES
 from ..kernels.common import TL_DTYPE
 from ..nodes import canon, is_kind, module_of, other_operand, value
@@ -46,6 +53,9 @@ _OTHER_BASES = {  # base layer classes we recognise but do not fuse, with why
                                          "is not supported",
 }
 _MUTATING = re.compile(r"(^|_)(set_|copy_|_set_data)$")
+_GPTQMODEL = "gptqmodel.nn_modules.qlinear.BaseQuantLinear"  # every gptqmodel quantised linear
+_GPTQMODEL_GPTQ = "gptqmodel.nn_modules.qlinear.GPTQQuantLinear"  # those holding the GPTQ layout
+_GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ checkpoint format's tensor names
 
 
 @dataclass
@@ -340,6 +350,128 @@ def _compute_dtype(scope: list, x: Node) -> torch.dtype:
     return cdt
 
 
+# --- gptqmodel GPTQ base -------------------------------------------------------------------------
+
+def _opaque(n: Node) -> bool:
+    """An op whose numbers we cannot read off the graph: a custom or aten overload (Marlin,
+    ExLlama, int4pack GEMMs), a higher-order op (autograd.Function, Triton kernels), a submodule."""
+    if n.op == "call_module":
+        return True
+    return n.op == "call_function" and isinstance(
+        n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator))
+
+
+def _input_name(n: Node) -> str:
+    """Which GPTQ tensor a graph input is, from the attribute it was read from: Dynamo's source
+    (`..._buffers['qweight']`) or a get_attr target, which may be flattened (`..._module_qweight`)."""
+    if n.op == "get_attr":
+        name = str(n.target)
+    else:
+        src = getattr(n.meta.get("grapharg"), "source", None)
+        name = getattr(src, "name", "")
+        name = name() if callable(name) else str(name)  # a method in older torch, a property in newer
+    m = re.search(r"(?:^|[^a-zA-Z0-9])(qweight|qzeros|scales|g_idx|bias)(?:['\"]\])?_*$", name)
+    return m.group(1) if m else ""
+
+
+def _gptq_bits(qweight, qzeros, scales, g_idx) -> int:
+    """The bit width whose packing the tensors' shapes follow (2, 4 or 8)."""
+    fits = []
+    for bits in gptq.BITS:
+        try:
+            gptq.check(qweight, qzeros, scales, g_idx, bits)
+            fits.append(bits)
+        except ValueError:
+            pass
+    if len(fits) != 1:
+        raise Reject(f"GPTQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
+                     f"{tuple(scales.shape)}, g_idx {tuple(g_idx.shape)} fit " +
+                     (f"several bit widths {fits}" if fits else "no 2/4/8-bit int32 packing (3-bit, planar, "
+                      "or int8/int16 words?)"))
+    return fits[0]
+
+
+def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
+    scope = _scope(r, key)
+    inside = set(scope)
+    cname = getattr(cls, "__name__", str(cls))
+    if _GPTQMODEL_GPTQ not in _class_names(cls):
+        raise Reject(f"gptqmodel {cname} is not a GPTQ layer (AWQ, GGUF, FP8, ... pack differently)")
+    # the class alone does not decide: TorchLinear runs gptqmodel's Triton kernel in eval on CUDA,
+    # TorchFusedLinear plain torch ops in training; what the graph holds does
+    opaque = sorted({str(n.target) for n in scope if _opaque(n)})
+    if opaque:
+        raise Reject(f"gptqmodel {cname} runs an opaque kernel ({', '.join(opaque)}); a GPTQ layer is fused "
+                     "where it dequantises in torch ops (TorchLinear, backend 'torch', in training mode)")
+    mutating = [n.name for n in scope if _MUTATING.search(getattr(n.target, "__name__", str(n.target)))]
+    if mutating:
+        raise Reject(f"the GPTQ layer call mutates tensors in place ({', '.join(mutating)})")
+    outs = [n for n in scope if any(u not in inside for u in n.users)]
+    if outs != [r]:
+        raise Reject(f"the GPTQ layer call has outputs {[n.name for n in outs]}, not just its result")
+    inputs = list(dict.fromkeys(a for n in scope for a in n.all_input_nodes if a not in inside))
+    acts = [a.name for a in inputs if a is x or a.op not in ("placeholder", "get_attr")]
+    if acts != [x.name]:
+        raise Reject(f"the GPTQ layer call reads {acts}, not the adapter's input `{x.name}` alone")
+    role, unknown = {}, []
+    for a in inputs:
+        name, v = _input_name(a), value(a)
+        if a is x or v is None:
+            continue
+        if name in _GPTQ_BUFFERS + ("bias",) and name not in role:
+            role[name] = a
+        elif v.is_floating_point():  # a rotation, gptqmodel's own adapter, ...: not the plain layer
+            unknown.append(name or a.name)
+        # integer tensors beyond the four are the library's unpacking tables (shift amounts)
+    if unknown:
+        raise Reject(f"the GPTQ layer call reads floating inputs {unknown} besides scales and bias")
+    missing = [k for k in _GPTQ_BUFFERS if k not in role]
+    if missing:
+        raise Reject(f"the GPTQ layer call does not read its {missing} buffer(s)")
+    qweight, qzeros, scales, g_idx = (value(role[k]) for k in _GPTQ_BUFFERS)
+    bits = _gptq_bits(qweight, qzeros, scales, g_idx)
+    xv = value(x)
+    if scales.dtype not in TL_DTYPE:
+        raise Reject(f"GPTQ scales dtype {scales.dtype} unsupported")
+    if any(value(role[k]).device != xv.device for k in role):
+        raise Reject("the GPTQ layer's buffers are not all on the input's device")
+    if any(value(role[k]).requires_grad for k in role):
+        raise Reject("a GPTQ buffer requires grad (trained scales or bias): the op has no gradient for it")
+    if any(isinstance(t := _real(role[k]), torch.Tensor) and t.is_inference() for k in role):
+        # optimum packs under torch.inference_mode; the op would have to save them for backward
+        raise Reject("the GPTQ buffers are inference tensors (packed under torch.inference_mode): they cannot "
+                     "be saved for backward; clone them (a checkpoint loaded from disk holds normal tensors)")
+    bias = role.get("bias")
+    if bias is not None and tuple(value(bias).shape) != (scales.shape[1],):
+        raise Reject("GPTQ bias is not an [out_features] tensor")
+    cdt = _gptq_compute_dtype(scope)
+    n_in, n_out = g_idx.shape[0], scales.shape[1]
+    g = _real(role["g_idx"])
+    act_order = isinstance(g, torch.Tensor) and g.numel() > 1 and bool((g[1:] < g[:-1]).any())
+    variant = [f"gptqmodel {cname} {bits}-bit, {scales.shape[0]} group(s)" + (", act-order" if act_order else "")
+               + f", {str(scales.dtype).split('.')[-1]} scales, compute {str(cdt).split('.')[-1]}"
+               + (" + bias" if bias is not None else "")]
+    # zero_format 2: TorchLinear reads its qzeros as v2 (gptqmodel converts v1 checkpoints on load)
+    args = (x, role["qweight"], role["qzeros"], role["scales"], role["g_idx"], bias)
+    return _Base(torch.ops.foak.lora_linear_gptq.default, args, (bits, 2, cdt), nodes + scope, cdt,
+                 (n_out, n_in), variant)
+
+
+_MATMULS = {torch.matmul, operator.matmul, torch.mm, torch.nn.functional.linear, torch.addmm}
+
+
+def _gptq_compute_dtype(scope: list) -> torch.dtype:
+    """The dtype of the layer's one GEMM (gptqmodel casts its dequantised weight to x's dtype)."""
+    mms = [n for n in scope if (n.op == "call_function" and n.target in _MATMULS)
+           or (n.op == "call_method" and n.target in ("matmul", "mm", "__matmul__"))]
+    if len(mms) != 1 or value(mms[0]) is None:
+        raise Reject(f"the GPTQ layer call has {len(mms)} matrix products, not one")
+    cdt = value(mms[0]).dtype
+    if cdt not in TL_DTYPE:
+        raise Reject(f"GPTQ compute dtype {cdt} unsupported")
+    return cdt
+
+
 def _base(r: Node, x: Node) -> _Base:
     nodes = []
     if _is_clone(r):
@@ -350,6 +482,8 @@ def _base(r: Node, x: Node) -> _Base:
     # the module decides first: a quantised layer may run an F.linear on a weight it dequantises
     if _BNB_4BIT in names:
         return _bnb4_base(r, stack[-1][0], x, nodes)
+    if _GPTQMODEL in names:
+        return _gptq_base(r, stack[-1][0], stack[-1][2], x, nodes)
     for name, why in _OTHER_BASES.items():
         if name in names:
             raise Reject(why)
@@ -358,9 +492,13 @@ def _base(r: Node, x: Node) -> _Base:
     op = canon(r)
     if op is not None and op.kind == "add" and any(_is_adapter_out(o) for o in op.args[:2]):
         raise Reject("several active adapters on one layer are not fused")
+    if r.op == "placeholder":  # e.g. gptqmodel's TorchLinear in eval mode, whose weight caches break graphs
+        raise Reject(f"base result `{r.name}` is a graph input: the base layer ran outside this graph "
+                     "(a graph break inside it)")
     if not stack:
         raise Reject(f"base result `{r.name}` is no F.linear and has no module information")
-    raise Reject(f"base layer {module_of(r) or r.name} is neither nn.Linear nor bitsandbytes Linear4bit")
+    raise Reject(f"base layer {module_of(r) or r.name} is neither nn.Linear, bitsandbytes Linear4bit nor "
+                 "gptqmodel TorchLinear")
 
 
 # --- checks shared by both bases -----------------------------------------------------------------
@@ -447,7 +585,9 @@ def _lone_base_output(n: Node) -> bool:
     if n.op not in ("call_function", "call_method"):
         return False
     stack = _stack(n)
-    if len(stack) < 2 or not str(stack[-1][1]).endswith("base_layer") or not _is_lora_layer(stack[-2][2]):
+    # peft's GPTQ layer reaches its base as `quant_linear_module` (an alias of base_layer)
+    if len(stack) < 2 or not str(stack[-1][1]).endswith(("base_layer", "quant_linear_module")) \
+            or not _is_lora_layer(stack[-2][2]):
         return False
     key = stack[-1][0]  # used past the base layer, not just stored away (graph outputs: a repacked absmax)
     return any(u.op != "output" and key not in (u.meta.get("nn_module_stack") or {}) for u in n.users)

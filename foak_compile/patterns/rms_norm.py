@@ -71,7 +71,25 @@ def _check_input(xv: torch.Tensor) -> None:
         raise Reject("hidden size is symbolic")
 
 
+def _eps(eps) -> tuple:
+    """(eps, nodes): a number, or the SymFloat and the `.item()` node that reads it.
+
+    Under dynamic=True Dynamo does not specialise float attributes such as HF's
+    `variance_epsilon`: it passes them as 0-d tensors and reads them with `.item()`. The op
+    takes a float, so the replacement specialises on the value (`float()` guards on it, which
+    is what torch does for every float by default); the `.item()` goes with the match."""
+    if not isinstance(eps, Node):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise Reject(f"eps is a {type(eps).__name__}, not a constant")
+        return eps, []
+    v = eps.meta.get("example_value", eps.meta.get("val"))
+    if isinstance(v, torch.SymFloat) and v.node.has_hint() and eps.op == "call_method" and eps.target == "item":
+        return v, [eps]
+    raise Reject("eps is a tensor")
+
+
 def _call(x, weight, eps, mid, out):
+    # float() only here, when the match is spliced in: a symbolic eps is guarded on only then
     return lambda g: g.call_function(torch.ops.foak.rms_norm.default, (x, weight, float(eps), mid, out))
 
 
@@ -101,12 +119,11 @@ class RMSNormPattern(Pattern):
             raise Reject(f"normalizes over {len(shape)} trailing dims; only the last is supported")
         if xv.dtype not in TL_DTYPE:
             raise Reject(f"dtype {xv.dtype} unsupported")
-        if isinstance(eps, Node):
-            raise Reject("eps is a tensor")
+        eps, eps_nodes = _eps(torch.finfo(torch.float32).eps if eps is None else eps)  # None: torch's default
         if weight is not None and not _weight_ok(weight, xv):
             raise Reject("weight is not a supported [hidden] tensor")
-        eps = torch.finfo(torch.float32).eps if eps is None else eps  # torch's default, in fp32 math
-        return Candidate([seed], seed, _call(x, weight, eps, None, value(seed).dtype), "F.rms_norm")
+        nodes = [seed] + [n for n in eps_nodes if len(n.users) == 1]
+        return Candidate(nodes, seed, _call(x, weight, eps, None, value(seed).dtype), "F.rms_norm")
 
     def _decomposed(self, seed: Node, kind: str) -> Optional[Candidate]:
         add = canon(seed.args[0])
@@ -117,10 +134,7 @@ class RMSNormPattern(Pattern):
         mean = canon(mean_node)
         if mean is None or mean.kind != "mean" or _squared(mean.args[0]) is None:
             return None  # rsqrt of something that is not a mean of squares: not a candidate
-        if isinstance(eps, Node):
-            raise Reject("eps is a tensor")
-        if not isinstance(eps, (int, float)):
-            raise Reject(f"eps is a {type(eps).__name__}, not a constant")
+        eps, eps_nodes = _eps(eps)
         sq_node = mean.args[0]
         xf = _squared(sq_node)
         xv = value(xf)
@@ -157,6 +171,7 @@ class RMSNormPattern(Pattern):
             raise Reject("reduces and normalises two separate upcasts that have other users")
 
         out, mid, weight = self._absorb_tail(norm, nodes, variant)
+        nodes += [n for n in eps_nodes if len(n.users) == 1]  # an `.item()` eps read for this norm alone
         return Candidate(nodes, out, _call(x, weight, eps, mid, value(out).dtype), ", ".join(variant))
 
     @staticmethod

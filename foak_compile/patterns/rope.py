@@ -26,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject, outside_users
 from ..kernels.common import TL_DTYPE
-from ..nodes import canon, value
+from ..nodes import canon, is_kind, value
 
 # ops that move data without arithmetic: how a rotation is built from x
 _MOVES = {"getitem", "neg", "cat", "stack"}
@@ -100,37 +100,106 @@ def _last_dim_slice(n) -> Optional[tuple]:
 
 
 def _interleaved(r: Node, x: Node, depth: int = 5) -> bool:
-    """Stacked or strided-by-2 pieces of x: GPT-J's rotate_every_two."""
+    """Pieces of x stacked along the last dim or strided by 2: GPT-J's rotate_every_two.
+    (Stacked along dim -2 and flattened back, pieces are concatenated: see _joined.)"""
     if not isinstance(r, Node) or r is x or not _moves(r):
         return False
     sl, op = _last_dim_slice(r), canon(r)
-    if (op is not None and op.kind == "stack") or (sl is not None and sl[3] == 2):
+    if (op is not None and op.kind == "stack" and not _stacked_at(r, -2)) or (sl is not None and sl[3] == 2):
         return True
     return depth > 1 and any(_interleaved(a, x, depth - 1) for a in r.all_input_nodes)
 
 
+def _stacked_at(n: Node, dim_from_end: int) -> bool:
+    """Whether the stack `n` inserts its new dim at `dim_from_end` (negative) of its result."""
+    op, v = canon(n), value(n)
+    dim = op.arg(1, "dim", 0)
+    return v is not None and isinstance(dim, int) and dim in (dim_from_end, v.dim() + dim_from_end)
+
+
+def _target_name(n: Node) -> str:
+    return n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+
+
+def _dim_is_last(n: Node, i: int, default: int = 0) -> bool:
+    """Whether the `dim` argument (position i) of a chunk/split of n.args[0] is its last dim."""
+    dim = n.args[i] if len(n.args) > i else n.kwargs.get("dim", default)
+    xv = value(n.args[0])
+    return xv is not None and isinstance(dim, int) and dim in (-1, xv.dim() - 1)
+
+
+def _piece(n, x: Node) -> Optional[tuple]:
+    """(start, stop, nodes) when n is a contiguous last-dim piece of x: `x[..., a:b]`, or an
+    item of `x.chunk(2, -1)` or `x.split(size or sizes, -1)` (method or function); else None."""
+    sl = _last_dim_slice(n)
+    if sl is not None:
+        return (sl[1], sl[2], [n]) if sl[0] is x and sl[3] == 1 else None
+    op = canon(n)
+    if op is None or op.kind != "getitem" or not isinstance(op.args[0], Node) or not isinstance(op.args[1], int):
+        return None
+    parent, i = op.args[0], op.args[1]
+    name = _target_name(parent)
+    if parent.op not in ("call_method", "call_function") or name not in ("chunk", "split") \
+            or not parent.args or parent.args[0] is not x or not _dim_is_last(parent, 2):
+        return None
+    d = value(x).shape[-1]
+    size = parent.args[1] if len(parent.args) > 1 else \
+        parent.kwargs.get("chunks", parent.kwargs.get("split_size_or_sections", parent.kwargs.get("split_size")))
+    if name == "chunk":
+        if size != 2:
+            return None
+        sizes = [-(-d // 2), d // 2]
+    elif isinstance(size, int) and size > 0:
+        sizes = [min(size, d - a) for a in range(0, d, size)]
+    elif isinstance(size, (list, tuple)) and all(isinstance(v, int) for v in size):
+        sizes = list(size)
+    else:
+        return None
+    if not 0 <= i < len(sizes):
+        return None
+    start = sum(sizes[:i])
+    return start, start + sizes[i], [n, parent]
+
+
+def _joined(r: Node, x: Node) -> Optional[tuple]:
+    """(parts, nodes) when r joins pieces along the last dim: `cat(parts, -1)`, or
+    `stack(parts, -2)` flattened (or reshaped) back to x's shape, which is the same values."""
+    op = canon(r)
+    if op is not None and op.kind == "cat":
+        dim = op.arg(1, "dim", 0)
+        return (op.arg(0, "tensors"), [r]) if dim in (-1, value(r).dim() - 1) else None
+    if _target_name(r) not in ("flatten", "reshape", "view") or not r.args or not is_kind(r.args[0], "stack"):
+        return None
+    st = r.args[0]
+    rv, sv, xv = value(r), value(st), value(x)
+    if not _stacked_at(st, -2) or None in (rv, sv, xv) or sv.dim() != xv.dim() + 1:
+        return None
+    if not _same_shape(rv.shape, xv.shape) or not _same_shape(sv.shape[:-2], xv.shape[:-1]):
+        return None  # flattened into another shape than x's
+    return canon(st).arg(0, "tensors"), [st, r]
+
+
 def _check_rotate_half(r: Node, x: Node, d: int) -> list:
-    """The nodes of `cat((-x[..., h:], x[..., :h]), dim=-1)` with h = d/2, or Reject why not."""
-    if _interleaved(r, x):
+    """The nodes of `cat((-x[..., h:], x[..., :h]), dim=-1)` with h = d/2 (halves also from
+    chunk/split, the join also a stack at -2 flattened back), or Reject why not."""
+    joined = _joined(r, x)
+    if joined is None and _interleaved(r, x):
         raise Reject("interleaved (GPT-J style) rotation of pairs (x[..., ::2], x[..., 1::2]); "
                      "only HF rotate_half over the two halves is supported")
-    op = canon(r)
-    if op is None or op.kind != "cat":
+    if joined is None:
         raise Reject(f"x·cos + f(x)·sin where f is `{r.name}`, not HF rotate_half")
-    parts, dim = op.arg(0, "tensors"), op.arg(1, "dim", 0)
-    if dim not in (-1, value(r).dim() - 1) or len(parts) != 2:
-        raise Reject(f"rotate_half concatenates {len(parts)} parts along dim {dim}, not 2 along the last")
-    neg, lo = canon(parts[0]), _last_dim_slice(parts[1])
-    hi = _last_dim_slice(neg.args[0]) if neg is not None and neg.kind == "neg" else None
+    parts, join_nodes = joined
+    if len(parts) != 2:
+        raise Reject(f"rotate_half joins {len(parts)} parts along the last dim, not 2")
+    neg, lo = canon(parts[0]), _piece(parts[1], x)
+    hi = _piece(neg.args[0], x) if neg is not None and neg.kind == "neg" else None
     if hi is None or lo is None:
         raise Reject("rotate_half is not cat((-x[..., h:], x[..., :h]), -1) "
                      "(other sign or order: the rotation would run the other way)")
-    if hi[0] is not x or lo[0] is not x or hi[3] != 1 or lo[3] != 1:
-        raise Reject("rotate_half's halves are not both slices of the rotated tensor")
-    if d % 2 or (lo[1], lo[2], hi[1], hi[2]) != (0, d // 2, d // 2, d):
-        raise Reject(f"rotate_half splits head_dim {d} into [{lo[1]}:{lo[2]}] and [{hi[1]}:{hi[2]}], "
+    if d % 2 or (lo[0], lo[1], hi[0], hi[1]) != (0, d // 2, d // 2, d):
+        raise Reject(f"rotate_half splits head_dim {d} into [{lo[0]}:{lo[1]}] and [{hi[0]}:{hi[1]}], "
                      f"not at the middle {d // 2}")
-    return [parts[1], neg.args[0], parts[0], r]
+    return list(dict.fromkeys(lo[2] + hi[2] + [parts[0]] + join_nodes))
 
 
 def _partial_rotary(x: Node, out: Node) -> Optional[str]:
@@ -144,12 +213,32 @@ def _partial_rotary(x: Node, out: Node) -> Optional[str]:
             "and concatenates the pass-through part (rotary_dim < head_dim); not supported")
 
 
-def _unsqueezed(n, what: str) -> tuple:
-    """(base, dim, node) for `base.unsqueeze(dim)`, base [B or 1, S, D] and dim 1 or 2."""
+def _as_unsqueeze(n) -> Optional[tuple]:
+    """(base, dim) for `base.unsqueeze(dim)` / `torch.unsqueeze(base, dim)`, or an index that
+    only inserts one new dim (`base[:, None]`, `base[:, :, None, :]`, `base[..., None, :]`)."""
     op = canon(n)
-    if op is None or op.kind != "unsqueeze":
+    if op is None:
+        return None
+    if op.kind == "unsqueeze":
+        return op.arg(0, "input"), op.arg(1, "dim")
+    if op.kind != "getitem" or not isinstance(op.args[1], tuple) or value(n) is None:
+        return None
+    idx = op.args[1]
+    if idx.count(None) != 1 or idx.count(Ellipsis) > 1 \
+            or any(i is not None and i is not Ellipsis and i != slice(None) for i in idx):
+        return None
+    k = idx.index(None)
+    if Ellipsis in idx and idx.index(Ellipsis) < k:  # counted from the end
+        return op.args[0], value(n).dim() - (len(idx) - k)
+    return op.args[0], k
+
+
+def _unsqueezed(n, what: str) -> tuple:
+    """(base, dim, node) for an unsqueeze (see _as_unsqueeze) of a [B or 1, S, D] base at dim 1 or 2."""
+    found = _as_unsqueeze(n)
+    if found is None:
         raise Reject(f"{what} is not `{what}.unsqueeze(1|2)` of a per-token [B, S, D] tensor")
-    base, dim = op.arg(0, "input"), op.arg(1, "dim")
+    base, dim = found
     bv = value(base)
     if bv is None or bv.dim() != 3 or not isinstance(dim, int) or dim % 4 not in (1, 2):
         raise Reject(f"{what} is unsqueezed at dim {dim} from shape "
@@ -194,7 +283,9 @@ def _check_values(x: Node, cos: Node, sin: Node, dim: int, out: Node) -> None:
 def _products(out: Node):
     """(x·cos, r·sin) operand pairs of the add, in either order, where r is built from x."""
     op = canon(out)
-    if len(op.args) < 2 or any(canon(a) is None or canon(a).kind != "mul" for a in op.args[:2]):
+    # an add: the partner search also reaches here from a mul's user, which may be a sub
+    if op is None or op.kind != "add" or len(op.args) < 2 \
+            or any(canon(a) is None or canon(a).kind != "mul" for a in op.args[:2]):
         return None
     for mc_node, ms_node in ((op.args[0], op.args[1]), (op.args[1], op.args[0])):
         mc, msin = canon(mc_node), canon(ms_node)
@@ -271,7 +362,7 @@ class RopePattern(Pattern):
         if outside_users(app.nodes, [app.out]):
             return None  # the engine will report this one; don't drag a good partner down with it
         order = _order(app.out)
-        unsqueezes = [u for u in app.cos.users if canon(u) is not None and canon(u).kind == "unsqueeze"]
+        unsqueezes = [u for u in app.cos.users if _as_unsqueeze(u) is not None]
         for u in unsqueezes:
             for m in u.users:
                 if m in app.nodes or len(m.users) != 1:

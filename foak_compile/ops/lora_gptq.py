@@ -1,0 +1,93 @@
+"""torch.ops.foak.lora_linear_gptq and its backward: a LoRA layer over a GPTQ-quantised base.
+
+    y = out_dtype( x·Wᵀ + bias + s · (drop(x)·Aᵀ)·Bᵀ ),   W dequantised from (qweight, qzeros, scales, g_idx)
+
+The same op as lora_linear_4bit (ops/lora.py, whose forward/backward helpers it uses) with the
+weight unpacked by kernels/gptq.py: 2/4/8-bit codes, any group size or act-order g_idx, zero
+points in checkpoint format v1 (zero − 1 stored) or v2. The weight is dequantised in forward
+and again in backward for dx, never kept; it is produced in GPTQ's [in, out] layout and used
+transposed, so no copy is made. All GEMMs run in compute_dtype (gptqmodel's TorchLinear casts
+its dequantised weight to the activation's dtype; the pattern passes that dtype).
+"""
+from typing import Optional
+
+import torch
+
+from ..kernels import gptq
+from .lora import _backward, _check, _fake_backward, _fake_forward, _forward, _no_base_grad
+from .registry import fused_op, register_fake
+
+
+def _shape(qweight, qzeros, scales, g_idx, bits, zero_format) -> list:
+    n_in, n_out = gptq.check(qweight, qzeros, scales, g_idx, bits, zero_format)
+    return [n_out, n_in]
+
+
+def _weight(qweight, qzeros, scales, g_idx, bits, zero_format, cdt) -> torch.Tensor:
+    """W [out, in] in cdt: a transposed view of the kernel's [in, out] output."""
+    return gptq.dequantize(qweight, qzeros, scales, g_idx, bits, cdt, zero_format).t()
+
+
+@fused_op("foak::lora_linear_gptq", seeded=True)
+def lora_linear_gptq(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                     g_idx: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     scaling: float, dropout_p: float, bits: int, zero_format: int, compute_dtype: torch.dtype,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, t, seed) of a LoRA layer whose base weight is GPTQ-packed; see the module doc."""
+    _check(x, lora_a, lora_b, _shape(qweight, qzeros, scales, g_idx, bits, zero_format), dropout_p)
+    w = _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype)
+    return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, compute_dtype, out_dtype)
+
+
+def _lora_linear_gptq_fake(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, scaling, dropout_p, bits,
+                           zero_format, compute_dtype, out_dtype):
+    shape = _shape(qweight, qzeros, scales, g_idx, bits, zero_format)
+    _check(x, lora_a, lora_b, shape, dropout_p)
+    return _fake_forward(x, shape, lora_a, compute_dtype, out_dtype, dropout_p)
+
+
+register_fake(lora_linear_gptq, _lora_linear_gptq_fake)
+
+
+@fused_op("foak::lora_linear_gptq_backward")
+def lora_linear_gptq_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                              scales: torch.Tensor, g_idx: torch.Tensor, bias: Optional[torch.Tensor],
+                              lora_a: torch.Tensor, lora_b: torch.Tensor, t: torch.Tensor, seed: torch.Tensor,
+                              scaling: float, dropout_p: float, bits: int, zero_format: int,
+                              compute_dtype: torch.dtype, need_x: bool, need_bias: bool, need_a: bool, need_b: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dbias, dA, dB) of lora_linear_gptq; the weight is dequantised again, only for dx."""
+    def weight():
+        return _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype)
+    return _backward(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, compute_dtype,
+                     need_x, need_bias, need_a, need_b)
+
+
+def _lora_linear_gptq_backward_fake(dy, x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, t, seed, scaling,
+                                    dropout_p, bits, zero_format, compute_dtype, need_x, need_bias, need_a, need_b):
+    return _fake_backward(x, bias, lora_a, lora_b, need_x, need_bias, need_a, need_b)
+
+
+register_fake(lora_linear_gptq_backward, _lora_linear_gptq_backward_fake)
+
+_QUANT_INPUTS = (1, 2, 3, 4)  # qweight, qzeros, scales, g_idx: frozen, no gradient
+
+
+def _setup(ctx, inputs, output):
+    x, qweight, qzeros, scales, g_idx, bias, a, b, scaling, p, bits, zero_format, cdt, _ = inputs
+    ctx.save_for_backward(x, qweight, qzeros, scales, g_idx, bias, a, b, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.args = (scaling, p, bits, zero_format, cdt)
+
+
+def _backward_gptq(ctx, dy, _dt, _dseed):
+    _no_base_grad(ctx, _QUANT_INPUTS)
+    x, qweight, qzeros, scales, g_idx, bias, a, b, t, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dbias, da, db = torch.ops.foak.lora_linear_gptq_backward(
+        dy, x, qweight, qzeros, scales, g_idx, bias, a, b, t, seed, *ctx.args, need[0], need[5], need[6], need[7])
+    return (dx if need[0] else None, None, None, None, None, dbias if need[5] else None,
+            da if need[6] else None, db if need[7] else None) + (None,) * 6
+
+
+lora_linear_gptq.register_autograd(_backward_gptq, setup_context=_setup)
