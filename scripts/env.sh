@@ -9,8 +9,6 @@ VENV=${FOAK_VENV:-.venv}
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 # optional GPTQ extra: gptqmodel without its torch-2.14/CUDA dependency tree (tests/test_gptq_*.py)
 bash scripts/install_gptq.sh "$VENV/bin/python"
-# optional GPTQ extra: gptqmodel without its torch-2.14/CUDA dependency tree (tests/test_gptq_*.py)
-bash scripts/install_gptq.sh "$VENV/bin/python"
 # No GPU: run the Triton kernels on CPU tensors through the interpreter.
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     export TRITON_INTERPRET=1
