@@ -51,6 +51,10 @@ def test_family_counts_and_parity(family, variant):
 
     for pattern, n in expected.items():
         assert counts.get(pattern, 0) == n, (pattern, counts, misses)
+    if variant == "lora":  # every adapted projection is fused: one match per peft LoRA layer
+        from peft.tuners.lora import LoraLayer
+        layers = sum(isinstance(m, LoraLayer) for m in model.modules())
+        assert layers and counts.get("lora", 0) == layers, (layers, counts, misses)
     assert grads.keys() == ref_grads.keys() and grads
     assert max(errs) < 1e-4, max(errs)
     if family == "gpt_bigcode":  # LayerNorm everywhere: reported, never rewritten
