@@ -111,3 +111,32 @@ def test_training_tracks_eager(family):
     assert ref[-1] < 0.6 * ref[0], "the corpus must be learnable for this test to mean anything"
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
     assert worst < 1e-3, (worst, got, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma3", "mixtral"])
+def test_nf4_base_lora_parity(family):
+    """QLoRA: every nn.Linear but lm_head → bitsandbytes NF4 (double quant), LoRA on top: loss and
+    every LoRA grad equal eager bitsandbytes, and each LoRA layer is fused over its 4-bit base."""
+    pytest.importorskip("bitsandbytes")
+    if family not in FAMILIES:
+        pytest.skip(f"{family} not in the matrix")
+    from peft.tuners.lora import LoraLayer
+    from tests.test_lora_pattern import _to_4bit
+    model = _to_4bit(build(family), quant_type="nf4", nested=True)
+    model, _ = _with_lora(model)
+    with torch.no_grad():  # nonzero B: the adapters must change the loss
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    inputs = _inputs(model)
+    eager = copy.deepcopy(model)
+    ref_loss, ref_grads = loss_and_grads(eager, inputs)
+    be = foak_compile.backend(inner="aot_eager")
+    loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
+    errs = [_rel(loss, ref_loss)] + [_rel(grads[n], ref_grads[n]) for n in ref_grads]
+    assert grads.keys() == ref_grads.keys() and grads
+    assert max(errs) < 1e-4, max(errs)
+    layers = sum(isinstance(m, LoraLayer) for m in model.modules())
+    counts = foak_compile.total_counts(be.reports)
+    assert layers and counts.get("lora", 0) == layers, (layers, counts, _near_misses(be.reports))
+    assert all("bitsandbytes 4-bit nf4" in m.variant for r in be.reports for m in r.matches if m.pattern == "lora")
