@@ -119,6 +119,9 @@ class Holder(nn.Module):
     def __init__(self, base):
         super().__init__()
         self.proj = base
+        # a GPTQ layer holds only buffers; peft reads the model's first parameter (StopIteration
+        # without one), so the holder carries a frozen one-element anchor
+        self.anchor = nn.Parameter(torch.zeros(1, device="cuda", dtype=DTYPE), requires_grad=False)
 
     def forward(self, x):
         return self.proj(x)
