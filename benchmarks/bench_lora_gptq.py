@@ -23,6 +23,7 @@ import torch.nn as nn
 import foak_compile
 from foak_compile.kernels import gptq
 
+from .bench_lora import check, peak_mb, step_fn  # the same timing/memory/accuracy harness
 from .common import bench_ms, environment, write_json
 
 TOKENS = 4096
@@ -150,39 +151,6 @@ def foak_op(model):
     s = layer.scaling["default"]
     return lambda x: torch.ops.foak.lora_linear_gptq(x, base.qweight, base.qzeros, base.scales, base.g_idx, None,
                                                      a, b, s, 0.0, base.bits, 2, DTYPE, DTYPE)[0]
-
-
-def step_fn(fn, x, dy, params):
-    def step():
-        x.grad = None
-        for p in params:
-            p.grad = None
-        fn(x).backward(dy)
-    return step
-
-
-def peak_mb(step):
-    step()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def check(fn, ref, x, dy, params):
-    """Max |difference| to eager peft of y, dx and each adapter grad, relative to eager's largest value."""
-    results = []
-    for f in (fn, ref):
-        x.grad = None
-        for p in params:
-            p.grad = None
-        y = f(x)
-        y.backward(dy)
-        results.append([y.detach().float()] + [t.grad.detach().float() for t in [x] + params])
-    return {name: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-            for name, a, b in zip(["y", "dx", "dA", "dB"], *results)}
 
 
 def run_case(in_f, out_f, act_order, adapter_dtype):
