@@ -56,10 +56,86 @@ def cross_entropy(d):
     return "\n".join(out)
 
 
-RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cross_entropy}
+LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile`)", "liger": "Liger (eager)",
+          "liger_inductor": "Liger + inductor", "inductor_cg": "inductor + CUDA graphs",
+          "foak": "**foak** (`backend=\"foak\"`)", "foak_cg": "foak + CUDA graphs",
+          "foak_loss": "foak, loss-only compile", "foak_loss_cg": "**foak, loss-only + CUDA graphs**"}
+BASES = {"none": "bf16", "nf4": "NF4 (double quant)", "gptq": "GPTQ 4-bit g128"}
+
+
+def _shape(r):
+    return f"{r.get('layers')}×{r.get('hidden', 2048)}"
+
+
+def train_step(d):
+    env = d["env"]
+    out = [f"LoRA train step, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
+           f"{env.get('transformers', '?')}; measured bf16 matmul ceiling {d['matmul_tflops']} TFLOP/s. "
+           "Ratios against the same run's inductor row; memory = peak allocated (CUDA-graph pool included).", "",
+           "| base | layers×hidden | variant | tokens/s | vs inductor | MFU | peak GiB | vs inductor | first step s | vs inductor | loss |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if "error" in r:
+            out.append(f"| {BASES.get(r['quant'], r['quant'])} | | {LABELS.get(r['variant'], r['variant'])} | "
+                       f"error: {r['error'].strip().splitlines()[-1][:80]} | | | | | | | |")
+            continue
+        v = r.get("vs_inductor", {})
+        ratio = lambda k: f"{v[k]:.2f}×" if k in v else "—"
+        out.append(f"| {BASES.get(r['quant'], r['quant'])} | {_shape(r)} | {LABELS.get(r['variant'], r['variant'])} | "
+                   f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {r['mfu_pct']}% | {r.get('mem_gib', r['peak_gib']):.2f} | "
+                   f"{ratio('peak_mem')} | {r['first_step_s']:.0f} | {ratio('first_step')} | {r['loss']} |")
+    return "\n".join(out)
+
+
+def train_step_chart(d, path):
+    """Bars of tokens/s and peak memory per variant, one group per base: the README's PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in d["rows"] if "error" not in r]
+    groups = list(dict.fromkeys((r["quant"], _shape(r)) for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(variants)
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
+                           (axes[1], "mem_gib", "peak memory GiB (lower is better)")):
+        for i, var in enumerate(variants):
+            xs, ys = [], []
+            for g, (quant, shape) in enumerate(groups):
+                r = next((r for r in rows if (r["quant"], _shape(r)) == (quant, shape) and r["variant"] == var), None)
+                if r:
+                    xs.append(g + i * width)
+                    ys.append(r.get(key, r.get("peak_gib")))
+            ax.bar(xs, ys, width, label=var)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+        ax.set_xticklabels([f"{BASES.get(q, q)}\n{s}" for q, s in groups])
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"LoRA train step (bs {rows[0]['bs']} × {rows[0]['seq']}), {d['env']['gpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def merge_train_step(paths, out):
+    """One train_step.json from per-base runs (one device call each): their rows, the first env."""
+    runs = [json.load(open(p)) for p in paths]
+    merged = {"env": runs[0]["env"], "matmul_tflops": runs[0]["matmul_tflops"],
+              "runs": [{"file": os.path.basename(p), "matmul_tflops": r["matmul_tflops"]} for p, r in zip(paths, runs)],
+              "rows": [row for r in runs for row in r["rows"]]}
+    with open(out, "w") as f:
+        json.dump(merged, f, indent=1)
+    return merged
+
+
+RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cross_entropy,
+          "train_step.json": train_step}
 
 
 def main(names=None):
+    """Print the tables; with train_step.json present also draw train_step.png beside it."""
+    ts = os.path.join(RESULTS, "train_step.json")
+    if os.path.exists(ts) and (not names or "train_step.json" in names):
+        train_step_chart(json.load(open(ts)), os.path.join(RESULTS, "train_step.png"))
     for name, fn in RENDER.items():
         path = os.path.join(RESULTS, name)
         if os.path.exists(path) and (not names or name in names):

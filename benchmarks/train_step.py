@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss", "inductor_cg", "foak_cg",
@@ -40,6 +41,13 @@ def build(args):
                                bnb_4bit_use_double_quant=True)
         model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
                                                  device_map={"": 0})
+    elif args.quant == "gptq":
+        # every decoder projection → a gptqmodel TorchLinear (4-bit, group 128, symmetric) packed by
+        # gptqmodel's own packer from the random weights; lm_head/embeddings stay bf16 (tied)
+        from .bench_lora_gptq import quantize_linears
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        quantize_linears(model.model)
     else:
         with torch.device("cuda"):
             model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -126,7 +134,8 @@ def run_one(args):
         times.append(s.elapsed_time(e))
     med = statistics.median(times)
     tokens = args.bs * args.seq
-    res = dict(variant=args.variant, quant=args.quant, layers=args.layers, bs=args.bs, seq=args.seq,
+    res = dict(variant=args.variant, quant=args.quant, layers=args.layers, hidden=args.hidden, ffn=args.ffn,
+               bs=args.bs, seq=args.seq,
                step_ms=round(med, 2), min_ms=round(min(times), 2), tokens_per_s=round(tokens / med * 1000),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), first_step_s=round(first, 1),
                # CUDA graphs allocate their pool while recording (warm-up) and replay without
@@ -178,10 +187,15 @@ def drive(args):
     for quant in args.quants.split(","):
         for variant in args.variants.split(","):
             cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", variant, "--quant", quant,
-                   "--layers", str(args.layers), "--steps", str(args.steps), "--bs", str(args.bs), "--seq", str(args.seq)]
+                   "--layers", str(args.layers), "--hidden", str(args.hidden), "--ffn", str(args.ffn),
+                   "--dropout", str(args.dropout), "--steps", str(args.steps), "--bs", str(args.bs), "--seq", str(args.seq)]
             cmd += ["--profile", args.profile] if args.profile else []
+            # a cold compile cache for each variant: no one reuses kernels another variant compiled
+            cache = tempfile.mkdtemp(prefix=f"foak_bench_{variant}_{quant}_")
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                       TRITON_CACHE_DIR=os.path.join(cache, "triton"))
             t = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:
                 rows.append(dict(variant=variant, quant=quant, error=(p.stderr or p.stdout)[-1500:]))
@@ -213,7 +227,7 @@ def main():
     p.add_argument("--all", action="store_true", help="run --variants × --quants, each in its own process")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--quants", default="none,nf4")
-    p.add_argument("--quant", default="none")
+    p.add_argument("--quant", default="none", choices=["none", "nf4", "gptq"])
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=8192)

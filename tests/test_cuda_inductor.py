@@ -66,3 +66,32 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested):
     assert foak_compile.total_counts(be.reports).get("lora") == 2 * len(PROJECTIONS)
     code = be.reports[0].code_after
     assert "lora_linear_4bit" in code and "torch.ops.bitsandbytes" not in code
+
+
+def test_linear_ce_compacts_on_cuda_only_after_a_call_that_ignored_many_rows(monkeypatch):
+    """The row compaction's host sync is taken only when the previous call's (asynchronously
+    copied) ignored share was ≥ COMPACT_MIN_IGNORED; every decision gives torch's numbers."""
+    from foak_compile.kernels import cross_entropy as kernel
+    monkeypatch.setattr(kernel, "_IGNORED", kernel._IgnoredFraction())
+    decisions = []
+    real = kernel._kept_rows
+
+    def spy(labels, ignore_index):
+        idx = real(labels, ignore_index)
+        decisions.append(idx is not None)
+        return idx
+
+    monkeypatch.setattr(kernel, "_kept_rows", spy)
+    h = torch.randn(301, 67, device="cuda")
+    w = torch.randn(1003, 67, device="cuda")
+    few = torch.randint(0, 1003, (301,), device="cuda")
+    few[0] = -100
+    many = few.clone()
+    many[::2] = -100
+    for labels in (many, many, few, few):
+        loss, _ = kernel.linear_cross_entropy_forward(h, w, None, labels, -100)
+        torch.cuda.synchronize()
+        ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="none")
+        torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    # the first call knows nothing yet; then it follows the previous call's labels
+    assert decisions == [False, True, True, False], decisions

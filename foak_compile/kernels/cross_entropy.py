@@ -20,9 +20,10 @@ only multiplies by the upstream scalar. Otherwise (no gradient, or reduction 'no
 per-row upstream gradient is unknown in the forward) the forward keeps lse and the backward
 recomputes each chunk's logits (four GEMMs).
 
-Rows whose label is ignore_index are dropped before the GEMMs (on CUDA at the cost of one
-host sync for their count, skipped while a CUDA graph is being captured): their loss and
-gradient are zero, so the GEMMs only run over the tokens that count.
+Rows whose label is ignore_index are dropped before the GEMMs: their loss and gradient are zero,
+so the GEMMs only run over the tokens that count. On CUDA that costs one host sync for their
+count, so it is done only when the previous call ignored ≥ 10 % of its rows (prompt-masked SFT;
+a pretraining-style batch ignores one token per sequence) and never while a graph is captured.
 
 Labels outside [0, V) that are not ignore_index raise (asynchronously on CUDA, like torch's
 own device assert); the kernel gives their rows a NaN loss and reads nothing out of bounds.
@@ -295,14 +296,47 @@ def _logits_into(out, h, weight, bias):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
+class _IgnoredFraction:
+    """The share of ignored rows the previous call on a device saw, copied to the host without
+    a sync. Compacting costs a host sync (nonzero's count), which in a host-bound step leaves the
+    GPU idle while the backward is launched; it pays only when many rows are ignored (prompt-
+    masked SFT), so on a device the decision follows the last call's labels (the first call and
+    any call whose count has not landed yet run every row). On the CPU a count costs nothing."""
+
+    def __init__(self):
+        self.pending = None  # (event, pinned count, rows) of the last call
+
+    def previous(self) -> Optional[float]:
+        if self.pending is None or not self.pending[0].query():
+            return None
+        _, count, rows = self.pending
+        return 1.0 - float(count.item()) / max(1, rows)
+
+    def record(self, keep: torch.Tensor) -> None:
+        count = torch.empty((), dtype=torch.int64, pin_memory=True)
+        count.copy_(keep.sum(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (event, count, keep.numel())
+
+
+_IGNORED = _IgnoredFraction()
+COMPACT_MIN_IGNORED = 0.1  # on a device: compact when the last call ignored at least this share
+
+
 def _kept_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
     """Indices of the rows whose label is not ignore_index, or None to run every row: when
-    none is ignored, when COMPACT is off, or while a CUDA graph is captured (the count needs
-    a host sync)."""
+    none is ignored, when COMPACT is off, while a CUDA graph is captured (the count needs
+    a host sync), or on a device when the previous call ignored few rows (_IgnoredFraction)."""
     if not COMPACT or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     keep = labels != ignore_index
-    idx = keep.nonzero().view(-1)  # syncs on CUDA
+    if labels.is_cuda:
+        ignored = _IGNORED.previous()
+        _IGNORED.record(keep)
+        if ignored is None or ignored < COMPACT_MIN_IGNORED:
+            return None
+    idx = keep.nonzero().view(-1)  # syncs on a device
     return None if idx.numel() == labels.numel() else idx
 
 

@@ -10,7 +10,14 @@ Under the Triton interpreter (CI) or without CUDA an op is an opaque `torch.libr
 with an explicit fake: the interpreter runs kernels on real CPU memory, so their bodies cannot
 be traced with fake tensors. FOAK_INLINE=0/1 (or a list of op prefixes, e.g. lora,rms_norm) overrides the choice;
 benchmarks compare them.
+
+Inlined ops cost compile time: for every `wrap_triton` launch it traces, torch asks Triton for the
+kernel's TTIR to find which arguments it writes (once when AOTAutograd functionalises it, again
+when inductor lowers it). A 16-layer model launches the same few kernels with the same arguments
+hundreds of times, so `_memoize_access_analysis` caches that answer per kernel and argument
+signature (FOAK_TTIR_CACHE=0 turns it off).
 """
+import functools
 import os
 
 import torch
@@ -30,6 +37,60 @@ def _inline():
 
 INLINE = _inline()
 _inlined: set = set()  # names of the ops registered as triton_op
+
+
+def _access_key(kernel, kwargs, tma):
+    """A hashable stand-in for what Triton's TTIR (and so the read/write sets) depends on: the
+    kernel, each argument's dtype if a tensor (fake, real or inductor's buffer), else its value.
+    None when an argument is of a kind not understood (then nothing is cached)."""
+    if tma:
+        return None
+    key = [id(kernel)]
+    for name in sorted(kwargs):
+        v = kwargs[name]
+        if isinstance(v, (bool, int, float, str, type(None))):
+            key.append((name, type(v).__name__, v))
+        elif isinstance(v, torch.SymInt) or type(v).__module__.startswith("sympy"):
+            key.append((name, "sym", str(v)))
+        elif hasattr(v, "get_dtype"):  # inductor TensorBox / buffer
+            key.append((name, "tensor", v.get_dtype()))
+        elif isinstance(v, torch.Tensor):
+            key.append((name, "tensor", v.dtype))
+        elif hasattr(v, "value") and isinstance(v.value, (bool, int, float)):  # tl.constexpr
+            key.append((name, "constexpr", v.value))
+        else:
+            return None
+    return tuple(key)
+
+
+def _memoize_access_analysis() -> None:
+    """Wrap torch's `identify_accessed_tensors` in a per-signature cache (see the module doc)."""
+    if os.environ.get("FOAK_TTIR_CACHE", "1") == "0":
+        return
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as tkw
+        original = tkw.identify_accessed_tensors
+    except (ImportError, AttributeError):  # another torch: compile as it does
+        return
+    if getattr(original, "_foak_cached", False):
+        return
+    cache: dict = {}
+
+    @functools.wraps(original)
+    def cached(kernel, kwargs, tma_descriptor_metadata):
+        key = _access_key(kernel, kwargs, tma_descriptor_metadata)
+        if key is None:
+            return original(kernel, kwargs, tma_descriptor_metadata)
+        if key not in cache:
+            cache[key] = original(kernel, kwargs, tma_descriptor_metadata)
+        return cache[key]
+
+    cached._foak_cached = True
+    tkw.identify_accessed_tensors = cached
+
+
+if INLINE:
+    _memoize_access_analysis()
 
 
 def fused_op(name: str, seeded: bool = False, inline: bool = True):

@@ -1,0 +1,57 @@
+"""Where the first (compiling) step's time goes: cProfile over it, for one train_step variant.
+
+    python -m benchmarks.compile_profile --variant foak --layers 2 --out DIR
+
+Writes DIR/compile_<variant>_<quant>.txt: the first-step wall time and the top functions by
+cumulative and by own time (the compile is host work, so cProfile sees all of it)."""
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+
+from . import train_step
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", default="foak", choices=["inductor", "foak", "foak_loss"])
+    p.add_argument("--quant", default="none", choices=["none", "nf4", "gptq"])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/profiles")
+    a = p.parse_args()
+    import torch
+    args = argparse.Namespace(hidden=2048, ffn=8192, layers=a.layers, dropout=0.0, quant=a.quant)
+    model = train_step.build(args)
+    model.train()
+    ids = torch.randint(0, 128256, (2, 2048), device="cuda")
+    if a.variant == "inductor":
+        fwd = torch.compile(model)
+    else:
+        import foak_compile
+        fwd = torch.compile((lambda **kw: model(**kw).loss) if a.variant == "foak_loss" else model,
+                            backend=foak_compile.backend())
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    prof.enable()
+    out = fwd(input_ids=ids, labels=ids)
+    (out if isinstance(out, torch.Tensor) else out.loss).backward()
+    torch.cuda.synchronize()
+    prof.disable()
+    wall = time.perf_counter() - t
+    os.makedirs(a.out, exist_ok=True)
+    buf = io.StringIO()
+    buf.write(f"# first step of {a.variant} ({a.quant}, {a.layers} layers): {wall:.1f} s\n")
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("cumulative").print_stats(60)
+    st.sort_stats("tottime").print_stats(30)
+    path = os.path.join(a.out, f"compile_{a.variant}_{a.quant}_{a.layers}l.txt")
+    with open(path, "w") as f:
+        f.write(buf.getvalue())
+    print(f"{a.variant} {a.quant} {a.layers} layers: first step {wall:.1f} s -> {path}")
+
+
+if __name__ == "__main__":
+    main()
