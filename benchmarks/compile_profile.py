@@ -23,6 +23,11 @@ def main():
     a = p.parse_args()
     import torch
     args = argparse.Namespace(hidden=2048, ffn=8192, layers=a.layers, dropout=0.0, quant=a.quant)
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # a cold cache: what a first compile costs
+        import tempfile
+        cache = tempfile.mkdtemp(prefix="foak_compile_profile_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache, "inductor")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
     model = train_step.build(args)
     model.train()
     ids = torch.randint(0, 128256, (2, 2048), device="cuda")
@@ -45,6 +50,11 @@ def main():
     buf = io.StringIO()
     buf.write(f"# first step of {a.variant} ({a.quant}, {a.layers} layers): {wall:.1f} s\n")
     st = pstats.Stats(prof, stream=buf)
+    buf.write("\n## compile phases (cumulative)\n")
+    st.sort_stats("cumulative").print_stats(
+        r"identify_accessed_tensors|generate_ttir|_compile_fx_inner|fx_codegen_and_compile|aot_dispatch|"
+        r"min_cut_rematerialization|_update_scheduler|codegen_with_cpp_wrapper|wait_for|get_result|"
+        r"_compile_inner|__call__.*backend|lower|run_node|precompile|benchmark_gpu")
     st.sort_stats("cumulative").print_stats(60)
     st.sort_stats("tottime").print_stats(30)
     path = os.path.join(a.out, f"compile_{a.variant}_{a.quant}_{a.layers}l.txt")

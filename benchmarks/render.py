@@ -117,11 +117,31 @@ def train_step_chart(d, path):
 
 
 def merge_train_step(paths, out):
-    """One train_step.json from per-base runs (one device call each): their rows, the first env."""
+    """One train_step.json from per-base runs (one device call each): their rows (each tagged with
+    its run), MFU from the shapes against that run's measured ceiling, ratios against the inductor
+    row of the same base and shape."""
+    from .train_step import model_flops_per_step
     runs = [json.load(open(p)) for p in paths]
+    rows = []
+    for path, run in zip(paths, runs):
+        for r in run["rows"]:
+            r = dict(r, run=os.path.basename(path))
+            if "error" not in r:
+                flops = model_flops_per_step(r["bs"] * r["seq"], r["seq"], r["layers"], r.get("hidden", 2048),
+                                             r.get("ffn", 8192))
+                r["model_tflops_per_step"] = round(flops / 1e12, 2)
+                r["mfu_pct"] = round(100 * flops / 1e12 / (r["step_ms"] / 1000) / run["matmul_tflops"], 1)
+            rows.append(r)
+    group = lambda r: (r.get("quant"), r.get("layers"), r.get("hidden", 2048))
+    for r in rows:
+        ind = next((i for i in rows if group(i) == group(r) and i["variant"] == "inductor" and "error" not in i), None)
+        if ind and "error" not in r:
+            r["vs_inductor"] = {"tokens_per_s": round(r["tokens_per_s"] / ind["tokens_per_s"], 3),
+                                "peak_mem": round(r["mem_gib"] / ind["mem_gib"], 3),
+                                "first_step": round(r["first_step_s"] / max(ind["first_step_s"], 1e-9), 3)}
     merged = {"env": runs[0]["env"], "matmul_tflops": runs[0]["matmul_tflops"],
               "runs": [{"file": os.path.basename(p), "matmul_tflops": r["matmul_tflops"]} for p, r in zip(paths, runs)],
-              "rows": [row for r in runs for row in r["rows"]]}
+              "rows": rows}
     with open(out, "w") as f:
         json.dump(merged, f, indent=1)
     return merged

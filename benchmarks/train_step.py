@@ -70,12 +70,16 @@ def matmul_tflops():
     return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
 
 
-def model_flops_per_step(model, tokens, seq, layers, hidden):
-    """LoRA step: the frozen base costs forward + input-gradient (4 flops/param/token), adapters also
-    their weight gradient (6); causal attention 4·seq·hidden per token per layer, ×3 with backward."""
-    base = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "embed" not in n
-               and p.dim() == 2)
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def model_flops_per_step(tokens, seq, layers, hidden, ffn, vocab=128256, heads=32, kv_heads=8, rank=16):
+    """From the shapes, so a packed 4-bit base counts as the matmuls it stands for. A LoRA step:
+    the frozen base (projections and the tied lm_head) costs forward + input gradient (4 flops per
+    weight per token), the adapters also their weight gradient (6); causal attention 4·seq·hidden
+    per token per layer, ×3 with backward."""
+    kv = hidden // heads * kv_heads
+    projections = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
+                   (hidden, ffn), (hidden, ffn), (ffn, hidden)]
+    base = layers * sum(i * o for i, o in projections) + hidden * vocab
+    lora = layers * sum(rank * (i + o) for i, o in projections)
     attn = 3 * 4 * seq * hidden * layers / 2
     return tokens * (4 * base + 6 * lora + attn)
 
@@ -144,7 +148,7 @@ def run_one(args):
                mem_gib=round(max(warmup_peak, torch.cuda.max_memory_allocated()) / 2**30 if cudagraphs
                              else torch.cuda.max_memory_allocated() / 2**30, 2),
                loss=round(float(loss), 4),
-               model_tflops_per_step=round(model_flops_per_step(model, tokens, args.seq, args.layers, args.hidden) / 1e12, 2))
+               model_tflops_per_step=round(model_flops_per_step(tokens, args.seq, args.layers, args.hidden, args.ffn) / 1e12, 2))
     if be is not None:
         import foak_compile
         res["foak_matches"] = foak_compile.total_counts(be.reports)
