@@ -64,29 +64,37 @@ def _access_key(kernel, kwargs, tma):
 
 
 def _memoize_access_analysis() -> None:
-    """Wrap torch's `identify_accessed_tensors` in a per-signature cache (see the module doc)."""
+    """Wrap torch's kernel access analysis in a per-signature cache (see the module doc). It is
+    `identify_accessed_tensors` in newer torch and `identify_mutated_tensors` (a list of names)
+    before; both take (kernel, kwargs, tma_descriptor_metadata)."""
     if os.environ.get("FOAK_TTIR_CACHE", "1") == "0":
         return
     try:
         from torch._higher_order_ops import triton_kernel_wrap as tkw
-        original = tkw.identify_accessed_tensors
-    except (ImportError, AttributeError):  # another torch: compile as it does
+    except ImportError:  # another torch: compile as it does
         return
-    if getattr(original, "_foak_cached", False):
-        return
+    for fn_name in ("identify_accessed_tensors", "identify_mutated_tensors"):
+        original = getattr(tkw, fn_name, None)
+        if original is None or getattr(original, "_foak_cached", False):
+            continue
+        setattr(tkw, fn_name, _cached(original))
+
+
+def _cached(original):
     cache: dict = {}
 
     @functools.wraps(original)
-    def cached(kernel, kwargs, tma_descriptor_metadata):
-        key = _access_key(kernel, kwargs, tma_descriptor_metadata)
+    def cached(kernel, kwargs, tma_descriptor_metadata, *rest):
+        key = _access_key(kernel, kwargs, tma_descriptor_metadata) if not rest else None
         if key is None:
-            return original(kernel, kwargs, tma_descriptor_metadata)
+            return original(kernel, kwargs, tma_descriptor_metadata, *rest)
         if key not in cache:
             cache[key] = original(kernel, kwargs, tma_descriptor_metadata)
-        return cache[key]
+        hit = cache[key]
+        return list(hit) if isinstance(hit, list) else hit  # callers get their own list
 
     cached._foak_cached = True
-    tkw.identify_accessed_tensors = cached
+    return cached
 
 
 if INLINE:
