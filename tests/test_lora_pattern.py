@@ -91,10 +91,13 @@ def compare_half_with_eager(model, inputs):
     be = foak_compile.backend(patterns=["lora"], inner="aot_eager")
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     assert grads.keys() == ref_grads.keys() and grads
-    assert _rel(loss, ref_loss) <= 2 * _rel(half_loss, ref_loss) + 1e-3
+    # eager's bf16-adapter error is one sample of bf16 rounding and can be unusually small:
+    # never hold the op to less than half a bf16 ulp (2**-9) of it
+    floor = 2.0**-9
+    assert _rel(loss, ref_loss) <= 2 * max(_rel(half_loss, ref_loss), floor) + 1e-3
     for n in ref_grads:
         assert grads[n].dtype == ref_grads[n].dtype
-        assert _rel(grads[n], ref_grads[n]) <= 2 * _rel(half_grads[n], ref_grads[n]) + 2e-2, n
+        assert _rel(grads[n], ref_grads[n]) <= 2 * max(_rel(half_grads[n], ref_grads[n]), floor) + 2e-2, n
     return be
 
 
