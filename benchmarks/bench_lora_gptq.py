@@ -23,7 +23,7 @@ import torch.nn as nn
 import foak_compile
 from foak_compile.kernels import gptq
 
-from .bench_lora import check, peak_mb, step_fn  # the same timing/memory/accuracy harness
+from .bench_lora import measure_variants  # the same timing/memory/accuracy harness
 from .common import bench_ms, environment, write_json
 
 TOKENS = 4096
@@ -165,31 +165,7 @@ def run_case(in_f, out_f, act_order, adapter_dtype):
         "foak_op": foak_op(model),
         "foak_backend": torch.compile(model, backend=be),
     }
-    res = {}
-    for name, fn in variants.items():
-        try:
-            step = step_fn(fn, x, dy, params)
-            res[name] = {"fwd_bwd_ms": round(bench_ms(step), 4), "peak_mb": round(peak_mb(step), 1)}
-            with torch.no_grad():
-                res[name]["fwd_ms"] = round(bench_ms(lambda: fn(x)), 4)
-        except Exception as err:
-            res[name] = {"error": repr(err), "trace": traceback.format_exc(limit=3)}
-    flops = 2 * 2 * TOKENS * in_f * out_f  # base forward + dX (no dW: frozen); LoRA terms are O(r)
-    for v in res.values():
-        if "fwd_bwd_ms" in v:
-            v["base_tflops"] = round(flops / v["fwd_bwd_ms"] / 1e9, 1)
-    for base in ("eager_peft", "inductor"):
-        for ours in ("foak_op", "foak_backend"):
-            if "fwd_bwd_ms" in res.get(base, {}) and "fwd_bwd_ms" in res.get(ours, {}):
-                res[f"{ours}_speedup_vs_{base}"] = round(res[base]["fwd_bwd_ms"] / res[ours]["fwd_bwd_ms"], 3)
-    res["foak_backend_matches"] = foak_compile.total_counts(be.reports).get("lora", 0)
-    res["foak_variants"] = [m.variant for r in be.reports for m in r.matches if m.pattern == "lora"]
-    res["foak_near_misses"] = [m.reason for r in be.reports for m in r.near_misses if m.pattern == "lora"]
-    try:
-        res["rel_err_foak_op_vs_eager"] = check(variants["foak_op"], model, x, dy, params)
-    except Exception as err:
-        res["rel_err_foak_op_vs_eager"] = repr(err)
-    return res
+    return measure_variants(variants, model, x, dy, params, in_f, out_f, be)
 
 
 def dequant_case(in_f, out_f, act_order):

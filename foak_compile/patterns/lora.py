@@ -275,21 +275,29 @@ def _graph_inputs_by_identity(graph) -> dict:
             if isinstance(v := _real(n), torch.Tensor)}
 
 
-def _bnb4_base(r: Node, key: str, x: Node, nodes: list) -> _Base:
-    scope = _scope(r, key)
+def _closed_call(scope: list, r: Node, x: Node, what: str, mutated: str, why: str = "") -> list:
+    """Check that a quantised base layer's nodes are one pure call of `x`: nothing mutated in
+    place, `r` its only result used outside, `x` its only activation. Returns its other inputs
+    (parameters, buffers, quant state); x may itself be a graph input, so it is told apart by name."""
     inside = set(scope)
     mutating = [n.name for n in scope if _MUTATING.search(getattr(n.target, "__name__", str(n.target)))]
     if mutating:
-        raise Reject(f"the Linear4bit call mutates its parameters in place ({', '.join(mutating)}): "
-                     "bitsandbytes repacks the weight for its CPU inference kernel")
+        raise Reject(f"the {what} call mutates {mutated} in place ({', '.join(mutating)}){why}")
     outs = [n for n in scope if any(u not in inside for u in n.users)]
     if outs != [r]:
-        raise Reject(f"the Linear4bit call has outputs {[n.name for n in outs]}, not just its result")
+        raise Reject(f"the {what} call has outputs {[n.name for n in outs]}, not just its result")
     inputs = list(dict.fromkeys(a for n in scope for a in n.all_input_nodes if a not in inside))
     acts = [a.name for a in inputs if a is x or a.op not in ("placeholder", "get_attr")]
     if acts != [x.name]:
-        raise Reject(f"the Linear4bit call reads {acts}, not the adapter's input `{x.name}` alone")
-    inputs.remove(x)  # x may itself be a graph input; the rest are parameters and quant state
+        raise Reject(f"the {what} call reads {acts}, not the adapter's input `{x.name}` alone")
+    inputs.remove(x)
+    return inputs
+
+
+def _bnb4_base(r: Node, key: str, x: Node, nodes: list) -> _Base:
+    scope = _scope(r, key)
+    inputs = _closed_call(scope, r, x, "Linear4bit", "its parameters",
+                          ": bitsandbytes repacks the weight for its CPU inference kernel")
     weight = next((a for a in inputs if hasattr(_real(a), "quant_state")), None)
     qs = getattr(_real(weight), "quant_state", None) if weight is not None else None
     if qs is None:
@@ -393,7 +401,6 @@ def _gptq_bits(qweight, qzeros, scales, g_idx) -> int:
 
 def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
     scope = _scope(r, key)
-    inside = set(scope)
     cname = getattr(cls, "__name__", str(cls))
     if _GPTQMODEL_GPTQ not in _class_names(cls):
         raise Reject(f"gptqmodel {cname} is not a GPTQ layer (AWQ, GGUF, FP8, ... pack differently)")
@@ -403,20 +410,11 @@ def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
     if opaque:
         raise Reject(f"gptqmodel {cname} runs an opaque kernel ({', '.join(opaque)}); a GPTQ layer is fused "
                      "where it dequantises in torch ops (TorchLinear, backend 'torch', in training mode)")
-    mutating = [n.name for n in scope if _MUTATING.search(getattr(n.target, "__name__", str(n.target)))]
-    if mutating:
-        raise Reject(f"the GPTQ layer call mutates tensors in place ({', '.join(mutating)})")
-    outs = [n for n in scope if any(u not in inside for u in n.users)]
-    if outs != [r]:
-        raise Reject(f"the GPTQ layer call has outputs {[n.name for n in outs]}, not just its result")
-    inputs = list(dict.fromkeys(a for n in scope for a in n.all_input_nodes if a not in inside))
-    acts = [a.name for a in inputs if a is x or a.op not in ("placeholder", "get_attr")]
-    if acts != [x.name]:
-        raise Reject(f"the GPTQ layer call reads {acts}, not the adapter's input `{x.name}` alone")
+    inputs = _closed_call(scope, r, x, "GPTQ layer", "tensors")
     role, unknown = {}, []
     for a in inputs:
         name, v = _input_name(a), value(a)
-        if a is x or v is None:
+        if v is None:
             continue
         if name in _GPTQ_BUFFERS + ("bias",) and name not in role:
             role[name] = a
