@@ -18,9 +18,10 @@ import tempfile
 import time
 
 VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss", "inductor_cg", "foak_cg",
-            "foak_loss_cg"]
+            "foak_loss_cg", "foak_sib", "foak_loss_sib_cg"]
 # *_cg: mode="reduce-overhead" (CUDA graphs), for inductor as for foak; foak_loss*: the loss alone
-# is compiled (the logits are dead, so linear + cross-entropy fuse)
+# is compiled (the logits are dead, so linear + cross-entropy fuse); *_sib*: with the opt-in
+# lora_siblings pattern (q/k/v and gate/up adapters grouped)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -101,7 +102,9 @@ def run_one(args):
         fwd = torch.compile(model, mode="reduce-overhead" if cudagraphs else None)
     elif args.variant.startswith("foak"):
         import foak_compile
-        be = foak_compile.backend(mode="reduce-overhead" if cudagraphs else None)
+        from foak_compile.patterns import DEFAULT
+        patterns = DEFAULT + ["lora_siblings"] if "_sib" in args.variant else None
+        be = foak_compile.backend(patterns=patterns, mode="reduce-overhead" if cudagraphs else None)
         # foak_loss compiles the loss alone, so the logits are dead and linear+CE can fuse
         loss_only = args.variant.startswith("foak_loss")
         fwd = torch.compile((lambda **kw: model(**kw).loss) if loss_only else model, backend=be)

@@ -14,7 +14,7 @@ import torch._inductor
 from torch._dynamo.backends.registry import lookup_backend
 
 from .engine import run_patterns
-from .patterns import PATTERNS
+from .patterns import DEFAULT, PATTERNS
 from .report import GraphReport, record
 
 log = logging.getLogger("foak_compile")
@@ -27,7 +27,7 @@ class FoakBackend:
 
     def __init__(self, patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
                  dump_dir: Optional[str] = None, mode: Optional[str] = None):
-        names = list(PATTERNS) if patterns is None else list(patterns)
+        names = list(DEFAULT) if patterns is None else list(patterns)
         unknown = [n for n in names if n not in PATTERNS]
         if unknown:
             raise ValueError(f"unknown foak pattern(s) {unknown}; known: {sorted(PATTERNS)}")

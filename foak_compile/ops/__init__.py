@@ -4,5 +4,6 @@ node in forward and one in backward. Importing this package registers them all."
 from . import cross_entropy  # noqa: F401
 from . import lora  # noqa: F401
 from . import lora_gptq  # noqa: F401
+from . import lora_siblings  # noqa: F401
 from . import rms_norm  # noqa: F401
 from . import rope  # noqa: F401

@@ -1,14 +1,19 @@
-"""Pattern families, one module each. `PATTERNS` maps the names users pass to `backend(patterns=...)`."""
+"""Pattern families, one module each. `PATTERNS` maps the names users pass to `backend(patterns=...)`;
+`DEFAULT` is what runs when none are named (opt-in patterns are left out until measured)."""
 from .cross_entropy import CrossEntropyPattern, LinearCrossEntropyPattern
 from .lora import LoraPattern
+from .lora_siblings import LoraSiblingsPattern
 from .rms_norm import RMSNormPattern
 from .rope import RopePattern
 
 PATTERNS = {
     "lora": LoraPattern,  # first: takes whole layers, base linear included, before others claim a part
+    "lora_siblings": LoraSiblingsPattern,  # then groups fused layers that share their input
     "rms_norm": RMSNormPattern,
     "rope": RopePattern,
     # lm_head + loss first: once cross_entropy has taken the loss there is nothing left to fuse
     "linear_cross_entropy": LinearCrossEntropyPattern,
     "cross_entropy": CrossEntropyPattern,
 }
+OPT_IN = ("lora_siblings",)
+DEFAULT = [n for n in PATTERNS if n not in OPT_IN]

@@ -1,0 +1,133 @@
+"""torch.ops.foak.lora_linear_siblings: LoRA layers that read the same input (q/k/v, gate/up) in one op.
+
+    y_i = out_dtype( x·W_iᵀ + bias_i + s_i · (x·A_iᵀ)·B_iᵀ )      for every sibling i
+
+Dense bases, no LoRA dropout (each layer's mask would differ). What grouping saves over one
+lora_linear per layer: the adapters' down-projections become one GEMM against the stacked
+[ΣA_i] (x read once, forward and for dA), the input gradient is accumulated in place by
+one GEMM per base plus one for all adapters (no separate adds of per-layer dx), and fewer
+launches. Returns [y_1, ..., y_k, t] with t = x·[ΣA_i]ᵀ, [..., Σr] (what the dB_i need).
+
+Precision as lora_linear (ops/lora.py): every GEMM in the bases' dtype, adapters cast to it.
+"""
+from typing import Optional
+
+import torch
+
+from .registry import fused_op, register_fake
+
+
+def _check(x, weights, biases, a, b, scalings):
+    k = len(weights)
+    if k < 2 or not (len(biases) == len(a) == len(b) == len(scalings) == k):
+        raise ValueError(f"lora_linear_siblings: {k} weights, {len(biases)} biases, {len(a)} A, {len(b)} B, "
+                         f"{len(scalings)} scalings (at least two siblings, one of each)")
+    cdt = weights[0].dtype
+    for w, ai, bi in zip(weights, a, b):
+        out_f, in_f = w.shape
+        if w.dtype != cdt or in_f != x.shape[-1] or ai.shape[1] != in_f or tuple(bi.shape) != (out_f, ai.shape[0]):
+            raise ValueError(f"lora_linear_siblings: shapes do not chain: x {tuple(x.shape)}, W {tuple(w.shape)} "
+                             f"{w.dtype}, A {tuple(ai.shape)}, B {tuple(bi.shape)}")
+    return cdt
+
+
+@fused_op("foak::lora_linear_siblings")
+def lora_linear_siblings(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
+                         lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scalings: list[float],
+                         out_dtype: torch.dtype) -> list[torch.Tensor]:
+    cdt = _check(x, weights, biases, lora_a, lora_b, scalings)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+    t = torch.mm(x2, torch.cat([a.to(cdt) for a in lora_a]).t())
+    ys, start = [], 0
+    for w, bias, a, b, s in zip(weights, biases, lora_a, lora_b, scalings):
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(cdt), x2, w.t())
+        r = a.shape[0]
+        y.addmm_(t[:, start:start + r], b.to(cdt).t(), alpha=s)
+        start += r
+        ys.append(y.view(*lead, y.shape[-1]).to(out_dtype))
+    return ys + [t.view(*lead, t.shape[-1])]
+
+
+def _fake(x, weights, biases, lora_a, lora_b, scalings, out_dtype):
+    cdt = _check(x, weights, biases, lora_a, lora_b, scalings)
+    lead = x.shape[:-1]
+    return [x.new_empty(*lead, w.shape[0], dtype=out_dtype) for w in weights] + \
+        [x.new_empty(*lead, sum(a.shape[0] for a in lora_a), dtype=cdt)]
+
+
+register_fake(lora_linear_siblings, _fake)
+
+
+@fused_op("foak::lora_linear_siblings_backward")
+def lora_linear_siblings_backward(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                                  lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], t: torch.Tensor,
+                                  scalings: list[float], need_x: bool) -> list[torch.Tensor]:
+    """[dx (empty unless need_x), dA_1..dA_k, dB_1..dB_k]."""
+    cdt = weights[0].dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+    t2 = t.reshape(-1, t.shape[-1])
+    dy2 = [dy.reshape(-1, dy.shape[-1]).to(cdt) for dy in dys]
+    dts, dbs, start = [], [], 0
+    for dy, a, b, s in zip(dy2, lora_a, lora_b, scalings):
+        r = a.shape[0]
+        # dB = s · dYᵀ·t and dt = s · dY·B, the scaling folded into the small operands
+        dbs.append(torch.mm(dy.t(), _scaled(t2[:, start:start + r], s, cdt)).to(b.dtype))
+        dts.append(torch.mm(dy, _scaled(b, s, cdt)))
+        start += r
+    dt = torch.cat(dts, dim=1)  # [M, Σr]
+    a_cat = torch.cat([a.to(cdt) for a in lora_a])
+    da_cat = torch.mm(dt.t(), x2)  # every dA in one GEMM
+    das, start = [], 0
+    for a in lora_a:
+        das.append(da_cat[start:start + a.shape[0]].to(a.dtype, copy=True))  # outputs may not alias
+        start += a.shape[0]
+    dx = x.new_empty(0)
+    if need_x:
+        dx2 = torch.mm(dt, a_cat)
+        for dy, w in zip(dy2, weights):  # accumulated in place: no per-layer dx to add up
+            dx2.addmm_(dy, w)
+        dx = dx2.view(x.shape).to(x.dtype)
+    return [dx] + das + dbs
+
+
+def _backward_fake(dys, x, weights, lora_a, lora_b, t, scalings, need_x):
+    return [x.new_empty(x.shape) if need_x else x.new_empty(0)] + [a.new_empty(a.shape) for a in lora_a] + \
+        [b.new_empty(b.shape) for b in lora_b]
+
+
+register_fake(lora_linear_siblings_backward, _backward_fake)
+
+
+def _scaled(v, s, cdt):
+    """s·v in cdt; a half-precision v is scaled in fp32 first (one rounding)."""
+    if v.dtype in (torch.bfloat16, torch.float16):
+        return (v.float() * s).to(cdt)
+    return (v * s).to(cdt)
+
+
+def _setup(ctx, inputs, output):
+    x, weights, biases, a, b, scalings, _ = inputs
+    ctx.k = len(weights)
+    ctx.save_for_backward(x, output[-1], *weights, *a, *b)
+    ctx.mark_non_differentiable(output[-1])
+    ctx.scalings = list(scalings)
+    # the gradient's structure mirrors the inputs': a bias list holding a None is one leaf
+    ctx.bias_grads = [None] * len(biases) if all(t is not None for t in biases) else None
+
+
+def _backward(ctx, grads):
+    k = ctx.k
+    x, t, *rest = ctx.saved_tensors
+    weights, a, b = rest[:k], rest[k:2 * k], rest[2 * k:]
+    if any(w.requires_grad for w in weights):
+        raise NotImplementedError("foak lora_linear_siblings: the base weights are frozen; no gradient for them")
+    dys = [g if g is not None else torch.zeros(x.shape[:-1] + (w.shape[0],), dtype=x.dtype, device=x.device)
+           for g, w in zip(grads[:k], weights)]
+    out = torch.ops.foak.lora_linear_siblings_backward(dys, x, list(weights), list(a), list(b), t, ctx.scalings,
+                                                       ctx.needs_input_grad[0])
+    dx = out[0] if ctx.needs_input_grad[0] else None
+    return dx, [None] * k, ctx.bias_grads, list(out[1:1 + k]), list(out[1 + k:]), None, None
+
+
+lora_linear_siblings.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,96 @@
+"""Sibling LoRA layers (q/k/v, gate/up: one input) as one op: torch.ops.foak.lora_linear_siblings
+against a float64 reference, and the opt-in `lora_siblings` pattern on real peft models."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import foak_compile
+from foak_compile.patterns import DEFAULT
+from tests.models import batch, compare_with_eager
+from tests.test_lora_pattern import PROJECTIONS, peft_llama
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_op_matches_float64_reference(dtype):
+    lead, n_in = (2, int(torch.randint(5, 40, ()))), int(torch.randint(9, 70, ()))
+    outs = [int(torch.randint(3, 50, ())) for _ in range(3)]
+    ranks = [int(torch.randint(1, 9, ())) for _ in range(3)]
+    x = torch.randn(*lead, n_in, dtype=dtype, requires_grad=True)
+    w = [torch.randn(o, n_in, dtype=dtype) / n_in**0.5 for o in outs]
+    bias = [None, torch.randn(outs[1], dtype=dtype), None]
+    # adapters as peft keeps them on a half model: fp32, run in the base's dtype by the op
+    a = [(torch.randn(r, n_in) / n_in**0.5).requires_grad_() for r in ranks]
+    b = [torch.randn(o, r).requires_grad_() for o, r in zip(outs, ranks)]
+    s = [float(torch.rand(())) * 4 for _ in range(3)]
+    ys = torch.ops.foak.lora_linear_siblings(x, w, bias, a, b, s, dtype)[:3]
+    d = lambda t: t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
+    x64, a64, b64 = d(x), [d(t) for t in a], [d(t) for t in b]
+    ref = [F.linear(x64, wi.double(), None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
+           for wi, bi, ai, bj, si in zip(w, bias, a64, b64, s)]
+    for y, r in zip(ys, ref):
+        assert y.dtype == dtype and _rel(y, r) < TOL[dtype]
+    dys = [torch.randn_like(r) for r in ref]
+    got = torch.autograd.grad(ys, [x] + a + b, [g.to(dtype) for g in dys])
+    want = torch.autograd.grad(ref, [x64] + a64 + b64, dys)
+    for name, g, r, like in zip(["x"] + ["A"] * 3 + ["B"] * 3, got, want, [x] + a + b):
+        assert g.dtype == like.dtype, name
+        assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
+
+
+def test_op_rejects_a_lone_layer_and_mismatched_shapes():
+    x = torch.randn(4, 8)
+    w, a, b = torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="at least two"):
+        torch.ops.foak.lora_linear_siblings(x, [w], [None], [a], [b], [1.0], torch.float32)
+    with pytest.raises(ValueError, match="do not chain"):
+        torch.ops.foak.lora_linear_siblings(x, [w, w], [None, None], [a, a], [b, torch.randn(5, 3)], [1.0, 1.0],
+                                            torch.float32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_llama_q_k_v_and_gate_up_grouped(dtype, tol):
+    model = peft_llama(dtype, layers=2)
+    be = compare_with_eager(model, batch(model, seq=int(torch.randint(5, 40, ()))),
+                            patterns=["lora", "lora_siblings"], rtol=tol, atol=tol)
+    groups = [m.variant for r in be.reports for m in r.matches if m.pattern == "lora_siblings"]
+    assert groups == ["3 siblings (q_proj, k_proj, v_proj)", "2 siblings (gate_proj, up_proj)"] * 2, groups
+    code = be.reports[0].code_after
+    assert code.count("foak.lora_linear_siblings.default(") == 4 and code.count("foak.lora_linear.default(") == 4  # o, down
+
+
+def test_qwen2_biased_q_k_v():
+    from peft import LoraConfig, get_peft_model
+    from tests.models import tiny_model
+    model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    be = compare_with_eager(model, batch(model), patterns=["lora", "lora_siblings"], rtol=1e-5, atol=1e-5)
+    assert foak_compile.total_counts(be.reports)["lora_siblings"] == 2 * model.config.num_hidden_layers
+
+
+def test_dropout_siblings_are_left_per_layer_with_the_reason():
+    model = peft_llama(layers=1, dropout=0.1).eval()  # eval: dropout off in the graph, p still recorded
+    model.train()
+    be = foak_compile.backend(patterns=["lora", "lora_siblings"], inner="aot_eager")
+    torch.compile(model, backend=be)(**batch(model)).loss.backward()
+    misses = [m.reason for r in be.reports for m in r.near_misses if m.pattern == "lora_siblings"]
+    assert foak_compile.total_counts(be.reports).get("lora_siblings", 0) == 0
+    assert len(misses) == 2 and all("each sibling draws its own mask" in m for m in misses), misses
+
+
+def test_single_adapted_projection_has_no_siblings():
+    model = peft_llama(layers=1, targets=["q_proj", "down_proj"])
+    be = compare_with_eager(model, batch(model), patterns=["lora", "lora_siblings"])
+    assert foak_compile.total_counts(be.reports) == {"lora": 2}
+
+
+def test_siblings_are_opt_in():
+    assert "lora_siblings" not in DEFAULT and "lora" in DEFAULT
+    assert "lora_siblings" not in foak_compile.backend().pattern_names
