@@ -95,3 +95,22 @@ def test_linear_ce_compacts_on_cuda_only_after_a_call_that_ignored_many_rows(mon
         torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
     # the first call knows nothing yet; then it follows the previous call's labels
     assert decisions == [False, True, True, False], decisions
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+def test_lora_siblings_on_cuda(dtype, tol):
+    """The opt-in sibling grouping, inlined into inductor on CUDA, against eager."""
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_model("llama", dtype).cuda(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    inputs = {k: v.cuda() for k, v in batch(model, seq=37).items()}
+    ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), inputs)
+    be = foak_compile.backend(patterns=["lora", "lora_siblings"], inner="inductor")
+    loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=tol, atol=tol,
+                                   msg=lambda m: f"{name}: {m}")
+    assert foak_compile.total_counts(be.reports).get("lora_siblings") == 4

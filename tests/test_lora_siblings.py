@@ -94,3 +94,11 @@ def test_single_adapted_projection_has_no_siblings():
 def test_siblings_are_opt_in():
     assert "lora_siblings" not in DEFAULT and "lora" in DEFAULT
     assert "lora_siblings" not in foak_compile.backend().pattern_names
+
+
+def test_full_inductor_compiles_the_grouped_op():
+    """inductor (not just aot_eager) takes the op's list arguments and outputs."""
+    model = peft_llama(layers=1, sizes={"hidden_size": 48, "intermediate_size": 80})
+    be = compare_with_eager(model, batch(model), inner="inductor", patterns=["lora", "lora_siblings"],
+                            rtol=1e-4, atol=1e-5)
+    assert foak_compile.total_counts(be.reports)["lora_siblings"] == 2
