@@ -37,6 +37,7 @@ class FoakBackend:
             if inner != "inductor":
                 raise ValueError(f"mode={mode!r} is an inductor mode; inner is {inner!r}")
             torch._inductor.list_mode_options(mode)  # raises for an unknown mode
+        names = sorted(dict.fromkeys(names), key=list(PATTERNS).index)  # patterns run in their fixed order
         self.pattern_names, self.inner, self.dump_dir, self.mode = names, inner, dump_dir, mode
         self.reports: list[GraphReport] = []
 

@@ -102,3 +102,20 @@ def test_full_inductor_compiles_the_grouped_op():
     be = compare_with_eager(model, batch(model), inner="inductor", patterns=["lora", "lora_siblings"],
                             rtol=1e-4, atol=1e-5)
     assert foak_compile.total_counts(be.reports)["lora_siblings"] == 2
+
+
+def test_trained_base_bias_is_left_per_layer_with_the_reason():
+    """peft bias="all" trains q/k/v's base biases: the grouped op has no bias gradient, so the
+    layers stay single lora_linear ops (which do give it) and the bias gradients match eager."""
+    from peft import LoraConfig, get_peft_model
+    from tests.models import tiny_model
+    model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, bias="all"))
+    assert any("q_proj.base_layer.bias" in n and p.requires_grad for n, p in model.named_parameters())
+    be = compare_with_eager(model, batch(model), patterns=["lora", "lora_siblings"], rtol=1e-5, atol=1e-5)
+    misses = [m.reason for r in be.reports for m in r.near_misses if m.pattern == "lora_siblings"]
+    assert any("trained base bias" in m for m in misses), misses
+    assert "q_proj" not in " ".join(m.variant for r in be.reports for m in r.matches if m.pattern == "lora_siblings")
+
+
+def test_pattern_order_does_not_depend_on_how_they_are_named():
+    assert foak_compile.backend(patterns=["lora_siblings", "lora"]).pattern_names == ["lora", "lora_siblings"]

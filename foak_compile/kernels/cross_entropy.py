@@ -297,41 +297,46 @@ def _logits_into(out, h, weight, bias):
 
 
 class _IgnoredFraction:
-    """The share of ignored rows the previous call on a device saw, copied to the host without
-    a sync. Compacting costs a host sync (nonzero's count), which in a host-bound step leaves the
-    GPU idle while the backward is launched; it pays only when many rows are ignored (prompt-
-    masked SFT), so on a device the decision follows the last call's labels (the first call and
-    any call whose count has not landed yet run every row). On the CPU a count costs nothing."""
+    """The share of ignored rows recent calls saw, copied to the host without a sync. Compacting
+    costs a host sync (nonzero's count), which in a host-bound step leaves the GPU idle while the
+    backward is launched; it pays only when many rows are ignored (prompt-masked SFT), so on a
+    device the decision follows the last count that has landed (the first calls run every row).
+    On the CPU a count costs nothing. Both paths give the same loss, lse and dh; dW may differ in
+    its last bit (other chunk boundaries), so with torch.use_deterministic_algorithms(True) every
+    call compacts, as before this heuristic."""
 
     def __init__(self):
-        self.pending = None  # (event, pinned count, rows) of the last call
+        self.pending = []  # (event, pinned count, rows), oldest first
+        self.landed: Optional[float] = None
 
     def previous(self) -> Optional[float]:
-        if self.pending is None or not self.pending[0].query():
-            return None
-        _, count, rows = self.pending
-        return 1.0 - float(count.item()) / max(1, rows)
+        while self.pending and self.pending[0][0].query():
+            _, count, rows = self.pending.pop(0)
+            self.landed = 1.0 - float(count.item()) / max(1, rows)
+        return self.landed
 
     def record(self, keep: torch.Tensor) -> None:
+        if len(self.pending) >= 4:  # the host far ahead of the device: keep what is in flight
+            return
         count = torch.empty((), dtype=torch.int64, pin_memory=True)
         count.copy_(keep.sum(), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
-        self.pending = (event, count, keep.numel())
+        event.record(torch.cuda.current_stream(keep.device))  # the stream the copy went to
+        self.pending.append((event, count, keep.numel()))
 
 
 _IGNORED = _IgnoredFraction()
-COMPACT_MIN_IGNORED = 0.1  # on a device: compact when the last call ignored at least this share
+COMPACT_MIN_IGNORED = 0.1  # on a device: compact when the last counted call ignored at least this share
 
 
 def _kept_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
     """Indices of the rows whose label is not ignore_index, or None to run every row: when
     none is ignored, when COMPACT is off, while a CUDA graph is captured (the count needs
-    a host sync), or on a device when the previous call ignored few rows (_IgnoredFraction)."""
+    a host sync), or on a device when recent calls ignored few rows (_IgnoredFraction)."""
     if not COMPACT or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     keep = labels != ignore_index
-    if labels.is_cuda:
+    if labels.is_cuda and not torch.are_deterministic_algorithms_enabled():
         ignored = _IGNORED.previous()
         _IGNORED.record(keep)
         if ignored is None or ignored < COMPACT_MIN_IGNORED:

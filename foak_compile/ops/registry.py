@@ -14,9 +14,10 @@ benchmarks compare them.
 Inlined ops cost compile time: for every `wrap_triton` launch it traces, torch asks Triton for the
 kernel's TTIR to find which arguments it writes (once when AOTAutograd functionalises it, again
 when inductor lowers it). A 16-layer model launches the same few kernels with the same arguments
-hundreds of times, so `_memoize_access_analysis` caches that answer per kernel and argument
-signature (FOAK_TTIR_CACHE=0 turns it off).
+hundreds of times, so `_memoize_access_analysis` caches that answer for foak's kernels per kernel
+and argument signature (FOAK_TTIR_CACHE=0 turns it off).
 """
+import copy
 import functools
 import os
 
@@ -39,13 +40,25 @@ INLINE = _inline()
 _inlined: set = set()  # names of the ops registered as triton_op
 
 
+def _is_ours(kernel) -> bool:
+    """Only foak's own kernels are cached (an Autotuner or JITFunction wraps the Python function)."""
+    fn = kernel
+    for _ in range(3):
+        if getattr(fn, "__module__", "").startswith("foak_compile."):
+            return True
+        fn = getattr(fn, "fn", None)
+        if fn is None:
+            return False
+    return False
+
+
 def _access_key(kernel, kwargs, tma):
     """A hashable stand-in for what Triton's TTIR (and so the read/write sets) depends on: the
     kernel, each argument's dtype if a tensor (fake, real or inductor's buffer), else its value.
     None when an argument is of a kind not understood (then nothing is cached)."""
-    if tma:
+    if tma or not _is_ours(kernel):
         return None
-    key = [id(kernel)]
+    key = [kernel]  # the object, not its id: a freed kernel's address may be reused
     for name in sorted(kwargs):
         v = kwargs[name]
         if isinstance(v, (bool, int, float, str, type(None))):
@@ -90,8 +103,7 @@ def _cached(original):
             return original(kernel, kwargs, tma_descriptor_metadata, *rest)
         if key not in cache:
             cache[key] = original(kernel, kwargs, tma_descriptor_metadata)
-        hit = cache[key]
-        return list(hit) if isinstance(hit, list) else hit  # callers get their own list
+        return copy.deepcopy(cache[key])  # callers get their own (mutable) result
 
     cached._foak_cached = True
     return cached

@@ -29,7 +29,27 @@ def _lora_output(call: Node) -> Optional[Node]:
 
 
 def _calls(x: Node) -> list:
-    return [u for u in x.users if u.op == "call_function" and u.target is _LORA and u.args[0] is x]
+    """x's lora_linear users, in graph order."""
+    calls = [u for u in x.users if u.op == "call_function" and u.target is _LORA and u.args and u.args[0] is x]
+    if len(calls) < 2:
+        return calls
+    order = {n: i for i, n in enumerate(x.graph.nodes)}
+    return sorted(calls, key=order.__getitem__)
+
+
+_MODE_SWITCHES = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                  torch.amp.autocast_mode._exit_autocast}
+
+
+def _same_mode(calls: list) -> None:
+    """The grouped call runs where the first sibling ran: no grad-mode or autocast switch may lie
+    between the siblings."""
+    first, last = calls[0], calls[-1]
+    n = first.next
+    while n is not last and n.op != "output":
+        if n.op == "call_function" and n.target in _MODE_SWITCHES:
+            raise Reject(f"`{n.name}` switches grad or autocast mode between the siblings")
+        n = n.next
 
 
 class LoraSiblingsPattern(Pattern):
@@ -42,6 +62,11 @@ class LoraSiblingsPattern(Pattern):
 
     def match(self, x: Node) -> Optional[Candidate]:
         calls = _calls(x)
+        if any(len(c.args) != 8 or c.kwargs or value(c.args[1]) is None for c in calls):
+            raise Reject("a lora_linear call not in the form the lora pattern writes (keywords, unknown weight)")
+        trained = [c.name for c in calls if c.args[2] is not None and getattr(value(c.args[2]), "requires_grad", False)]
+        if trained:
+            raise Reject(f"trained base bias on {trained}: the grouped op has no bias gradient")
         dropped = [c.name for c in calls if c.args[6] != 0.0]
         if dropped:
             raise Reject(f"LoRA dropout on {dropped}: each sibling draws its own mask, not grouped")
@@ -51,6 +76,7 @@ class LoraSiblingsPattern(Pattern):
         kinds = {(value(c.args[1]).dtype, c.args[7]) for c in calls}
         if len(kinds) != 1:
             raise Reject(f"siblings differ in base dtype / output dtype {sorted(map(str, kinds))}")
+        _same_mode(calls)
         args = (x, [c.args[1] for c in calls], [c.args[2] for c in calls], [c.args[3] for c in calls],
                 [c.args[4] for c in calls], [float(c.args[5]) for c in calls], calls[0].args[7])
         names = [(module_of(o) or o.name).split(" ")[0].split(".")[-1] for o in outs]
