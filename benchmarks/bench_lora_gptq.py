@@ -23,23 +23,12 @@ import torch.nn as nn
 import foak_compile
 from foak_compile.kernels import gptq
 
-from .bench_lora import measure_variants  # the same timing/memory/accuracy harness
+# the same shapes, rank and timing/memory/accuracy harness as the dense/NF4 benchmark
+from .bench_lora import ALPHA, DTYPE, RANK, SHAPES, TOKENS, measure_variants
 from .common import bench_ms, environment, write_json
 
-TOKENS = 4096
-RANK = 16
-ALPHA = 32
 BITS = 4
 GROUP_SIZE = 128
-SHAPES = {  # name: (in_features, out_features)
-    "1B q/o 2048->2048": (2048, 2048),
-    "1B gate/up 2048->8192": (2048, 8192),
-    "1B down 8192->2048": (8192, 2048),
-    "8B q/o 4096->4096": (4096, 4096),
-    "8B gate/up 4096->14336": (4096, 14336),
-    "8B down 14336->4096": (14336, 4096),
-}
-DTYPE = torch.bfloat16
 
 
 def _gptqmodel():

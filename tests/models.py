@@ -52,3 +52,20 @@ def compare_with_eager(model, inputs, inner="aot_eager", patterns=None, rtol=1e-
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     return be
+
+
+def inference_matches_eager(model, inputs, patterns=("lora",), context=None):
+    """Compile with the foak backend (aot_eager) and run without grad, optionally inside
+    `context(model)` (e.g. disabled adapters) for both: the logits must equal eager's. Returns
+    the backend, whose reports say what matched and why not."""
+    import contextlib
+    context = context or (lambda m: contextlib.nullcontext())
+    be = foak_compile.backend(patterns=list(patterns), inner="aot_eager")
+    with torch.no_grad():
+        ref = copy.deepcopy(model)
+        compiled = torch.compile(model, backend=be)
+        with context(model), context(ref):
+            got, want = compiled(**inputs).logits, ref(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return be
+

@@ -10,7 +10,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 import foak_compile
-from tests.models import batch, compare_with_eager, loss_and_grads, tiny_model
+from tests.models import batch, compare_with_eager, inference_matches_eager, loss_and_grads, tiny_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # gptqmodel's packer wants in/out features divisible by 32
@@ -213,15 +213,7 @@ def test_gptq_near_misses_are_left_alone_and_reported(name):
     build, reason = NEAR_MISSES[name]
     model = build()
     inputs = batch(model)
-    be = foak_compile.backend(patterns=["lora"], inner="aot_eager")
-    with torch.no_grad():
-        ref = copy.deepcopy(model)
-        compiled = torch.compile(model, backend=be)
-        if name == "adapters disabled":
-            with model.disable_adapter(), ref.disable_adapter():
-                got, want = compiled(**inputs).logits, ref(**inputs).logits
-        else:
-            got, want = compiled(**inputs).logits, ref(**inputs).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    be = inference_matches_eager(model, inputs,
+                                 context=(lambda m: m.disable_adapter()) if name == "adapters disabled" else None)
     assert lora_counts(be) == 0
     assert any(reason in r for r in lora_misses(be)), lora_misses(be)
