@@ -232,7 +232,8 @@ def loss_modules(draw):
         else:
             out = F.nll_loss(F.log_softmax(xf, -1), labels, **kw)
         return out + xf.mean() if extra_user else out
-    fp32_loss = upcast or (spelling == "log_softmax-fp32+nll" and not smoothing)
+    # the fp32 log_softmax spelling is only taken when no miss branch replaces the loss call
+    fp32_loss = upcast or (spelling == "log_softmax-fp32+nll" and not smoothing and miss in (None, "weight"))
     return fn, miss, fp32_loss, ignore
 
 
