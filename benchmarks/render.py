@@ -56,6 +56,30 @@ def cross_entropy(d):
     return "\n".join(out)
 
 
+def lora(d):
+    env = d["env"]
+    out = [f"One LoRA layer (r={d['rank']}, α={d['alpha']}, {d['tokens']} tokens, {d['dtype']}), {env['gpu']}, torch "
+           f"{env['torch']}; fwd+bwd ms / peak MB above the inputs; NF4: {d['nf4']}.", "",
+           "| shape | base | eager peft | inductor | foak op | foak backend | foak op error vs eager (y, dx, dA, dB) |",
+           "|---|---|---|---|---|---|---|"]
+    for name, c in d["cases"].items():
+        for base, r in c.items():
+            if "dequant" in base:
+                continue
+            cell = lambda v: f"{r[v]['fwd_bwd_ms']:.3f} / {r[v]['peak_mb']:.0f}" if "fwd_bwd_ms" in r.get(v, {}) else "—"
+            err = r.get("rel_err_foak_op_vs_eager")
+            err = ", ".join(f"{v:g}" for v in err.values()) if isinstance(err, dict) else "—"
+            out.append(f"| {name} | {base.split(',')[0]} | {cell('eager_peft')} | {cell('inductor')} | "
+                       f"{cell('foak_op')} | {cell('foak_backend')} | {err} |")
+    deq = [(n, c["nf4 dequant only"]) for n, c in d["cases"].items() if "ms" in c.get("nf4 dequant only", {}).get("foak", {})]
+    if deq:
+        out += ["", "| shape | NF4 dequant: foak ms (GB/s) | bitsandbytes ms (GB/s) | bit-exact |", "|---|---|---|---|"]
+        for n, q in deq:
+            out.append(f"| {n} | {q['foak']['ms']:.4f} ({q['foak']['gbs']:.0f}) | {q['bitsandbytes']['ms']:.4f} "
+                       f"({q['bitsandbytes']['gbs']:.0f}) | {q['bit_exact_vs_bitsandbytes']} |")
+    return "\n".join(out)
+
+
 LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile`)", "liger": "Liger (eager)",
           "liger_inductor": "Liger + inductor", "inductor_cg": "inductor + CUDA graphs",
           "foak": "**foak** (`backend=\"foak\"`)", "foak_cg": "foak + CUDA graphs",
@@ -148,7 +172,7 @@ def merge_train_step(paths, out):
 
 
 RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cross_entropy,
-          "train_step.json": train_step}
+          "train_step.json": train_step, "lora.json": lora}
 
 
 def main(names=None):
