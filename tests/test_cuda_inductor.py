@@ -48,8 +48,9 @@ def test_ops_are_inlined_on_cuda():
     assert registry.INLINE and registry.is_inlined("foak::lora_linear") and registry.is_inlined("foak::rms_norm")
 
 
+@pytest.mark.parametrize("siblings", [False, True])
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
-def test_4bit_lora_llama_on_cuda(quant_type, nested):
+def test_4bit_lora_llama_on_cuda(quant_type, nested, siblings):
     """bitsandbytes Linear4bit traces differently on CUDA than on CPU (CI): the module-anchored
     match must still replace all of it, and the result equal eager bitsandbytes."""
     pytest.importorskip("bitsandbytes")
@@ -58,12 +59,13 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested):
     inputs = {k: v.cuda() for k, v in batch(model, seq=29).items()}
     eager = copy.deepcopy(model)
     ref_loss, ref_grads = loss_and_grads(eager, inputs)
-    be = foak_compile.backend(inner="inductor")
+    be = foak_compile.backend(inner="inductor", patterns=["lora", "lora_siblings"] if siblings else None)
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
     assert foak_compile.total_counts(be.reports).get("lora") == 2 * len(PROJECTIONS)
+    assert foak_compile.total_counts(be.reports).get("lora_siblings", 0) == (4 if siblings else 0)
     code = be.reports[0].code_after
     assert "lora_linear_4bit" in code and "torch.ops.bitsandbytes" not in code
 

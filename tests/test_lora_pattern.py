@@ -77,7 +77,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
-def compare_half_with_eager(model, inputs):
+def compare_half_with_eager(model, inputs, patterns=("lora",)):
     """Half precision with peft's fp32 adapters: the op multiplies them in bf16 (as autocast
     would), so it is held to what eager gets with bf16 adapters: the loss and every gradient
     no further (relative to its largest element) from eager's fp32-adapter numbers."""
@@ -88,7 +88,7 @@ def compare_half_with_eager(model, inputs):
         if "lora_" in n:
             p.data = p.data.to(torch.bfloat16)
     half_loss, half_grads = loss_and_grads(half, inputs)
-    be = foak_compile.backend(patterns=["lora"], inner="aot_eager")
+    be = foak_compile.backend(patterns=list(patterns), inner="aot_eager")
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     assert grads.keys() == ref_grads.keys() and grads
     # eager's bf16-adapter error is one sample of bf16 rounding and can be unusually small:

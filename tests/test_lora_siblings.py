@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import foak_compile
 from foak_compile.patterns import DEFAULT
 from tests.models import batch, compare_with_eager
-from tests.test_lora_pattern import PROJECTIONS, peft_llama
+from tests.test_lora_pattern import PROJECTIONS, compare_half_with_eager, peft_llama
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -119,3 +119,30 @@ def test_trained_base_bias_is_left_per_layer_with_the_reason():
 
 def test_pattern_order_does_not_depend_on_how_they_are_named():
     assert foak_compile.backend(patterns=["lora_siblings", "lora"]).pattern_names == ["lora", "lora_siblings"]
+
+
+@pytest.mark.parametrize("quant_type,nested,dtype", [("nf4", True, torch.float32), ("fp4", False, torch.float32),
+                                                     ("nf4", True, torch.bfloat16)])
+def test_4bit_siblings_share_one_stacked_weight(quant_type, nested, dtype):
+    """Real bitsandbytes Linear4bit bases: q/k/v and gate/up each dequantised into one stacked
+    weight, one base GEMM; loss and every LoRA gradient as eager peft."""
+    pytest.importorskip("bitsandbytes")
+    model = peft_llama(dtype, layers=1, quantize=dict(quant_type=quant_type, nested=nested))
+    if dtype == torch.float32:
+        be = compare_with_eager(model, batch(model, seq=int(torch.randint(5, 30, ()))),
+                                patterns=["lora", "lora_siblings"], rtol=1e-5, atol=1e-5)
+    else:
+        be = compare_half_with_eager(model, batch(model), patterns=["lora", "lora_siblings"])
+    groups = [m.variant for r in be.reports for m in r.matches if m.pattern == "lora_siblings"]
+    assert groups == ["3 4-bit siblings, one stacked weight (q_proj, k_proj, v_proj)",
+                      "2 4-bit siblings, one stacked weight (gate_proj, up_proj)"], groups
+    code = be.reports[0].code_after
+    assert code.count("foak.lora_linear_4bit_siblings.default(") == 2 and code.count("foak.lora_linear_4bit.default(") == 2
+
+
+def test_4bit_op_rejects_a_lone_layer():
+    with pytest.raises(ValueError, match="at least two"):
+        torch.ops.foak.lora_linear_4bit_siblings(torch.randn(2, 8), [torch.zeros(16, dtype=torch.uint8)],
+                                                 [torch.ones(1)], [None], [None], [None], [None],
+                                                 [torch.randn(2, 8)], [torch.randn(4, 2)], [1.0], "nf4", 64, 256,
+                                                 [4, 8], torch.float32, torch.float32)

@@ -13,6 +13,8 @@ nested_absmax, plus a global offset:
 Everything is fp32 up to the one rounding to `dtype`, multiply then add, as bitsandbytes
 does it; the kernel is launched without FMA contraction so a GPU gives the same bits.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -89,17 +91,21 @@ def _check(qweight, absmax, blocksize, quant_type, shape, nested_absmax, nested_
 
 def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape, dtype: torch.dtype, nested_absmax=None, nested_code=None, offset=None,
-                    nested_blocksize: int = 256) -> torch.Tensor:
+                    nested_blocksize: int = 256, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The [out, in] weight in `dtype`. `absmax` is fp32, or uint8 when double-quantised
-    (then nested_absmax/nested_code/offset are given)."""
+    (then nested_absmax/nested_code/offset are given). `out`: a contiguous [out, in] tensor of
+    `dtype` to write into (e.g. rows of a stacked weight), returned."""
     shape = tuple(int(s) for s in shape)
     _check(qweight, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {shape} {dtype} tensor, not {tuple(out.shape)} {out.dtype}")
     q = qweight.reshape(-1).view(torch.uint8) if qweight.dtype != torch.uint8 else qweight.reshape(-1)
     if not (use_triton(q) and dtype in TL_DTYPE):
-        return dequantize_4bit_torch(q, absmax, blocksize, quant_type, shape, dtype,
-                                     nested_absmax, nested_code, offset, nested_blocksize)
+        w = dequantize_4bit_torch(q, absmax, blocksize, quant_type, shape, dtype,
+                                  nested_absmax, nested_code, offset, nested_blocksize)
+        return w if out is None else out.copy_(w)
     n = shape[0] * shape[1]
-    out = torch.empty(shape, dtype=dtype, device=q.device)
+    out = torch.empty(shape, dtype=dtype, device=q.device) if out is None else out
     code = code_table(quant_type, q.device)
     nested = nested_absmax is not None
     block = 1024

@@ -1,4 +1,5 @@
-"""torch.ops.foak.lora_linear_siblings: LoRA layers that read the same input (q/k/v, gate/up) in one op.
+"""torch.ops.foak.lora_linear_siblings / lora_linear_4bit_siblings: LoRA layers that read the same
+input (q/k/v, gate/up) in one op.
 
     y_i = out_dtype( x·W_iᵀ + bias_i + s_i · (x·A_iᵀ)·B_iᵀ )      for every sibling i
 
@@ -8,12 +9,18 @@ lora_linear per layer: the adapters' down-projections become one GEMM against th
 one GEMM per base plus one for all adapters (no separate adds of per-layer dx), and fewer
 launches. Returns [y_1, ..., y_k, t] with t = x·[ΣA_i]ᵀ, [..., Σr] (what the dB_i need).
 
+Over bitsandbytes 4-bit bases (lora_linear_4bit_siblings) the base GEMMs group too: the weights
+are dequantised into the rows of one stacked [Σout, in] buffer (forward, and again in backward,
+never kept), so the bases are one GEMM each way; the op returns the stacked output [..., Σout]
+and the graph splits it per layer (a split's gradient is the stacked gradient again).
+
 Precision as lora_linear (ops/lora.py): every GEMM in the bases' dtype, adapters cast to it.
 """
 from typing import Optional
 
 import torch
 
+from ..kernels import bnb4
 from .registry import fused_op, register_fake
 
 
@@ -131,3 +138,145 @@ def _backward(ctx, grads):
 
 
 lora_linear_siblings.register_autograd(_backward, setup_context=_setup)
+
+
+# --- bitsandbytes 4-bit bases: one stacked weight ----------------------------------------------
+
+def _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
+                    nested_blocksize, shapes, cdt):
+    """The siblings' dequantised weights as the rows of one [Σout, in] tensor."""
+    w = torch.empty(sum(o for o, _ in shapes), shapes[0][1], dtype=cdt, device=qweights[0].device)
+    start = 0
+    for q, am, na, nc, off, (o, i) in zip(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, shapes):
+        bnb4.dequantize_4bit(q, am, blocksize, quant_type, (o, i), cdt, na, nc, off, nested_blocksize,
+                             out=w[start:start + o])
+        start += o
+    return w
+
+
+def _pairs(flat):
+    return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+@fused_op("foak::lora_linear_4bit_siblings")
+def lora_linear_4bit_siblings(x: torch.Tensor, qweights: list[torch.Tensor], absmaxes: list[torch.Tensor],
+                              nested_absmaxes: list[Optional[torch.Tensor]], nested_codes: list[Optional[torch.Tensor]],
+                              offsets: list[Optional[torch.Tensor]], biases: list[Optional[torch.Tensor]],
+                              lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scalings: list[float],
+                              quant_type: str, blocksize: int, nested_blocksize: int, weight_shapes: list[int],
+                              compute_dtype: torch.dtype, out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """[y, t]: y = the siblings' outputs side by side [..., Σout], t = x·[ΣA_i]ᵀ [..., Σr].
+    weight_shapes: (out, in) of each sibling, flattened."""
+    shapes, cdt = _pairs(weight_shapes), compute_dtype
+    if len(shapes) < 2 or not (len(qweights) == len(biases) == len(lora_a) == len(lora_b) == len(scalings)
+                               == len(shapes)):
+        raise ValueError("lora_linear_4bit_siblings: at least two siblings, one of each argument")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+    w = _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
+                        nested_blocksize, shapes, cdt)
+    if all(b is None for b in biases):
+        y = torch.mm(x2, w.t())
+    else:  # zeros for the unbiased: one rounding for GEMM + bias, as addmm per layer
+        bias = torch.cat([b.to(cdt) if b is not None else x2.new_zeros(o) for b, (o, _) in zip(biases, shapes)])
+        y = torch.addmm(bias, x2, w.t())
+    t = torch.mm(x2, torch.cat([a.to(cdt) for a in lora_a]).t())
+    start, rs = 0, 0
+    for (o, _), a, b, s in zip(shapes, lora_a, lora_b, scalings):
+        r = a.shape[0]
+        y[:, start:start + o].addmm_(t[:, rs:rs + r], b.to(cdt).t(), alpha=s)
+        start, rs = start + o, rs + r
+    return [y.view(*lead, y.shape[-1]).to(out_dtype), t.view(*lead, t.shape[-1])]
+
+
+def _fake_4bit(x, qweights, absmaxes, nested_absmaxes, nested_codes, offsets, biases, lora_a, lora_b, scalings,
+               quant_type, blocksize, nested_blocksize, weight_shapes, compute_dtype, out_dtype):
+    lead, shapes = x.shape[:-1], _pairs(weight_shapes)
+    return [x.new_empty(*lead, sum(o for o, _ in shapes), dtype=out_dtype),
+            x.new_empty(*lead, sum(a.shape[0] for a in lora_a), dtype=compute_dtype)]
+
+
+register_fake(lora_linear_4bit_siblings, _fake_4bit)
+
+
+@fused_op("foak::lora_linear_4bit_siblings_backward")
+def lora_linear_4bit_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweights: list[torch.Tensor],
+                                       absmaxes: list[torch.Tensor], nested_absmaxes: list[Optional[torch.Tensor]],
+                                       nested_codes: list[Optional[torch.Tensor]],
+                                       offsets: list[Optional[torch.Tensor]], lora_a: list[torch.Tensor],
+                                       lora_b: list[torch.Tensor], t: torch.Tensor, scalings: list[float],
+                                       quant_type: str, blocksize: int, nested_blocksize: int,
+                                       weight_shapes: list[int], compute_dtype: torch.dtype,
+                                       need_x: bool) -> list[torch.Tensor]:
+    """[dx (empty unless need_x), dA_1..dA_k, dB_1..dB_k] from the stacked output's gradient."""
+    shapes, cdt = _pairs(weight_shapes), compute_dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+    t2 = t.reshape(-1, t.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
+    dts, dbs, start, rs = [], [], 0, 0
+    for (o, _), a, b, s in zip(shapes, lora_a, lora_b, scalings):
+        r = a.shape[0]
+        d = dy2[:, start:start + o]
+        dbs.append(torch.mm(d.t(), _scaled(t2[:, rs:rs + r], s, cdt)).to(b.dtype))
+        dts.append(torch.mm(d, _scaled(b, s, cdt)))
+        start, rs = start + o, rs + r
+    dt = torch.cat(dts, dim=1)
+    a_cat = torch.cat([a.to(cdt) for a in lora_a])
+    da_cat = torch.mm(dt.t(), x2)
+    das, rs = [], 0
+    for a in lora_a:
+        das.append(da_cat[rs:rs + a.shape[0]].to(a.dtype, copy=True))
+        rs += a.shape[0]
+    dx = x.new_empty(0)
+    if need_x:
+        w = _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
+                            nested_blocksize, shapes, cdt)
+        dx2 = torch.mm(dt, a_cat)
+        dx2.addmm_(dy2, w)  # every base's share in one GEMM against the stacked weight
+        dx = dx2.view(x.shape).to(x.dtype)
+    return [dx] + das + dbs
+
+
+def _backward_4bit_fake(dy, x, qweights, absmaxes, nested_absmaxes, nested_codes, offsets, lora_a, lora_b, t,
+                        scalings, quant_type, blocksize, nested_blocksize, weight_shapes, compute_dtype, need_x):
+    return [x.new_empty(x.shape) if need_x else x.new_empty(0)] + [a.new_empty(a.shape) for a in lora_a] + \
+        [b.new_empty(b.shape) for b in lora_b]
+
+
+register_fake(lora_linear_4bit_siblings_backward, _backward_4bit_fake)
+
+
+def _leaf_grads(values):
+    """None per element for a list of tensors; one None for a list holding a None (a pytree leaf)."""
+    return [None] * len(values) if all(v is not None for v in values) else None
+
+
+def _setup_4bit(ctx, inputs, output):
+    (x, qweights, absmaxes, nested_absmaxes, nested_codes, offsets, biases, a, b, scalings, quant_type, blocksize,
+     nested_blocksize, weight_shapes, cdt, _) = inputs
+    ctx.k = len(qweights)
+    nested = nested_absmaxes[0] is not None
+    ctx.nested = nested
+    ctx.save_for_backward(x, output[1], *qweights, *absmaxes, *a, *b,
+                          *(nested_absmaxes + nested_codes + offsets if nested else []))
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (list(scalings), quant_type, blocksize, nested_blocksize, list(weight_shapes), cdt)
+    ctx.none_grads = [_leaf_grads(v) for v in (qweights, absmaxes, nested_absmaxes, nested_codes, offsets, biases)]
+
+
+def _backward_4bit(ctx, grads):
+    k = ctx.k
+    x, t, *rest = ctx.saved_tensors
+    q, am, a, b = rest[:k], rest[k:2 * k], rest[2 * k:3 * k], rest[3 * k:4 * k]
+    nested = rest[4 * k:]
+    na, nc, off = (list(nested[:k]), list(nested[k:2 * k]), list(nested[2 * k:])) if ctx.nested else \
+        ([None] * k, [None] * k, [None] * k)
+    scalings, quant_type, blocksize, nested_blocksize, weight_shapes, cdt = ctx.args
+    out = torch.ops.foak.lora_linear_4bit_siblings_backward(
+        grads[0], x, list(q), list(am), na, nc, off, list(a), list(b), t, scalings, quant_type, blocksize,
+        nested_blocksize, weight_shapes, cdt, ctx.needs_input_grad[0])
+    dx = out[0] if ctx.needs_input_grad[0] else None
+    return (dx, *ctx.none_grads, list(out[1:1 + k]), list(out[1 + k:]), None, None, None, None, None, None, None)
+
+
+lora_linear_4bit_siblings.register_autograd(_backward_4bit, setup_context=_setup_4bit)

@@ -1,9 +1,12 @@
 """LoRA siblings: fused LoRA layers that read the same input (q/k/v, gate/up) → one
 torch.ops.foak.lora_linear_siblings call (ops/lora_siblings.py).
 
-Runs on what the `lora` pattern left: `torch.ops.foak.lora_linear` calls. Siblings are grouped
-when they share the input node, have dense bases of one dtype, the same output dtype, and no
-LoRA dropout (each layer draws its own mask). Opt-in (`backend(patterns=[..., "lora_siblings"])`)
+Runs on what the `lora` pattern left: `torch.ops.foak.lora_linear` (dense) and
+`lora_linear_4bit` (bitsandbytes) calls. Siblings are grouped when they share the input node
+and the kind of base (dense of one dtype; or 4-bit of one quant type, block sizes, double
+quantisation and compute dtype), the output dtype, and have no LoRA dropout (each layer draws
+its own mask) and no trained base bias. A 4-bit group becomes one stacked-weight op whose
+output the graph splits per layer. Opt-in (`backend(patterns=[..., "lora_siblings"])`)
 until its GPU benefit is measured.
 """
 import operator
@@ -17,7 +20,12 @@ from ..nodes import module_of, value
 import torch
 
 _LORA = torch.ops.foak.lora_linear.default
+_LORA4 = torch.ops.foak.lora_linear_4bit.default
 _SIBLINGS = torch.ops.foak.lora_linear_siblings.default
+_SIBLINGS4 = torch.ops.foak.lora_linear_4bit_siblings.default
+# argument positions: (x, weight | qweight, ..., bias, A, B, scaling, dropout_p, ..., out_dtype)
+_POS = {_LORA: dict(n=8, bias=2, a=3, b=4, scaling=5, p=6),
+        _LORA4: dict(n=17, bias=6, a=7, b=8, scaling=9, p=10)}
 
 
 def _lora_output(call: Node) -> Optional[Node]:
@@ -29,8 +37,8 @@ def _lora_output(call: Node) -> Optional[Node]:
 
 
 def _calls(x: Node) -> list:
-    """x's lora_linear users, in graph order."""
-    calls = [u for u in x.users if u.op == "call_function" and u.target is _LORA and u.args and u.args[0] is x]
+    """x's lora_linear / lora_linear_4bit users, in graph order."""
+    calls = [u for u in x.users if u.op == "call_function" and u.target in _POS and u.args and u.args[0] is x]
     if len(calls) < 2:
         return calls
     order = {n: i for i, n in enumerate(x.graph.nodes)}
@@ -62,26 +70,52 @@ class LoraSiblingsPattern(Pattern):
 
     def match(self, x: Node) -> Optional[Candidate]:
         calls = _calls(x)
-        if any(len(c.args) != 8 or c.kwargs or value(c.args[1]) is None for c in calls):
-            raise Reject("a lora_linear call not in the form the lora pattern writes (keywords, unknown weight)")
-        trained = [c.name for c in calls if c.args[2] is not None and getattr(value(c.args[2]), "requires_grad", False)]
+        if len({c.target for c in calls}) != 1:
+            raise Reject("siblings over different kinds of base layer (dense and 4-bit) are not grouped")
+        pos = _POS[calls[0].target]
+        if any(len(c.args) != pos["n"] or c.kwargs or value(c.args[1]) is None for c in calls):
+            raise Reject("a LoRA op call not in the form the lora pattern writes (keywords, unknown weight)")
+        trained = [c.name for c in calls if getattr(value(c.args[pos["bias"]]), "requires_grad", False)]
         if trained:
             raise Reject(f"trained base bias on {trained}: the grouped op has no bias gradient")
-        dropped = [c.name for c in calls if c.args[6] != 0.0]
+        dropped = [c.name for c in calls if c.args[pos["p"]] != 0.0]
         if dropped:
             raise Reject(f"LoRA dropout on {dropped}: each sibling draws its own mask, not grouped")
         outs = [_lora_output(c) for c in calls]
         if any(o is None for o in outs):
             raise Reject("a sibling's t or seed output is used: not grouped")
-        kinds = {(value(c.args[1]).dtype, c.args[7]) for c in calls}
-        if len(kinds) != 1:
-            raise Reject(f"siblings differ in base dtype / output dtype {sorted(map(str, kinds))}")
         _same_mode(calls)
-        args = (x, [c.args[1] for c in calls], [c.args[2] for c in calls], [c.args[3] for c in calls],
-                [c.args[4] for c in calls], [float(c.args[5]) for c in calls], calls[0].args[7])
         names = [(module_of(o) or o.name).split(" ")[0].split(".")[-1] for o in outs]
         nodes = [n for c, o in zip(calls, outs) for n in (o, c)]
+        scalings = [float(s) for s in column_of(calls, pos["scaling"])]
+        if calls[0].target is _LORA:
+            kinds = {(value(c.args[1]).dtype, c.args[7]) for c in calls}
+            if len(kinds) != 1:
+                raise Reject(f"siblings differ in base dtype / output dtype {sorted(map(str, kinds))}")
+            args = (x, [c.args[1] for c in calls], column_of(calls, pos["bias"]), column_of(calls, pos["a"]), column_of(calls, pos["b"]), scalings,
+                    calls[0].args[7])
 
-        def replace(g):
-            return g.call_function(_SIBLINGS, args)
-        return Candidate(nodes, outs, replace, f"{len(calls)} siblings ({', '.join(names)})")
+            def replace(g):
+                return g.call_function(_SIBLINGS, args)
+            return Candidate(nodes, outs, replace, f"{len(calls)} siblings ({', '.join(names)})")
+        # 4-bit: one quantisation setup, double quantisation for all or none
+        kinds = {(c.args[11], c.args[12], c.args[13], c.args[15], c.args[16], c.args[3] is None) for c in calls}
+        if len(kinds) != 1:
+            raise Reject("4-bit siblings differ in quant type, block sizes, double quantisation or dtypes")
+        shapes = [int(v) for c in calls for v in c.args[14]]
+        args = (x, column_of(calls, 1), column_of(calls, 2), column_of(calls, 3), column_of(calls, 4),
+                column_of(calls, 5), column_of(calls, pos["bias"]), column_of(calls, pos["a"]), column_of(calls, pos["b"]), scalings, *calls[0].args[11:14],
+                shapes, calls[0].args[15], calls[0].args[16])
+        widths = shapes[0::2]
+
+        def replace4(g):
+            call = g.call_function(_SIBLINGS4, args)
+            y = g.call_function(operator.getitem, (call, 0))
+            return g.call_function(torch.split, (y, widths, -1))  # the engine takes each layer's piece
+        return Candidate(nodes, outs, replace4, f"{len(calls)} 4-bit siblings, one stacked weight "
+                                                f"({', '.join(names)})")
+
+
+def column_of(calls: list, i: int) -> list:
+    """Argument i of every sibling's call."""
+    return [c.args[i] for c in calls]
