@@ -146,3 +146,20 @@ def test_4bit_op_rejects_a_lone_layer():
                                                  [torch.ones(1)], [None], [None], [None], [None],
                                                  [torch.randn(2, 8)], [torch.randn(4, 2)], [1.0], "nf4", 64, 256,
                                                  [4, 8], torch.float32, torch.float32)
+
+
+def test_siblings_inside_gradient_checkpointing_regions():
+    """Non-reentrant checkpointing puts each decoder layer in a region the backend rewrites too."""
+    import copy
+    from foak_compile.integrations import enable_gradient_checkpointing
+    from tests.models import loss_and_grads
+    model = peft_llama(layers=2).train()
+    inputs = batch(model)
+    ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), inputs)
+    enable_gradient_checkpointing(model)
+    be = foak_compile.backend(patterns=[*DEFAULT, "lora_siblings"], inner="aot_eager")
+    loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert foak_compile.total_counts(be.reports)["lora_siblings"] == 4
