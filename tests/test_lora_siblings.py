@@ -163,3 +163,62 @@ def test_siblings_inside_gradient_checkpointing_regions():
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert foak_compile.total_counts(be.reports)["lora_siblings"] == 4
+
+
+class _TwoHeads(torch.nn.Module):
+    """Two biased projections of one input, the second's output optionally modified in place."""
+
+    def __init__(self, n_in, outs, in_place=False):
+        super().__init__()
+        self.q = torch.nn.Linear(n_in, outs[0])
+        self.k = torch.nn.Linear(n_in, outs[1])
+        self.in_place = in_place
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        if self.in_place:
+            k.mul_(2.0)
+        return (q.sum(-1) * k.mean(-1)).sum()
+
+
+def _two_heads(in_place=False, quantize=None):
+    from peft import LoraConfig, get_peft_model
+    from tests.test_lora_pattern import _randomize_adapters, _to_4bit
+    module = _TwoHeads(int(torch.randint(17, 40, ())) * 2, [int(torch.randint(5, 30, ())) * 2 for _ in range(2)],
+                       in_place)
+    if quantize:
+        _to_4bit(module, **quantize)
+    model = get_peft_model(module, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k"]))
+    _randomize_adapters(model)
+    return model
+
+
+def _grads_vs_eager(model, x, patterns=("lora", "lora_siblings")):
+    import copy
+    ref = copy.deepcopy(model)
+    x_ref = x.detach().clone().requires_grad_()
+    ref(x_ref).backward()
+    be = foak_compile.backend(patterns=list(patterns), inner="aot_eager")
+    torch.compile(model, backend=be)(x).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    return be
+
+
+def test_4bit_siblings_with_frozen_biases():
+    pytest.importorskip("bitsandbytes")
+    model = _two_heads(quantize=dict(quant_type="nf4"))
+    x = torch.randn(3, 7, model.base_model.model.q.in_features, requires_grad=True)
+    be = _grads_vs_eager(model, x)
+    assert foak_compile.total_counts(be.reports) == {"lora": 2, "lora_siblings": 1}
+
+
+def test_output_modified_in_place_is_left_per_layer():
+    model = _two_heads(in_place=True)
+    x = torch.randn(5, model.base_model.model.q.in_features, requires_grad=True)
+    be = _grads_vs_eager(model, x)
+    misses = [m.reason for r in be.reports for m in r.near_misses if m.pattern == "lora_siblings"]
+    assert foak_compile.total_counts(be.reports) == {"lora": 2}
+    assert any("modified in place" in m for m in misses), misses

@@ -158,6 +158,20 @@ def _pairs(flat):
     return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
+def _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes):
+    """The siblings' (out, in) shapes, after checking they chain with x, A, B and the biases."""
+    shapes = _pairs(weight_shapes)
+    k = len(shapes)
+    if k < 2 or not (len(qweights) == len(biases) == len(lora_a) == len(lora_b) == len(scalings) == k):
+        raise ValueError("lora_linear_4bit_siblings: at least two siblings, one of each argument")
+    for (o, i), bias, a, b in zip(shapes, biases, lora_a, lora_b):
+        if i != x.shape[-1] or a.shape[1] != i or tuple(b.shape) != (o, a.shape[0]) or \
+                (bias is not None and tuple(bias.shape) != (o,)):
+            raise ValueError(f"lora_linear_4bit_siblings: shapes do not chain: x {tuple(x.shape)}, W ({o}, {i}), "
+                             f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+    return shapes
+
+
 @fused_op("foak::lora_linear_4bit_siblings")
 def lora_linear_4bit_siblings(x: torch.Tensor, qweights: list[torch.Tensor], absmaxes: list[torch.Tensor],
                               nested_absmaxes: list[Optional[torch.Tensor]], nested_codes: list[Optional[torch.Tensor]],
@@ -167,10 +181,7 @@ def lora_linear_4bit_siblings(x: torch.Tensor, qweights: list[torch.Tensor], abs
                               compute_dtype: torch.dtype, out_dtype: torch.dtype) -> list[torch.Tensor]:
     """[y, t]: y = the siblings' outputs side by side [..., Σout], t = x·[ΣA_i]ᵀ [..., Σr].
     weight_shapes: (out, in) of each sibling, flattened."""
-    shapes, cdt = _pairs(weight_shapes), compute_dtype
-    if len(shapes) < 2 or not (len(qweights) == len(biases) == len(lora_a) == len(lora_b) == len(scalings)
-                               == len(shapes)):
-        raise ValueError("lora_linear_4bit_siblings: at least two siblings, one of each argument")
+    shapes, cdt = _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes), compute_dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     w = _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
@@ -191,7 +202,7 @@ def lora_linear_4bit_siblings(x: torch.Tensor, qweights: list[torch.Tensor], abs
 
 def _fake_4bit(x, qweights, absmaxes, nested_absmaxes, nested_codes, offsets, biases, lora_a, lora_b, scalings,
                quant_type, blocksize, nested_blocksize, weight_shapes, compute_dtype, out_dtype):
-    lead, shapes = x.shape[:-1], _pairs(weight_shapes)
+    lead, shapes = x.shape[:-1], _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes)
     return [x.new_empty(*lead, sum(o for o, _ in shapes), dtype=out_dtype),
             x.new_empty(*lead, sum(a.shape[0] for a in lora_a), dtype=compute_dtype)]
 

@@ -36,6 +36,11 @@ def _lora_output(call: Node) -> Optional[Node]:
     return None
 
 
+def _in_place(n: Node) -> bool:
+    name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
+
+
 def _calls(x: Node) -> list:
     """x's lora_linear / lora_linear_4bit users, in graph order."""
     calls = [u for u in x.users if u.op == "call_function" and u.target in _POS and u.args and u.args[0] is x]
@@ -75,6 +80,9 @@ class LoraSiblingsPattern(Pattern):
         pos = _POS[calls[0].target]
         if any(len(c.args) != pos["n"] or c.kwargs or value(c.args[1]) is None for c in calls):
             raise Reject("a LoRA op call not in the form the lora pattern writes (keywords, unknown weight)")
+        unknown = [c.name for c in calls if c.args[pos["bias"]] is not None and value(c.args[pos["bias"]]) is None]
+        if unknown:
+            raise Reject(f"the base bias of {unknown} has no recorded value: cannot tell it is frozen")
         trained = [c.name for c in calls if getattr(value(c.args[pos["bias"]]), "requires_grad", False)]
         if trained:
             raise Reject(f"trained base bias on {trained}: the grouped op has no bias gradient")
@@ -84,6 +92,9 @@ class LoraSiblingsPattern(Pattern):
         outs = [_lora_output(c) for c in calls]
         if any(o is None for o in outs):
             raise Reject("a sibling's t or seed output is used: not grouped")
+        inplace = [u.name for o in outs for u in o.users if _in_place(u)]
+        if inplace:  # the grouped outputs may be views of one tensor, which autograd refuses to modify
+            raise Reject(f"a sibling's output is modified in place ({', '.join(inplace)})")
         _same_mode(calls)
         names = [(module_of(o) or o.name).split(" ")[0].split(".")[-1] for o in outs]
         nodes = [n for c, o in zip(calls, outs) for n in (o, c)]
@@ -103,15 +114,17 @@ class LoraSiblingsPattern(Pattern):
         if len(kinds) != 1:
             raise Reject("4-bit siblings differ in quant type, block sizes, double quantisation or dtypes")
         shapes = [int(v) for c in calls for v in c.args[14]]
+        if set(shapes[1::2]) != {value(x).shape[-1]}:
+            raise Reject(f"4-bit siblings' in_features {shapes[1::2]} do not all equal the input's {value(x).shape[-1]}")
         args = (x, column_of(calls, 1), column_of(calls, 2), column_of(calls, 3), column_of(calls, 4),
                 column_of(calls, 5), column_of(calls, pos["bias"]), column_of(calls, pos["a"]), column_of(calls, pos["b"]), scalings, *calls[0].args[11:14],
                 shapes, calls[0].args[15], calls[0].args[16])
-        widths = shapes[0::2]
+        widths, dim = shapes[0::2], value(x).dim() - 1
 
         def replace4(g):
             call = g.call_function(_SIBLINGS4, args)
             y = g.call_function(operator.getitem, (call, 0))
-            return g.call_function(torch.split, (y, widths, -1))  # the engine takes each layer's piece
+            return g.call_function(torch.split, (y, widths, dim))  # the engine takes each layer's piece
         return Candidate(nodes, outs, replace4, f"{len(calls)} 4-bit siblings, one stacked weight "
                                                 f"({', '.join(names)})")
 
