@@ -16,6 +16,7 @@ and the graph splits it per layer (a split's gradient is the stacked gradient ag
 
 Precision as lora_linear (ops/lora.py): every GEMM in the bases' dtype, adapters cast to it.
 """
+import itertools
 from typing import Optional
 
 import torch
@@ -73,29 +74,34 @@ def lora_linear_siblings_backward(dys: list[torch.Tensor], x: torch.Tensor, weig
     """[dx (empty unless need_x), dA_1..dA_k, dB_1..dB_k]."""
     cdt = weights[0].dtype
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-    t2 = t.reshape(-1, t.shape[-1])
     dy2 = [dy.reshape(-1, dy.shape[-1]).to(cdt) for dy in dys]
-    dts, dbs, start = [], [], 0
-    for dy, a, b, s in zip(dy2, lora_a, lora_b, scalings):
-        r = a.shape[0]
-        # dB = s · dYᵀ·t and dt = s · dY·B, the scaling folded into the small operands
-        dbs.append(torch.mm(dy.t(), _scaled(t2[:, start:start + r], s, cdt)).to(b.dtype))
-        dts.append(torch.mm(dy, _scaled(b, s, cdt)))
-        start += r
-    dt = torch.cat(dts, dim=1)  # [M, Σr]
-    a_cat = torch.cat([a.to(cdt) for a in lora_a])
-    da_cat = torch.mm(dt.t(), x2)  # every dA in one GEMM
-    das, start = [], 0
-    for a in lora_a:
-        das.append(da_cat[start:start + a.shape[0]].to(a.dtype, copy=True))  # outputs may not alias
-        start += a.shape[0]
+    dt, das, dbs = _adapter_grads(dy2, x2, t, lora_a, lora_b, scalings, cdt)
     dx = x.new_empty(0)
     if need_x:
-        dx2 = torch.mm(dt, a_cat)
+        dx2 = torch.mm(dt, torch.cat([a.to(cdt) for a in lora_a]))
         for dy, w in zip(dy2, weights):  # accumulated in place: no per-layer dx to add up
             dx2.addmm_(dy, w)
         dx = dx2.view(x.shape).to(x.dtype)
     return [dx] + das + dbs
+
+
+def _adapter_grads(dys, x2, t, lora_a, lora_b, scalings, cdt):
+    """(dt [M, Σr], dAs, dBs) from each sibling's output gradient dys[i] [M, out_i]: dB_i = s_i·dY_iᵀ·t_i
+    and dt_i = s_i·dY_i·B_i (the scaling folded into the small operands), then every dA in one GEMM."""
+    t2 = t.reshape(-1, t.shape[-1])
+    dts, dbs, start = [], [], 0
+    for dy, a, b, s in zip(dys, lora_a, lora_b, scalings):
+        r = a.shape[0]
+        dbs.append(torch.mm(dy.t(), _scaled(t2[:, start:start + r], s, cdt)).to(b.dtype))
+        dts.append(torch.mm(dy, _scaled(b, s, cdt)))
+        start += r
+    dt = torch.cat(dts, dim=1)
+    da_cat = torch.mm(dt.t(), x2)
+    das, start = [], 0
+    for a in lora_a:
+        das.append(da_cat[start:start + a.shape[0]].to(a.dtype, copy=True))  # outputs may not alias
+        start += a.shape[0]
+    return dt, das, dbs
 
 
 def _backward_fake(dys, x, weights, lora_a, lora_b, t, scalings, need_x):
@@ -222,27 +228,15 @@ def lora_linear_4bit_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweigh
     """[dx (empty unless need_x), dA_1..dA_k, dB_1..dB_k] from the stacked output's gradient."""
     shapes, cdt = _pairs(weight_shapes), compute_dtype
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-    t2 = t.reshape(-1, t.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
-    dts, dbs, start, rs = [], [], 0, 0
-    for (o, _), a, b, s in zip(shapes, lora_a, lora_b, scalings):
-        r = a.shape[0]
-        d = dy2[:, start:start + o]
-        dbs.append(torch.mm(d.t(), _scaled(t2[:, rs:rs + r], s, cdt)).to(b.dtype))
-        dts.append(torch.mm(d, _scaled(b, s, cdt)))
-        start, rs = start + o, rs + r
-    dt = torch.cat(dts, dim=1)
-    a_cat = torch.cat([a.to(cdt) for a in lora_a])
-    da_cat = torch.mm(dt.t(), x2)
-    das, rs = [], 0
-    for a in lora_a:
-        das.append(da_cat[rs:rs + a.shape[0]].to(a.dtype, copy=True))
-        rs += a.shape[0]
+    ends = list(itertools.accumulate(o for o, _ in shapes))
+    pieces = [dy2[:, e - o:e] for (o, _), e in zip(shapes, ends)]
+    dt, das, dbs = _adapter_grads(pieces, x2, t, lora_a, lora_b, scalings, cdt)
     dx = x.new_empty(0)
     if need_x:
         w = _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
                             nested_blocksize, shapes, cdt)
-        dx2 = torch.mm(dt, a_cat)
+        dx2 = torch.mm(dt, torch.cat([a.to(cdt) for a in lora_a]))
         dx2.addmm_(dy2, w)  # every base's share in one GEMM against the stacked weight
         dx = dx2.view(x.shape).to(x.dtype)
     return [dx] + das + dbs
