@@ -12,12 +12,12 @@ until its GPU benefit is measured.
 import operator
 from typing import Optional
 
+import torch
 from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
 from ..nodes import module_of, value
-import torch
 
 _LORA = torch.ops.foak.lora_linear.default
 _LORA4 = torch.ops.foak.lora_linear_4bit.default
@@ -98,13 +98,13 @@ class LoraSiblingsPattern(Pattern):
         _same_mode(calls)
         names = [(module_of(o) or o.name).split(" ")[0].split(".")[-1] for o in outs]
         nodes = [n for c, o in zip(calls, outs) for n in (o, c)]
-        scalings = [float(s) for s in column_of(calls, pos["scaling"])]
+        scalings = [float(s) for s in _column(calls, pos["scaling"])]
         if calls[0].target is _LORA:
             kinds = {(value(c.args[1]).dtype, c.args[7]) for c in calls}
             if len(kinds) != 1:
                 raise Reject(f"siblings differ in base dtype / output dtype {sorted(map(str, kinds))}")
-            args = (x, [c.args[1] for c in calls], column_of(calls, pos["bias"]), column_of(calls, pos["a"]), column_of(calls, pos["b"]), scalings,
-                    calls[0].args[7])
+            args = (x, _column(calls, 1), _column(calls, pos["bias"]), _column(calls, pos["a"]),
+                    _column(calls, pos["b"]), scalings, calls[0].args[7])
 
             def replace(g):
                 return g.call_function(_SIBLINGS, args)
@@ -115,10 +115,11 @@ class LoraSiblingsPattern(Pattern):
             raise Reject("4-bit siblings differ in quant type, block sizes, double quantisation or dtypes")
         shapes = [int(v) for c in calls for v in c.args[14]]
         if set(shapes[1::2]) != {value(x).shape[-1]}:
-            raise Reject(f"4-bit siblings' in_features {shapes[1::2]} do not all equal the input's {value(x).shape[-1]}")
-        args = (x, column_of(calls, 1), column_of(calls, 2), column_of(calls, 3), column_of(calls, 4),
-                column_of(calls, 5), column_of(calls, pos["bias"]), column_of(calls, pos["a"]), column_of(calls, pos["b"]), scalings, *calls[0].args[11:14],
-                shapes, calls[0].args[15], calls[0].args[16])
+            raise Reject(f"4-bit siblings' in_features {shapes[1::2]} do not all equal "
+                         f"the input's {value(x).shape[-1]}")
+        quant = [_column(calls, i) for i in (1, 2, 3, 4, 5)]  # qweight, absmax, nested absmax/code, offset
+        args = (x, *quant, _column(calls, pos["bias"]), _column(calls, pos["a"]), _column(calls, pos["b"]),
+                scalings, *calls[0].args[11:14], shapes, calls[0].args[15], calls[0].args[16])
         widths, dim = shapes[0::2], value(x).dim() - 1
 
         def replace4(g):
@@ -129,6 +130,6 @@ class LoraSiblingsPattern(Pattern):
                                                 f"({', '.join(names)})")
 
 
-def column_of(calls: list, i: int) -> list:
+def _column(calls: list, i: int) -> list:
     """Argument i of every sibling's call."""
     return [c.args[i] for c in calls]
