@@ -141,6 +141,29 @@ def test_dequant_round_trip_is_within_half_a_code_step(device):
     assert ((got - w).abs() <= bound * (1 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("triton_path", [True, False])
+def test_dequant_into_rows_of_a_stacked_buffer(triton_path, device, monkeypatch):
+    """out=/out_row=: two weights written into the rows of one buffer, each equal to its own
+    dequantisation, the rows around them untouched (the 4-bit siblings' stacked weight)."""
+    pytest.importorskip("bitsandbytes")
+    if not triton_path:
+        monkeypatch.setattr(bnb4, "use_triton", lambda t: False)
+    (o1, o2), in_f = (int(v) for v in torch.randint(3, 40, (2,))), 2 * int(torch.randint(5, 50, ()))
+    parts = [_quantized(o, in_f, torch.bfloat16, "nf4", True, 64, device) for o in (o1, o2)]
+    sentinel = -7.0
+    buf = torch.full((o1 + o2 + 3, in_f), sentinel, dtype=torch.bfloat16, device=device)
+    row = 1
+    for q, st, _ in parts:
+        absmax, *nested = _state_args(st)
+        args = (q, absmax, st.blocksize, st.quant_type, st.shape, torch.bfloat16, *nested)
+        assert bnb4.dequantize_4bit(*args, out=buf, out_row=row) is buf
+        assert torch.equal(buf[row:row + st.shape[0]], bnb4.dequantize_4bit(*args))
+        row += st.shape[0]
+    assert (buf[0] == sentinel).all() and (buf[row:] == sentinel).all()
+    with pytest.raises(ValueError, match="out must be"):
+        bnb4.dequantize_4bit(*args, out=buf, out_row=buf.shape[0] - st.shape[0] + 1)
+
+
 def test_dequant_rejects_inconsistent_state():
     q = torch.zeros(10, dtype=torch.uint8)
     with pytest.raises(ValueError, match="blocksize"):

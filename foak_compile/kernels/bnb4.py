@@ -55,7 +55,7 @@ def code_table(quant_type: str, device) -> torch.Tensor:
 
 
 @triton.jit
-def _dequant_4bit(Q, CODE, ABSMAX, QABSMAX, NESTED_CODE, OFFSET, OUT, n,
+def _dequant_4bit(Q, CODE, ABSMAX, QABSMAX, NESTED_CODE, OFFSET, OUT, out_start, n,
                   BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                   BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -71,7 +71,7 @@ def _dequant_4bit(Q, CODE, ABSMAX, QABSMAX, NESTED_CODE, OFFSET, OUT, n,
         scale = scale + tl.load(OFFSET)
     else:
         scale = tl.load(ABSMAX + blk, mask=mask, other=0.0)
-    tl.store(OUT + i, cast(v * scale, OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + out_start + i, cast(v * scale, OUT.dtype.element_ty), mask=mask)
 
 
 def _check(qweight, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset):
@@ -91,19 +91,28 @@ def _check(qweight, absmax, blocksize, quant_type, shape, nested_absmax, nested_
 
 def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape, dtype: torch.dtype, nested_absmax=None, nested_code=None, offset=None,
-                    nested_blocksize: int = 256, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    nested_blocksize: int = 256, out: Optional[torch.Tensor] = None,
+                    out_row: int = 0) -> torch.Tensor:
     """The [out, in] weight in `dtype`. `absmax` is fp32, or uint8 when double-quantised
-    (then nested_absmax/nested_code/offset are given). `out`: a contiguous [out, in] tensor of
-    `dtype` to write into (e.g. rows of a stacked weight), returned."""
+    (then nested_absmax/nested_code/offset are given). `out`: a contiguous [rows, in] tensor of
+    `dtype` (a stacked weight) whose rows from `out_row` on receive the weight; returned whole.
+    The kernel is given the whole buffer and an offset, never a row slice: a slice written by
+    a kernel traced into inductor's graph is left to its view handling (an illegal address on
+    CUDA in the 4-bit siblings op)."""
     shape = tuple(int(s) for s in shape)
     _check(qweight, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset)
-    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {shape} {dtype} tensor, not {tuple(out.shape)} {out.dtype}")
+    if out is not None and (out.dim() != 2 or out.shape[1] != shape[1] or not 0 <= out_row <= out.shape[0] - shape[0]
+                            or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [rows >= {out_row} + {shape[0]}, {shape[1]}] {dtype} tensor, "
+                         f"not {tuple(out.shape)} {out.dtype}")
     q = qweight.reshape(-1).view(torch.uint8) if qweight.dtype != torch.uint8 else qweight.reshape(-1)
     if not (use_triton(q) and dtype in TL_DTYPE):
         w = dequantize_4bit_torch(q, absmax, blocksize, quant_type, shape, dtype,
                                   nested_absmax, nested_code, offset, nested_blocksize)
-        return w if out is None else out.copy_(w)
+        if out is None:
+            return w
+        out[out_row:out_row + shape[0]].copy_(w)
+        return out
     n = shape[0] * shape[1]
     out = torch.empty(shape, dtype=dtype, device=q.device) if out is None else out
     code = code_table(quant_type, q.device)
@@ -111,7 +120,8 @@ def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, blocksize: int,
     block = 1024
     wrap_triton(_dequant_4bit)[(triton.cdiv(n, block),)](
         q, code, nested_absmax.float() if nested else absmax.float(), absmax if nested else q,
-        nested_code.float() if nested else code, offset.float().reshape(1) if nested else code, out, n,
+        nested_code.float() if nested else code, offset.float().reshape(1) if nested else code, out,
+        out_row * shape[1], n,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, BLOCK=block, num_warps=4,
         enable_fp_fusion=False)  # multiply, then add, like bitsandbytes: the same bits
     return out

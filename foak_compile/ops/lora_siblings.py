@@ -155,7 +155,7 @@ def _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, 
     start = 0
     for q, am, na, nc, off, (o, i) in zip(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, shapes):
         bnb4.dequantize_4bit(q, am, blocksize, quant_type, (o, i), cdt, na, nc, off, nested_blocksize,
-                             out=w[start:start + o])
+                             out=w, out_row=start)
         start += o
     return w
 
