@@ -49,6 +49,9 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     buf = io.StringIO()
     buf.write(f"# first step of {a.variant} ({a.quant}, {a.layers} layers): {wall:.1f} s\n")
+    # torch's own per-phase timers (dynamo, AOTAutograd, inductor lowering/codegen, async compile)
+    from torch._dynamo.utils import compile_times
+    buf.write("\n## torch compile phases (torch._dynamo.utils.compile_times)\n" + compile_times(aggregate=True) + "\n")
     st = pstats.Stats(prof, stream=buf)
     buf.write("\n## compile phases (cumulative)\n")
     st.sort_stats("cumulative").print_stats(
