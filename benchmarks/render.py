@@ -83,7 +83,8 @@ def lora(d):
 LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile`)", "liger": "Liger (eager)",
           "liger_inductor": "Liger + inductor", "inductor_cg": "inductor + CUDA graphs",
           "foak": "**foak** (`backend=\"foak\"`)", "foak_cg": "foak + CUDA graphs",
-          "foak_loss": "foak, loss-only compile", "foak_loss_cg": "**foak, loss-only + CUDA graphs**"}
+          "foak_loss": "foak, loss-only compile", "foak_loss_cg": "**foak, loss-only + CUDA graphs**",
+          "foak_sib": "foak + lora_siblings", "foak_loss_sib_cg": "foak + lora_siblings, loss-only + CUDA graphs"}
 BASES = {"none": "bf16", "nf4": "NF4 (double quant)", "gptq": "GPTQ 4-bit g128"}
 
 
@@ -96,16 +97,20 @@ def train_step(d):
     out = [f"LoRA train step, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
            f"{env.get('transformers', '?')}; measured bf16 matmul ceiling {d['matmul_tflops']} TFLOP/s. "
            "Ratios against the same run's inductor row; memory = peak allocated (CUDA-graph pool included).", "",
-           "| base | layers×hidden | variant | tokens/s | vs inductor | MFU | peak GiB | vs inductor | first step s | vs inductor | loss |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| run | base | layers×hidden | variant | tokens/s | vs inductor | MFU | peak GiB | vs inductor | first step s "
+           "| vs inductor | loss |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
+        run = r.get("run", "").removesuffix(".json")
         if "error" in r:
-            out.append(f"| {BASES.get(r['quant'], r['quant'])} | | {LABELS.get(r['variant'], r['variant'])} | "
-                       f"error: {r['error'].strip().splitlines()[-1][:80]} | | | | | | | |")
+            lines = r["error"].strip().splitlines()
+            err = next((ln for ln in reversed(lines) if "Error:" in ln), lines[-1]).strip()
+            out.append(f"| {run} | {BASES.get(r['quant'], r['quant'])} | | {LABELS.get(r['variant'], r['variant'])} | "
+                       f"error: {err[:90]}{' (' + r['note'] + ')' if 'note' in r else ''} | | | | | | | |")
             continue
         v = r.get("vs_inductor", {})
         ratio = lambda k: f"{v[k]:.2f}×" if k in v else "—"
-        out.append(f"| {BASES.get(r['quant'], r['quant'])} | {_shape(r)} | {LABELS.get(r['variant'], r['variant'])} | "
+        out.append(f"| {run} | {BASES.get(r['quant'], r['quant'])} | {_shape(r)} | {LABELS.get(r['variant'], r['variant'])} | "
                    f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {r['mfu_pct']}% | {r.get('mem_gib', r['peak_gib']):.2f} | "
                    f"{ratio('peak_mem')} | {r['first_step_s']:.0f} | {ratio('first_step')} | {r['loss']} |")
     return "\n".join(out)
@@ -143,7 +148,7 @@ def train_step_chart(d, path):
 def merge_train_step(paths, out):
     """One train_step.json from per-base runs (one device call each): their rows (each tagged with
     its run), MFU from the shapes against that run's measured ceiling, ratios against the inductor
-    row of the same base and shape."""
+    row of the same run, base and shape (none where that run has no inductor row)."""
     from .train_step import model_flops_per_step
     runs = [json.load(open(p)) for p in paths]
     rows = []
@@ -156,7 +161,7 @@ def merge_train_step(paths, out):
                 r["model_tflops_per_step"] = round(flops / 1e12, 2)
                 r["mfu_pct"] = round(100 * flops / 1e12 / (r["step_ms"] / 1000) / run["matmul_tflops"], 1)
             rows.append(r)
-    group = lambda r: (r.get("quant"), r.get("layers"), r.get("hidden", 2048))
+    group = lambda r: (r["run"], r.get("quant"), r.get("layers"), r.get("hidden", 2048))
     for r in rows:
         ind = next((i for i in rows if group(i) == group(r) and i["variant"] == "inductor" and "error" not in i), None)
         if ind and "error" not in r:
@@ -172,7 +177,7 @@ def merge_train_step(paths, out):
 
 
 RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cross_entropy,
-          "train_step.json": train_step, "lora.json": lora}
+          "train_step.json": train_step, "train_step_siblings.json": train_step, "lora.json": lora}
 
 
 def main(names=None):
