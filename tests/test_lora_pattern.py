@@ -92,9 +92,9 @@ def compare_half_with_eager(model, inputs, patterns=("lora",)):
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     assert grads.keys() == ref_grads.keys() and grads
     # eager's bf16-adapter error is one sample of bf16 rounding and can be unusually small:
-    # never hold the op to less than half a bf16 ulp (2**-9) of it. The slack on top: over 16 seeds of a
+    # never hold the op to less than half a bf16 ulp (2**-9) of it. The slack on top: over 8 seeds of a
     # 1-layer NF4 model the op's excess over twice eager's error reached 0.026 (per-layer and grouped ops
-    # alike), so 2e-2 failed about one run in fifteen; a wrong scaling or a missing term is off by O(1).
+    # alike), and 2e-2 failed 1 of 16 test runs; a wrong scaling or a missing term is off by O(1).
     floor = 2.0**-9
     assert _rel(loss, ref_loss) <= 2 * max(_rel(half_loss, ref_loss), floor) + 1e-3
     for n in ref_grads:
