@@ -5,5 +5,6 @@ from . import cross_entropy  # noqa: F401
 from . import lora  # noqa: F401
 from . import lora_gptq  # noqa: F401
 from . import lora_siblings  # noqa: F401
+from . import lora_swiglu  # noqa: F401
 from . import rms_norm  # noqa: F401
 from . import rope  # noqa: F401
