@@ -18,10 +18,12 @@ import tempfile
 import time
 
 VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss", "inductor_cg", "foak_cg",
-            "foak_loss_cg", "foak_sib", "foak_loss_sib_cg"]
+            "foak_loss_cg", "foak_sib", "foak_loss_sib_cg", "foak_nosib", "foak_loss_nosib_cg", "foak_swiglu",
+            "foak_loss_swiglu_cg"]
 # *_cg: mode="reduce-overhead" (CUDA graphs), for inductor as for foak; foak_loss*: the loss alone
-# is compiled (the logits are dead, so linear + cross-entropy fuse); *_sib*: with the opt-in
-# lora_siblings pattern (q/k/v and gate/up adapters grouped)
+# is compiled (the logits are dead, so linear + cross-entropy fuse). Pattern sets: foak* = the
+# default (lora_siblings in it since session 4; *_sib* name it explicitly, as earlier runs did);
+# *_nosib*: without lora_siblings (every LoRA layer its own op); *_swiglu*: plus opt-in lora_swiglu
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -103,7 +105,13 @@ def run_one(args):
     elif args.variant.startswith("foak"):
         import foak_compile
         from foak_compile.patterns import DEFAULT
-        patterns = DEFAULT + ["lora_siblings"] if "_sib" in args.variant else None
+        patterns = list(DEFAULT)
+        if "_nosib" in args.variant:
+            patterns.remove("lora_siblings")
+        elif "_sib" in args.variant:
+            patterns.append("lora_siblings")  # already a default: the backend takes it once
+        if "_swiglu" in args.variant:
+            patterns.append("lora_swiglu")
         be = foak_compile.backend(patterns=patterns, mode="reduce-overhead" if cudagraphs else None)
         # foak_loss compiles the loss alone, so the logits are dead and linear+CE can fuse
         loss_only = args.variant.startswith("foak_loss")

@@ -59,7 +59,8 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested, siblings):
     inputs = {k: v.cuda() for k, v in batch(model, seq=29).items()}
     eager = copy.deepcopy(model)
     ref_loss, ref_grads = loss_and_grads(eager, inputs)
-    be = foak_compile.backend(inner="inductor", patterns=["lora", "lora_siblings"] if siblings else None)
+    per_layer = [p for p in foak_compile.patterns.DEFAULT if p != "lora_siblings"]
+    be = foak_compile.backend(inner="inductor", patterns=["lora", "lora_siblings"] if siblings else per_layer)
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     for name in ref_grads:

@@ -91,9 +91,11 @@ def test_single_adapted_projection_has_no_siblings():
     assert foak_compile.total_counts(be.reports) == {"lora": 2}
 
 
-def test_siblings_are_opt_in():
-    assert "lora_siblings" not in DEFAULT and "lora" in DEFAULT
-    assert "lora_siblings" not in foak_compile.backend().pattern_names
+def test_siblings_run_by_default_after_lora():
+    # measured on an H100 (1B LoRA step, bf16): +2.8-4.4 % tokens/s, same memory
+    assert "lora_siblings" in DEFAULT and "lora" in DEFAULT
+    names = foak_compile.backend().pattern_names
+    assert names.index("lora") < names.index("lora_siblings")
 
 
 def test_full_inductor_compiles_the_grouped_op():

@@ -1,5 +1,5 @@
 """Pattern families, one module each. `PATTERNS` maps the names users pass to `backend(patterns=...)`;
-`DEFAULT` is what runs when none are named (opt-in patterns are left out until measured)."""
+`DEFAULT` is what runs when none are named (opt-in patterns are left out until measured on a GPU)."""
 from .cross_entropy import CrossEntropyPattern, LinearCrossEntropyPattern
 from .lora import LoraPattern
 from .lora_siblings import LoraSiblingsPattern
@@ -17,5 +17,5 @@ PATTERNS = {
     "linear_cross_entropy": LinearCrossEntropyPattern,
     "cross_entropy": CrossEntropyPattern,
 }
-OPT_IN = ("lora_siblings", "lora_swiglu")
+OPT_IN = ("lora_swiglu",)
 DEFAULT = [n for n in PATTERNS if n not in OPT_IN]

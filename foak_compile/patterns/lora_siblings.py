@@ -6,8 +6,8 @@ Runs on what the `lora` pattern left: `torch.ops.foak.lora_linear` (dense) and
 and the kind of base (dense of one dtype; or 4-bit of one quant type, block sizes, double
 quantisation and compute dtype), the output dtype, and have no LoRA dropout (each layer draws
 its own mask) and no trained base bias. A 4-bit group becomes one stacked-weight op whose
-output the graph splits per layer. Opt-in (`backend(patterns=[..., "lora_siblings"])`)
-until its GPU benefit is measured.
+output the graph splits per layer. In the default set since its H100 measurement (1B LoRA step,
+bf16: +2.8-4.4 % tokens/s, same memory; README "Sibling LoRA layers").
 """
 import operator
 from typing import Optional
