@@ -63,6 +63,15 @@ def value(node: Any) -> Optional[torch.Tensor]:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def item_float(node: Any) -> Optional[torch.SymFloat]:
+    """The symbolic float a `.item()` node reads, when it has a concrete hint: how Dynamo passes a
+    module's float attribute (RMSNorm's eps, LoRA's scaling) under dynamic=True. None otherwise."""
+    if not (isinstance(node, Node) and node.op == "call_method" and node.target == "item"):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.SymFloat) and v.node.has_hint() else None
+
+
 def canon(node: Any) -> Optional[Op]:
     if not isinstance(node, Node):
         return None

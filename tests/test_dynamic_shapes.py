@@ -144,3 +144,25 @@ def test_symbolic_last_dims_are_left_alone():
     reasons = {m.pattern: m.reason for m in report.near_misses}
     assert reasons == {"rms_norm": "hidden size is symbolic", "rope": "head_dim is symbolic",
                        "cross_entropy": "logits: the last dim is symbolic"}, reasons
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_peft_lora_under_dynamic_true(dropout):
+    """dynamic=True passes peft's float scaling (and dropout p) as 0-d tensors read with .item():
+    the lora pattern specialises on the value, as rms_norm does with eps, so the graph the steps
+    run is fully rewritten, every step equal to eager."""
+    from tests.test_lora_pattern import PROJECTIONS, peft_llama
+    model = peft_llama(layers=1, dropout=dropout).train()
+    if dropout:  # masks differ from eager's by design: check the rewrite, not the numbers
+        be = foak_compile.backend(inner="aot_eager")
+        compiled = torch.compile(model, backend=be, dynamic=True)
+        for i, (b, s) in enumerate(STEPS[:2]):
+            loss, _ = loss_and_grads(model, batch(model, bs=b, seq=s, seed=i), call=compiled)
+            assert torch.isfinite(loss)
+    else:
+        be = foak_compile.backend(inner="aot_eager")
+        _steps(model, be, "dynamic=True")
+    last = be.reports[-1]
+    assert last.counts().get("lora") == len(PROJECTIONS), last.summary()
+    assert "torch.SymInt" in last.code_before
+    assert not [m for m in last.near_misses if m.pattern == "lora"], last.summary()

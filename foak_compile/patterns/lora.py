@@ -44,7 +44,7 @@ from ..engine import Candidate, Pattern, Reject
 from ..kernels import gptq
 from ..kernels.bnb4 import BLOCKSIZES
 from ..kernels.common import TL_DTYPE
-from ..nodes import canon, is_kind, module_of, other_operand, value
+from ..nodes import canon, is_kind, item_float, module_of, other_operand, value
 
 _BNB_4BIT = "bitsandbytes.nn.modules.Linear4bit"
 _OTHER_BASES = {  # base layer classes we recognise but do not fuse, with why
@@ -174,6 +174,12 @@ def _scaled(n: Node, nodes: list) -> tuple:
     if op is None or op.kind != "mul":
         return n, 1.0
     s = other_operand(op, n)
+    sym = item_float(s)
+    if sym is not None:  # dynamic=True: peft's float scaling read with .item() from a 0-d tensor
+        # specialised on its value (a guard, what torch does for every float by default); the
+        # .item() goes with the match when the multiply is its only user
+        nodes += [user] + ([s] if len(s.users) == 1 else [])
+        return user, float(sym)
     if isinstance(s, Node):
         raise Reject(f"adapter output is multiplied by a tensor `{s.name}`, not a constant scaling "
                      "(DoRA's magnitude, use_dora=True?)")

@@ -13,7 +13,7 @@ from torch.fx import Node
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
 from ..kernels.common import TL_DTYPE
-from ..nodes import canon, is_kind, other_operand, value
+from ..nodes import canon, is_kind, item_float, other_operand, value
 
 
 def _sole_user(n: Node) -> Optional[Node]:
@@ -82,8 +82,8 @@ def _eps(eps) -> tuple:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise Reject(f"eps is a {type(eps).__name__}, not a constant")
         return eps, []
-    v = eps.meta.get("example_value", eps.meta.get("val"))
-    if isinstance(v, torch.SymFloat) and v.node.has_hint() and eps.op == "call_method" and eps.target == "item":
+    v = item_float(eps)
+    if v is not None:
         return v, [eps]
     raise Reject("eps is a tensor")
 
