@@ -72,6 +72,21 @@ def item_float(node: Any) -> Optional[torch.SymFloat]:
     return v if isinstance(v, torch.SymFloat) and v.node.has_hint() else None
 
 
+_MODE_SWITCHES = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                  torch.amp.autocast_mode._exit_autocast}
+
+
+def mode_switch_between(first: Node, last: Node) -> Optional[Node]:
+    """The first grad-mode or autocast switch strictly between two nodes of a graph, or None: an op
+    fused at `first` must not move across one."""
+    n = first.next
+    while n is not last and n.op != "output":
+        if n.op == "call_function" and n.target in _MODE_SWITCHES:
+            return n
+        n = n.next
+    return None
+
+
 def canon(node: Any) -> Optional[Op]:
     if not isinstance(node, Node):
         return None

@@ -46,6 +46,19 @@ def cast(x, DTYPE: tl.constexpr):
     return x.to(DTYPE)
 
 
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, last dim], unit stride along the row (a row stride is fine: kernels take it)."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def grid_2d(n_rows: int, n_cols: int):
+    """(grid, BLOCK_R, BLOCK_C) for elementwise kernels over [rows, cols] tiles of ~4096 elements."""
+    block_c = min(1024, triton.next_power_of_2(max(n_cols, 16)))
+    block_r = max(1, 4096 // block_c)
+    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c)), block_r, block_c
+
+
 def wrap_triton(kernel):
     """Launch through torch.library.wrap_triton: inside an inlined op (ops/registry.py) the launch
     becomes a graph node inductor can schedule; called eagerly it is the plain kernel."""

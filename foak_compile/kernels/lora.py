@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPE, cast, use_triton, wrap_triton
+from .common import TL_DTYPE, cast, grid_2d, rows_2d, use_triton, wrap_triton
 
 
 @triton.jit
@@ -37,17 +37,6 @@ def _dropout(X, OUT, n_rows, n_cols, stride_x, stride_out, SEED, p, scale,
     if ACCUMULATE:
         y += tl.load(OUT + r64 * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + r64 * stride_out + cols[None, :], cast(y, OUT.dtype.element_ty), mask=mask)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    return t.reshape(-1, t.shape[-1])
-
-
-def _grid(n_rows: int, n_cols: int):
-    block_c = min(1024, triton.next_power_of_2(max(n_cols, 16)))
-    block_r = max(1, 4096 // block_c)
-    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c)), block_r, block_c
 
 
 def _check_p(p: float) -> None:
@@ -83,7 +72,7 @@ def _seed_tensor(seed, device) -> torch.Tensor:
 def _launch(x2, out, seed, p, accumulate):
     n_rows, n_cols = x2.shape
     if n_rows:
-        grid, block_r, block_c = _grid(n_rows, n_cols)
+        grid, block_r, block_c = grid_2d(n_rows, n_cols)
         wrap_triton(_dropout)[grid](x2, out, n_rows, n_cols, x2.stride(0), out.stride(0),
                                     _seed_tensor(seed, x2.device), p, 1.0 / (1.0 - p), ACCUMULATE=accumulate,
                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
@@ -93,7 +82,7 @@ def dropout(x: torch.Tensor, seed, p: float, out_dtype: torch.dtype) -> torch.Te
     """drop(x) as a contiguous [rows, cols] tensor of `out_dtype` (x's last dim is cols); seed is
     an int or a one-element int64 tensor on x's device."""
     _check_p(p)
-    x2 = _rows(x)
+    x2 = rows_2d(x)
     if not (use_triton(x2) and x2.dtype in TL_DTYPE and out_dtype in TL_DTYPE):
         keep = torch_keep(x2.shape, seed, p, x2.device)
         return torch.where(keep, x2.float() * (1.0 / (1.0 - p)), 0.0).to(out_dtype)
@@ -110,5 +99,5 @@ def dropout_add_(dx: torch.Tensor, g: torch.Tensor, seed, p: float) -> torch.Ten
         keep = torch_keep(dx.shape, seed, p, dx.device)
         dx.copy_(dx.float() + torch.where(keep, g.float() * (1.0 / (1.0 - p)), 0.0))
         return dx
-    _launch(_rows(g), dx, seed, p, True)
+    _launch(rows_2d(g), dx, seed, p, True)
     return dx

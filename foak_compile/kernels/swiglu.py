@@ -24,7 +24,7 @@ try:
 except ImportError:  # an older Triton without the backend-dispatching module
     from triton.language.extra.cuda import libdevice
 
-from .common import INTERPRET, TL_DTYPE, cast, use_triton, wrap_triton
+from .common import INTERPRET, TL_DTYPE, cast, grid_2d, rows_2d, use_triton, wrap_triton
 
 # libdevice is not available to the interpreter; there tl.exp (numpy) stands in
 _LIBDEVICE_EXP = tl.constexpr(not INTERPRET)
@@ -72,17 +72,6 @@ def _swiglu_bwd(DH, G, U, DG, DU, n_rows, n_cols, stride_dh, stride_g, stride_u,
         tl.store(DG + r64 * stride_dg + cols[None, :], cast(dg, DG.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    return t.reshape(-1, t.shape[-1])
-
-
-def _grid(n_rows: int, n_cols: int):
-    block_c = min(1024, triton.next_power_of_2(max(n_cols, 16)))
-    block_r = max(1, 4096 // block_c)
-    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c)), block_r, block_c
-
-
 def _kernel_ok(g: torch.Tensor) -> bool:
     return use_triton(g) and g.dtype in TL_DTYPE and g.numel() > 0
 
@@ -94,10 +83,10 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, recompute: bool = False) -> torch.T
     the torch path multiplies in the other order (the same bits)."""
     if not _kernel_ok(g):
         return (u * F.silu(g) if recompute else F.silu(g) * u).contiguous()
-    g2, u2 = _rows(g), _rows(u)
+    g2, u2 = rows_2d(g), rows_2d(u)
     n_rows, n_cols = g2.shape
     h = torch.empty((n_rows, n_cols), dtype=g.dtype, device=g.device)
-    grid, block_r, block_c = _grid(n_rows, n_cols)
+    grid, block_r, block_c = grid_2d(n_rows, n_cols)
     wrap_triton(_swiglu_fwd)[grid](g2, u2, h, n_rows, n_cols, g2.stride(0), u2.stride(0), h.stride(0),
                                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return h.view(g.shape)
@@ -107,12 +96,12 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, need_g: 
     """(dg, du) of h = silu(g) * u; one that is not needed comes back empty."""
     if not _kernel_ok(g):
         return _torch_backward(dh, g, u, need_g, need_u)
-    dh2, g2, u2 = _rows(dh), _rows(g), _rows(u)
+    dh2, g2, u2 = rows_2d(dh), rows_2d(g), rows_2d(u)
     n_rows, n_cols = g2.shape
     dg = torch.empty((n_rows, n_cols), dtype=g.dtype, device=g.device) if need_g else g.new_empty(0)
     du = torch.empty((n_rows, n_cols), dtype=u.dtype, device=u.device) if need_u else u.new_empty(0)
     if need_g or need_u:
-        grid, block_r, block_c = _grid(n_rows, n_cols)
+        grid, block_r, block_c = grid_2d(n_rows, n_cols)
         wrap_triton(_swiglu_bwd)[grid](
             dh2, g2, u2, dg if need_g else g2, du if need_u else u2, n_rows, n_cols, dh2.stride(0), g2.stride(0),
             u2.stride(0), n_cols, n_cols, NEED_G=need_g, NEED_U=need_u, BLOCK_R=block_r, BLOCK_C=block_c,

@@ -17,7 +17,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import module_of, value
+from ..nodes import mode_switch_between, module_of, value
 
 _LORA = torch.ops.foak.lora_linear.default
 _LORA4 = torch.ops.foak.lora_linear_4bit.default
@@ -50,19 +50,12 @@ def _calls(x: Node) -> list:
     return sorted(calls, key=order.__getitem__)
 
 
-_MODE_SWITCHES = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
-                  torch.amp.autocast_mode._exit_autocast}
-
-
 def _same_mode(calls: list) -> None:
     """The grouped call runs where the first sibling ran: no grad-mode or autocast switch may lie
     between the siblings."""
-    first, last = calls[0], calls[-1]
-    n = first.next
-    while n is not last and n.op != "output":
-        if n.op == "call_function" and n.target in _MODE_SWITCHES:
-            raise Reject(f"`{n.name}` switches grad or autocast mode between the siblings")
-        n = n.next
+    switch = mode_switch_between(calls[0], calls[-1])
+    if switch is not None:
+        raise Reject(f"`{switch.name}` switches grad or autocast mode between the siblings")
 
 
 class LoraSiblingsPattern(Pattern):

@@ -18,9 +18,9 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import canon, module_of, other_operand, value
+from ..nodes import canon, mode_switch_between, module_of, other_operand, value
 from .lora import _same_shape
-from .lora_siblings import _MODE_SWITCHES, _lora_output
+from .lora_siblings import _lora_output
 
 _DENSE = torch.ops.foak.lora_linear.default
 _4BIT = torch.ops.foak.lora_linear_4bit.default
@@ -68,11 +68,9 @@ def _short(n: Node, act: Node) -> str:
 
 def _same_mode(act: Node, call: Node) -> None:
     """The fused op runs where the down projection ran: no grad-mode or autocast switch may lie between."""
-    n = act.next
-    while n is not call and n.op != "output":
-        if n.op == "call_function" and n.target in _MODE_SWITCHES:
-            raise Reject(f"`{n.name}` switches grad or autocast mode between silu and the down projection")
-        n = n.next
+    switch = mode_switch_between(act, call)
+    if switch is not None:
+        raise Reject(f"`{switch.name}` switches grad or autocast mode between silu and the down projection")
 
 
 class LoraSwigluPattern(Pattern):
