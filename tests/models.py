@@ -19,6 +19,8 @@ def tiny_model(family: str, dtype=torch.float32, **overrides):
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),  # final logit softcapping
+        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM),  # logits / logits_scaling
+        "cohere": (tf.CohereConfig, tf.CohereForCausalLM),  # logits * logit_scale
     }[family]
     cfg = cfg_cls(**{**TINY, **overrides})
     cfg._attn_implementation = "eager"

@@ -13,7 +13,6 @@ from tests.models import compare_with_eager, loss_and_grads, tiny_model
 
 CE = ["linear_cross_entropy", "cross_entropy"]
 FAMILIES = ["llama", "qwen2", "gemma"]
-SOFTCAP = "final logit softcapping c·tanh(logits/c) between lm_head and loss is not fused"
 
 
 def _batch(model, bs=2, seq=11):
@@ -117,13 +116,37 @@ def test_num_items_in_batch_gives_a_sum():
     assert be.reports[0].matches[0].variant == "F.cross_entropy, reduction=sum"
 
 
-def test_gemma2_softcapping_is_a_near_miss_for_the_lm_head():
+EPILOGUE_MODELS = {  # what each family does to its logits before the loss, as the match reports it
+    "gemma2": ({}, "softcap 30"),                          # c·tanh(logits/c), c = final_logit_softcapping
+    "granite": ({"logits_scaling": 8.0}, "logits / 8"),    # logits / logits_scaling
+    "cohere": ({}, "logits * 0.0625"),                     # logits * logit_scale
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(EPILOGUE_MODELS))
+def test_loss_only_step_fuses_the_lm_head_through_scale_and_softcap(family, dtype):
+    """Softcapping and logit scales between lm_head and loss join linear_cross_entropy: applied to
+    each logit in the kernels, rounded where eager rounds (bf16: the steps run in bf16)."""
+    overrides, step = EPILOGUE_MODELS[family]
+    model = tiny_model(family, dtype, **overrides)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    be = _compare_loss_only(model, _batch(model), **tol)
+    assert _counts(be) == {"linear_cross_entropy": 1} and not _misses(be, "linear_cross_entropy")
+    m = be.reports[0].matches[0]
+    assert m.variant.startswith(f"F.linear, {step}, F.cross_entropy"), m.variant
+    r = be.reports[0]  # Gemma 2 also softcaps its attention scores: those tanh stay
+    assert r.code_after.count("tanh(") == r.code_before.count("tanh(") - ("softcap" in step)
+    assert "lm_head" in m.module
+
+
+def test_gemma2_plain_call_fuses_the_loss_over_the_capped_logits():
+    """A plain forward returns the capped logits: the lm_head stays, the loss over them is fused."""
     model = tiny_model("gemma2")
-    assert model.config.final_logit_softcapping
-    be = _compare_loss_only(model, _batch(model))
-    # cross-entropy over the capped logits is still exactly a cross-entropy
+    be = compare_with_eager(model, _batch(model), patterns=CE)
     assert _counts(be) == {"cross_entropy": 1}
-    assert _misses(be, "linear_cross_entropy") == [SOFTCAP]
+    [reason] = _misses(be, "linear_cross_entropy")
+    assert re.fullmatch(r"intermediate `logits(_\d+)?` has 2 users \(1 outside the pattern: output(_\d+)?\)", reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +198,13 @@ FUSED = {
     "nll(torch.log_softmax 3d).view": lambda h, w, y: F.nll_loss(
         torch.log_softmax(_lin(h.view(1, -1, H), w), -1).reshape(-1, V), y),
     "nn.CrossEntropyLoss": lambda h, w, y: nn.CrossEntropyLoss(ignore_index=-100)(_lin(h, w).contiguous(), y),
+    "softcap": lambda h, w, y: F.cross_entropy((torch.tanh(_lin(h, w) / 5.0) * 5.0).float(), y),
+    "softcap, method tanh, c first": lambda h, w, y: F.cross_entropy(2.5 * (_lin(h, w) / 2.5).tanh(), y),
+    "scale": lambda h, w, y: F.cross_entropy(_lin(h, w).float() * 0.3, y, reduction="sum"),
+    "divide then softcap": lambda h, w, y: F.cross_entropy(torch.tanh(_lin(h, w).div(3.0) / 4.0) * 4.0, y,
+                                                           label_smoothing=0.1),
+    "scale, softcap, none": lambda h, w, y: F.cross_entropy(torch.tanh(-0.5 * _lin(h, w) / 2.0) * 2.0, y,
+                                                            reduction="none"),
 }
 
 
@@ -221,10 +251,44 @@ def test_a_loss_over_downcast_logits_is_left_alone():
     assert _run(fn, torch.randn(13, V) * 3, _inputs()[2], rtol=0, atol=0) == ({}, [("cross_entropy", HALF_LOSS)])
 
 
-def test_softcapped_lm_head_is_a_near_miss():
-    def fn(h, w, y):
-        return F.cross_entropy((torch.tanh(F.linear(h, w) / 5.0) * 5.0).float(), y)
-    assert _run(fn, *_inputs()) == ({"cross_entropy": 1}, [("linear_cross_entropy", SOFTCAP)])
+@pytest.mark.parametrize("steps", ["in bf16", "in fp32 after the upcast"])
+def test_softcap_and_scale_on_half_precision_logits(steps):
+    """The steps round to bf16 where eager computes them in bf16; after an upcast they stay fp32."""
+    h, w, y = _inputs(dtype=torch.bfloat16)
+    if steps == "in bf16":
+        fn = lambda h, w, y: F.cross_entropy((torch.tanh(F.linear(h, w) * 0.7 / 5.0) * 5.0).float(), y)  # noqa: E731
+    else:
+        fn = lambda h, w, y: F.cross_entropy(torch.tanh(F.linear(h, w).float() * 0.7 / 5.0) * 5.0, y)  # noqa: E731
+    assert _run(fn, h, w, y, rtol=2e-2, atol=2e-3) == ({"linear_cross_entropy": 1}, [])
+    be = foak_compile.backend(patterns=CE, inner="aot_eager")
+    with torch.no_grad():  # the forward rounds as eager: the same loss to fp32 rounding
+        torch.testing.assert_close(torch.compile(fn, backend=be)(h, w, y), fn(h, w, y), rtol=2e-6, atol=0)
+
+
+EPILOGUE_MISSES = {
+    "softcap with two constants": (lambda z: torch.tanh(z / 4.0) * 5.0,
+                                   "softcap 5·tanh(z/4): only c·tanh(z/c) with one finite c > 0 is fused"),
+    "softcap over z·(1/c)": (lambda z: torch.tanh(z * 0.2) * 5.0,
+                             "softcap 5·tanh(z·0.2): only c·tanh(z/c) with one finite c > 0 is fused"),
+    "scale after the softcap": (lambda z: torch.tanh(z / 5.0) * 5.0 * 0.5,
+                                "a softcap after a logit scale or a second softcap between lm_head and loss"),
+    "two scales": (lambda z: z * 0.5 / 3.0, "two logit scales between lm_head and loss"),
+    "tensor scale": (lambda z: z * torch.tensor(0.5), "logit scale is a tensor, not a constant"),
+    "scale 0": (lambda z: z * 0.0, "logit scale 0"),
+    "bf16 scale, fp32 softcap": (lambda z: torch.tanh((z * 0.5).float() / 5.0) * 5.0,
+                                 "logit scale/softcap steps in torch.float32 and torch.bfloat16: only all in the "
+                                 "logits' dtype or all in fp32"),
+}
+
+
+@pytest.mark.parametrize("name", list(EPILOGUE_MISSES))
+def test_logit_epilogue_near_misses(name):
+    """Spellings the kernels do not implement: the lm_head stays, the loss over its output is fused."""
+    step, reason = EPILOGUE_MISSES[name]
+    dtype = torch.bfloat16 if "bf16" in name else torch.float32
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else {}
+    fn = lambda h, w, y: F.cross_entropy(step(F.linear(h, w)).float(), y)  # noqa: E731
+    assert _run(fn, *_inputs(dtype=dtype), **tol) == ({"cross_entropy": 1}, [("linear_cross_entropy", reason)])
 
 
 def test_logits_used_elsewhere_are_a_near_miss_for_the_lm_head():

@@ -85,6 +85,16 @@ def test_loss_only_compile_fuses_the_lm_head_with_symbolic_token_counts():
         assert r.counts() == {"rms_norm": 3, "rope": 1, "linear_cross_entropy": 1}, r.to_text()
 
 
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_loss_only_compile_fuses_softcap_and_logit_scale_under_dynamic_true(family):
+    """Gemma 2's softcap and Cohere's logit_scale reach the graph as `.item()` reads under
+    dynamic=True: specialised on like eps, so the lm_head + loss is still one op in every graph."""
+    be = foak_compile.backend(patterns=["linear_cross_entropy", "cross_entropy"], inner="aot_eager")
+    _steps(tiny_model(family, num_hidden_layers=1), be, "dynamic=True", loss_only=True)
+    assert be.reports and all(r.counts() == {"linear_cross_entropy": 1} for r in be.reports)
+    assert all(not r.near_misses for r in be.reports), [r.to_text() for r in be.reports]
+
+
 def test_unspecialised_eps_is_guarded_on():
     """dynamic=True passes HF's float `variance_epsilon` as a tensor read with .item(); the
     rewrite specialises on its value, so a changed eps recompiles instead of going stale."""

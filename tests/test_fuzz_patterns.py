@@ -258,22 +258,34 @@ def test_cross_entropy_variants(case, rows, vocab, dtype):
 # ---------------------------------------------------------------------------------------------
 # lm_head + cross-entropy
 
+EPILOGUES = {  # between lm_head and loss, all fused
+    None: lambda z: z,
+    "softcap": lambda z: torch.tanh(z / 5.0) * 5.0,
+    "scale": lambda z: z * 0.6,
+    "divide + softcap": lambda z: 3.0 * (z / 1.5 / 3.0).tanh(),
+}
+
+
 @st.composite
 def lm_head_losses(draw):
     bias = draw(st.booleans())
     upcast = draw(st.booleans())
+    epilogue_in_fp32 = draw(st.booleans())  # scale/softcap after the upcast, else before it
     view_3d = draw(st.booleans())
     spelling = draw(st.sampled_from(["cross_entropy", "log_softmax+nll", "module"]))
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     smoothing = draw(st.sampled_from([0.0, 0.0, 0.2]))
-    miss = draw(st.sampled_from([None, None, "logits-returned", "logits-used", "softcap"]))
+    epilogue = draw(st.sampled_from(list(EPILOGUES)))
+    miss = draw(st.sampled_from([None, None, "logits-returned", "logits-used", "softcap-two-constants"]))
 
     def fn(h, w, b, labels):
         if view_3d:
             h = h.view(1, -1, h.shape[-1])
         logits = F.linear(h, w, b if bias else None)
-        z = torch.tanh(logits / 5.0) * 5.0 if miss == "softcap" else logits
-        z = z.float() if upcast else z
+        z = logits.float() if upcast and epilogue_in_fp32 else logits
+        z = EPILOGUES[epilogue](z)
+        z = torch.tanh(z / 4.0) * 5.0 if miss == "softcap-two-constants" else z
+        z = z.float() if upcast and not epilogue_in_fp32 else z
         z = z.view(-1, z.shape[-1]) if view_3d else z
         kw = dict(ignore_index=-100, reduction=reduction)
         if spelling == "cross_entropy" or smoothing:
@@ -299,13 +311,16 @@ def test_linear_cross_entropy_variants(case, rows, hidden, vocab, dtype, frozen)
     labels[torch.rand(rows) < 0.3] = -100
     tol = FP32_TOL if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     report = _compile_and_compare(fn, [h, w, b, labels], tol, grad=[True, not frozen, not frozen, False])
+    two_constants = "only c·tanh(z/c)"
     if dtype != torch.float32 and not upcast:
-        _assert_left_alone(report, "linear_cross_entropy", "softcapping" if miss == "softcap" else "without an fp32")
+        _assert_left_alone(report, "linear_cross_entropy",
+                           two_constants if miss == "softcap-two-constants" else "without an fp32")
         _assert_left_alone(report, "cross_entropy", "without an fp32 upcast")
     elif miss is None:
         assert report.counts() == {"linear_cross_entropy": 1}, report.to_text()
-    else:  # the lm_head stays; the loss over its (capped) logits is still fused
-        _assert_left_alone(report, "linear_cross_entropy", "softcapping" if miss == "softcap" else "users")
+    else:  # the lm_head stays; the loss over its (scaled, capped) logits is still fused
+        _assert_left_alone(report, "linear_cross_entropy", two_constants if miss == "softcap-two-constants"
+                           else "users")
         assert report.counts() == {"cross_entropy": 1}, report.to_text()
 
 

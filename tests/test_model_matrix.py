@@ -59,9 +59,8 @@ def test_family_counts_and_parity(family, variant):
     assert max(errs) < 1e-4, max(errs)
     if family == "gpt_bigcode":  # LayerNorm everywhere: reported, never rewritten
         assert misses["rms_norm: LayerNorm subtracts the mean: not an RMSNorm"] == 2 * 2 + 1
-    if family == "gemma2":
-        assert "linear_cross_entropy: final logit softcapping c·tanh(logits/c) between lm_head and loss " \
-               "is not fused" in misses
+    if family == "gemma2":  # the capped logits are returned: the loss over them is fused, the lm_head is not
+        assert [m for m in misses if m.startswith("linear_cross_entropy: intermediate `logits")], misses
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "mixtral"])

@@ -25,10 +25,15 @@ so the GEMMs only run over the tokens that count. On CUDA that costs one host sy
 count, so it is done only when the previous call ignored ≥ 10 % of its rows (prompt-masked SFT;
 a pretraining-style batch ignores one token per sequence) and never while a graph is captured.
 
+The lm_head + loss ops also apply what a model does to its logits between lm_head and loss (an
+`Epilogue`: Granite's z/s, Cohere's z·s, Gemma 2's softcap c·tanh(z/c)) to each logit as the kernels
+read it, rounding each step to the logits' dtype where the model computed it in that dtype, and
+multiply the gradient by its derivative: the capped logits never exist either.
+
 Labels outside [0, V) that are not ignore_index raise (asynchronously on CUDA, like torch's
 own device assert); the kernel gives their rows a NaN loss and reads nothing out of bounds.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -37,20 +42,77 @@ import triton.language as tl
 from .common import TL_DTYPE, cast, use_triton
 
 
+class Epilogue(NamedTuple):
+    """z → z·scale → z/divisor → softcap·tanh(z/softcap) on each logit z before the loss (identity
+    steps: scale 1, divisor 1, softcap 0); `rounded`: each step's result rounded to the logits'
+    dtype, as eager computes it on half-precision logits (False: in fp32, after an upcast)."""
+    scale: float = 1.0
+    divisor: float = 1.0
+    softcap: float = 0.0
+    rounded: bool = False
+
+    def flags(self) -> int:
+        """The kernels' EPI constexpr: which steps run (0: none)."""
+        steps = ((_MUL if self.scale != 1.0 else 0) | (_DIV if self.divisor != 1.0 else 0)
+                 | (_CAP if self.softcap else 0))
+        return steps | (_ROUND if self.rounded and steps else 0)
+
+
+NO_EPILOGUE = Epilogue()
+_MUL, _DIV, _CAP, _ROUND = 1, 2, 4, 8  # bits of EPI (the kernels spell them as these literals)
+
+
+@triton.jit
+def _tanh(u):
+    """fp32 tanh to a few ulp: its series where 1 - e^(-2|u|) would cancel, exp beyond."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    u2 = u * u
+    series = a * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _round_if(x, ROUND: tl.constexpr, DTYPE: tl.constexpr):
+    if ROUND:
+        x = cast(x, DTYPE).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _epilogue(x, mul, div, cap, EPI: tl.constexpr, DTYPE: tl.constexpr):
+    """(v, dv/dx) of the Epilogue on fp32 logits x. EPI bits: 1 ·mul, 2 /div, 4 softcap, 8 round."""
+    ROUND: tl.constexpr = (EPI & 8) != 0
+    d = 1.0
+    if EPI & 1:
+        x = _round_if(x * mul, ROUND, DTYPE)
+        d = d * mul
+    if EPI & 2:
+        x = _round_if(tl.math.div_rn(x, div), ROUND, DTYPE)  # rounded like torch's division
+        d = d / div
+    if EPI & 4:
+        t = _round_if(_tanh(_round_if(tl.math.div_rn(x, cap), ROUND, DTYPE)), ROUND, DTYPE)
+        x = _round_if(t * cap, ROUND, DTYPE)
+        d = d * (1.0 - t * t)  # what eager's tanh backward computes from its saved output
+    return x, d
+
+
 @triton.jit
 def _ce_fwd(X, Y, LOSS, LSE, SCALE, stride_x, n_rows, n_cols, ignore_index, smooth, smooth_per_col,
+            mul, div, cap, EPI: tl.constexpr,
             HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """loss and lse of rows pid, pid + grid, ...; with WRITE_GRAD also dx (scaled by SCALE[0])
     written over each row. A smaller grid than n_rows keeps fewer rows in flight, so that the
     gradient pass finds its row still in L2."""
     for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):  # int64: row * stride
         _ce_fwd_row(X + row * stride_x, Y + row, LOSS + row, LSE + row, SCALE, n_cols,
-                    ignore_index, smooth, smooth_per_col, HAS_SMOOTH, WRITE_GRAD, BLOCK_V)
+                    ignore_index, smooth, smooth_per_col, mul, div, cap, EPI, HAS_SMOOTH, WRITE_GRAD, BLOCK_V)
 
 
 @triton.jit
-def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth_per_col,
-                HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth_per_col, mul, div, cap,
+                EPI: tl.constexpr, HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     y = tl.load(Y)
     keep = y != ignore_index
     in_range = (y >= 0) & (y < n_cols)
@@ -65,6 +127,8 @@ def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth
         cols = start + cols0
         mask = cols < limit
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if EPI != 0:
+            x = tl.where(mask, _epilogue(x, mul, div, cap, EPI, x_row.dtype.element_ty)[0], float("-inf"))
         hi = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
         lo = tl.minimum(m, x, propagate_nan=tl.PropagateNan.ALL)
         # while a lane has seen only -inf, measure against 0 instead (no -inf - -inf)
@@ -79,6 +143,8 @@ def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth
     # ignored rows: lse = 0 rather than log(0), so nothing downstream sees an inf
     lse = tl.where(keep, base, 0.0) + tl.log(tl.where(keep, d_row, 1.0))
     x_y = tl.load(x_row + y, mask=keep & in_range, other=0.0).to(tl.float32)
+    if EPI != 0:
+        x_y = _epilogue(x_y, mul, div, cap, EPI, x_row.dtype.element_ty)[0]
     if HAS_SMOOTH:
         loss = lse - (1.0 - smooth) * x_y - smooth_per_col * tl.sum(sx, axis=0)
     else:
@@ -91,15 +157,28 @@ def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth
         for start in range(0, n_cols, BLOCK_V):
             cols = start + cols0
             x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - smooth_per_col
-            g = tl.where(cols == y, g - (1.0 - smooth), g) * scale
+            g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, EPI, x_row.dtype.element_ty)
             g = tl.where(keep, g, 0.0)  # ignored rows: zeros, which the GEMMs then read
             tl.store(x_row + cols, cast(g, x_row.dtype.element_ty), mask=cols < n_cols)
 
 
 @triton.jit
+def _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, EPI: tl.constexpr, DTYPE: tl.constexpr):
+    """dloss/dx for a block of raw logits x of one row (through the epilogue when there is one)."""
+    if EPI != 0:
+        v, dv = _epilogue(x, mul, div, cap, EPI, DTYPE)
+    else:
+        v = x
+    g = tl.exp(v - lse) - smooth_per_col
+    g = tl.where(cols == y, g - (1.0 - smooth), g) * scale
+    if EPI != 0:
+        g = g * dv
+    return g
+
+
+@triton.jit
 def _ce_bwd(X, DX, Y, LSE, SCALE, stride_x, stride_dx, stride_scale, n_cols, ignore_index,
-            smooth, smooth_per_col, BLOCK_V: tl.constexpr):
+            smooth, smooth_per_col, mul, div, cap, EPI: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     dx_row = DX + row * stride_dx
@@ -113,8 +192,7 @@ def _ce_bwd(X, DX, Y, LSE, SCALE, stride_x, stride_dx, stride_scale, n_cols, ign
         cols = start + cols0
         in_row = cols < n_cols
         x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - smooth_per_col
-        g = tl.where(cols == y, g - (1.0 - smooth), g) * scale
+        g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, EPI, X.dtype.element_ty)
         g = tl.where(keep, g, 0.0)  # exact zeros, whatever lse/scale of an ignored row are
         tl.store(dx_row + cols, cast(g, DX.dtype.element_ty), mask=in_row)
 
@@ -169,19 +247,19 @@ def _smooth(label_smoothing: float, n_cols: int):
 # Row kernels on a [rows, vocab] block; callers have checked the labels.
 
 def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=None, grad_scale=None,
-                  num_warps=None, programs=None):
-    """Fill loss[r] and lse[r] (fp32) for the rows of x; given `grad_scale` (fp32 [1]), also
-    overwrite x with dloss/dx where d(loss_r) = grad_scale for every row. `programs`: the grid
-    (default one program per row)."""
+                  num_warps=None, programs=None, epi=NO_EPILOGUE):
+    """Fill loss[r] and lse[r] (fp32) for the rows of x (through `epi`); given `grad_scale` (fp32
+    [1]), also overwrite x with dloss/dx where d(loss_r) = grad_scale for every row. `programs`:
+    the grid (default one program per row)."""
     n_rows, n_cols = x.shape
     if x.numel() == 0:  # no rows, or no classes (then every row is ignored: check_labels raised otherwise)
         loss.zero_()
         lse.zero_()
         return
     if not kernel_supported(x):
-        loss.copy_(_torch_losses(x, labels, ignore_index, label_smoothing, lse))
+        loss.copy_(_torch_losses(x, labels, ignore_index, label_smoothing, lse, epi))
         if grad_scale is not None:
-            x.copy_(_torch_grad(x, labels, lse, grad_scale, ignore_index, label_smoothing))
+            x.copy_(_torch_grad(x, labels, lse, grad_scale, ignore_index, label_smoothing, epi))
         return
     block, warps = _fwd_block(x, n_cols, block_v)
     eps, eps_v = _smooth(label_smoothing, n_cols)
@@ -189,30 +267,44 @@ def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=N
     warps = num_warps or warps
     grid = min(n_rows, programs or n_rows)
     _ce_fwd[(grid,)](x, labels, loss, lse, grad_scale if write else lse, x.stride(0), n_rows, n_cols,
-                     ignore_index, eps, eps_v, HAS_SMOOTH=eps != 0.0, WRITE_GRAD=write,
-                     BLOCK_V=block, num_warps=warps)
+                     ignore_index, eps, eps_v, *epi[:3], EPI=epi.flags(), HAS_SMOOTH=eps != 0.0,
+                     WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
 
 
-def _backward_rows(x, labels, lse, scale, ignore_index, label_smoothing, out, block_v=None):
+def _backward_rows(x, labels, lse, scale, ignore_index, label_smoothing, out, block_v=None, epi=NO_EPILOGUE):
     """out = dloss/dx for the rows of x; `scale` holds one value per row or one for all.
     `out` may be `x` itself: each block is read before it is overwritten."""
     n_rows, n_cols = x.shape
     if x.numel() == 0:
         return out
     if not kernel_supported(x):
-        out.copy_(_torch_grad(x, labels, lse, scale, ignore_index, label_smoothing))
+        out.copy_(_torch_grad(x, labels, lse, scale, ignore_index, label_smoothing, epi))
         return out
     block, warps = _block(x, n_cols, block_v)
     eps, eps_v = _smooth(label_smoothing, n_cols)
     _ce_bwd[(n_rows,)](x, out, labels, lse, scale, x.stride(0), out.stride(0),
-                       1 if scale.numel() > 1 else 0, n_cols, ignore_index, eps, eps_v,
-                       BLOCK_V=block, num_warps=warps)
+                       1 if scale.numel() > 1 else 0, n_cols, ignore_index, eps, eps_v, *epi[:3],
+                       EPI=epi.flags(), BLOCK_V=block, num_warps=warps)
     return out
 
 
 # torch path: devices without Triton (CPU outside the interpreter) and dtypes the kernel lacks.
-def _torch_losses(x, labels, ignore_index, label_smoothing, lse_out):
-    xf = x.float()
+def _torch_epilogue(x, epi):
+    """(fp32 logits after the epilogue, dv/dx or None), rounded as the kernels round them."""
+    dtype = x.dtype if epi.rounded else torch.float32
+    v, d = x.float(), None
+    if epi.scale != 1.0:
+        v, d = (v * epi.scale).to(dtype).float(), epi.scale
+    if epi.divisor != 1.0:
+        v, d = (v / epi.divisor).to(dtype).float(), (1.0 if d is None else d) / epi.divisor
+    if epi.softcap:
+        t = torch.tanh((v / epi.softcap).to(dtype).float()).to(dtype).float()
+        v, d = (t * epi.softcap).to(dtype).float(), (1.0 if d is None else d) * (1 - t * t)
+    return v, d
+
+
+def _torch_losses(x, labels, ignore_index, label_smoothing, lse_out, epi=NO_EPILOGUE):
+    xf = _torch_epilogue(x, epi)[0]
     lse = torch.logsumexp(xf, -1)
     keep = labels != ignore_index
     lse_out.copy_(torch.where(keep, lse, 0.0))  # as the kernel stores it
@@ -223,12 +315,15 @@ def _torch_losses(x, labels, ignore_index, label_smoothing, lse_out):
     return torch.where(keep, loss, 0.0)
 
 
-def _torch_grad(x, labels, lse, scale, ignore_index, label_smoothing):
-    g = torch.exp(x.float() - lse[:, None]) - label_smoothing / x.shape[1]
+def _torch_grad(x, labels, lse, scale, ignore_index, label_smoothing, epi=NO_EPILOGUE):
+    v, dv = _torch_epilogue(x, epi)
+    g = torch.exp(v - lse[:, None]) - label_smoothing / x.shape[1]
     keep = labels != ignore_index
     rows = torch.arange(x.shape[0], device=x.device)[keep]
     g[rows, labels[keep].long()] -= 1 - label_smoothing
     g = g * scale.float()[:, None] if scale.numel() > 1 else g * scale.float()
+    if dv is not None:
+        g = g * dv
     return torch.where(keep[:, None], g, 0.0).to(x.dtype)
 
 
@@ -360,7 +455,8 @@ def _buffers(hidden, n_cols, rows, n_work, gather):
 
 
 def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse=None, scale=None,
-             need_hidden=False, need_weight=False, need_bias=False, chunk_elements=None, block_v=None):
+             need_hidden=False, need_weight=False, need_bias=False, chunk_elements=None, block_v=None,
+             epi=NO_EPILOGUE):
     """The chunk loop behind the lm_head + loss entry points.
 
     lse None: forward, returns (loss, lse, dh, dw, db); with `scale` (fp32 [1]: d(total)/d(loss_r)
@@ -403,7 +499,7 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
                     torch.empty(e - s, dtype=torch.float32, device=device),
                     torch.empty(e - s, dtype=torch.float32, device=device))
                 _forward_rows(logits, y, ignore_index, label_smoothing, loss_c, lse_c, block_v,
-                              grad_scale=scale if grads else None)
+                              grad_scale=scale if grads else None, epi=epi)
                 if idx is not None:
                     loss.index_copy_(0, rows_i, loss_c)
                     lse.index_copy_(0, rows_i, lse_c)
@@ -413,7 +509,7 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
                 else:
                     lse_c = lse.index_select(0, rows_i)
                     scale_c = scale.index_select(0, rows_i) if scale.numel() > 1 else scale
-                _backward_rows(logits, y, lse_c, scale_c, ignore_index, label_smoothing, logits, block_v)
+                _backward_rows(logits, y, lse_c, scale_c, ignore_index, label_smoothing, logits, block_v, epi)
             if need_weight:
                 # accumulated in the weight's dtype (the GEMM adds in fp32, then rounds once per
                 # chunk): no fp32 [V, H] buffer
@@ -434,11 +530,12 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
 
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                  labels: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0,
-                                 chunk_elements: Optional[int] = None, block_v: Optional[int] = None):
-    """(loss, lse) per row of cross_entropy(hidden @ weight.T + bias, labels); hidden is [N, H]."""
+                                 chunk_elements: Optional[int] = None, block_v: Optional[int] = None,
+                                 epi: Epilogue = NO_EPILOGUE):
+    """(loss, lse) per row of cross_entropy(epi(hidden @ weight.T + bias), labels); hidden is [N, H]."""
     check_labels(labels, weight.shape[0], ignore_index)
     loss, lse, *_ = _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing,
-                             chunk_elements=chunk_elements, block_v=block_v)
+                             chunk_elements=chunk_elements, block_v=block_v, epi=epi)
     return loss, lse
 
 
@@ -446,22 +543,23 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
                                           labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                                           scale: torch.Tensor, need_hidden: bool, need_weight: bool,
                                           need_bias: bool, chunk_elements: Optional[int] = None,
-                                          block_v: Optional[int] = None):
+                                          block_v: Optional[int] = None, epi: Epilogue = NO_EPILOGUE):
     """(loss, lse, dhidden, dweight, dbias): the forward's per-row loss and lse, and the gradients
     asked for (else None) of Σ_r scale·loss_r, scale being one fp32 value ([1]) for all rows."""
     check_labels(labels, weight.shape[0], ignore_index)
     return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, scale=scale,
                     need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-                    chunk_elements=chunk_elements, block_v=block_v)
+                    chunk_elements=chunk_elements, block_v=block_v, epi=epi)
 
 
 def linear_cross_entropy_backward(scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                   bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
                                   ignore_index: int, label_smoothing: float, need_hidden: bool,
                                   need_weight: bool, need_bias: bool,
-                                  chunk_elements: Optional[int] = None, block_v: Optional[int] = None):
+                                  chunk_elements: Optional[int] = None, block_v: Optional[int] = None,
+                                  epi: Epilogue = NO_EPILOGUE):
     """(dhidden, dweight, dbias), each None unless needed, where d(loss_r) = scale[r]
     (fp32, [N] or [1]). Recomputes each chunk's logits rather than keep them from the forward."""
     return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, lse=lse, scale=scale,
                     need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-                    chunk_elements=chunk_elements, block_v=block_v)
+                    chunk_elements=chunk_elements, block_v=block_v, epi=epi)

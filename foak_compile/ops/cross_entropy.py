@@ -8,7 +8,10 @@ The loss is computed in fp32 and returned in `out_dtype`. Each op also returns t
 per-label logsumexp (not differentiable).
 
 linear_cross_entropy is a composite over two custom ops (see below): with a mean/sum loss and a
-gradient wanted, the forward takes the gradients itself and the backward only scales them.
+gradient wanted, the forward takes the gradients itself and the backward only scales them. Its
+last four arguments are what the model does to the logits before the loss (kernels'
+`Epilogue`): z·logit_scale, then z/logit_divisor, then softcap·tanh(z/softcap) (0: none), each
+rounded to the logits' dtype when round_epilogue.
 """
 import math
 from typing import Optional
@@ -16,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..kernels import cross_entropy as kernel
+from ..kernels.cross_entropy import Epilogue
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -37,11 +41,16 @@ def _check(n_rows: int, labels: torch.Tensor, label_smoothing: float, reduction:
         raise ValueError(f"label_smoothing must be in [0, 1], not {label_smoothing}")
 
 
-def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   epi: Epilogue) -> Epilogue:
     # F.linear promotes a bias of another dtype; the chunked GEMMs need one dtype (the pattern
     # only matches that)
     if bias is not None and bias.dtype != weight.dtype:
         raise RuntimeError(f"foak linear_cross_entropy: bias is {bias.dtype} but the weight is {weight.dtype}")
+    if epi.scale == 0.0 or epi.divisor == 0.0 or epi.softcap < 0.0 or not all(map(math.isfinite, epi[:3])):
+        raise ValueError(f"foak linear_cross_entropy: logit scale {epi.scale}, divisor {epi.divisor}, softcap "
+                         f"{epi.softcap}: scale and divisor must be finite and nonzero, softcap finite and ≥ 0")
+    return epi
 
 
 def _reduce(loss, labels, ignore_index, reduction, out_dtype):
@@ -130,38 +139,43 @@ cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 #                                   recomputes the logits
 
 LCE_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, SymInt ignore_index, "
-              "float label_smoothing, str reduction, ScalarType out_dtype) -> (Tensor, Tensor)")
+              "float label_smoothing, str reduction, ScalarType out_dtype, float logit_scale=1., "
+              "float logit_divisor=1., float softcap=0., bool round_epilogue=False) -> (Tensor, Tensor)")
 torch.library.define("foak::linear_cross_entropy", LCE_SCHEMA)
 
 
 @torch.library.impl("foak::linear_cross_entropy", "CompositeImplicitAutograd")
-def linear_cross_entropy(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype):
-    """(loss, lse) of F.cross_entropy(F.linear(hidden, weight, bias).float() rows, labels, ...),
+def linear_cross_entropy(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype,
+                         logit_scale=1.0, logit_divisor=1.0, softcap=0.0, round_epilogue=False):
+    """(loss, lse) of F.cross_entropy(epilogue(F.linear(hidden, weight, bias)).float() rows, labels, ...),
     never holding more than one chunk of tokens' logits."""
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    epi = (logit_scale, logit_divisor, softcap, round_epilogue)
     if reduction != "none" and any(need):
         out = torch.ops.foak.linear_cross_entropy_fused(hidden, weight, bias, labels, ignore_index,
-                                                         label_smoothing, reduction, out_dtype, *need)
+                                                         label_smoothing, reduction, out_dtype, *need, *epi)
         return out[0], out[1]
     return torch.ops.foak.linear_cross_entropy_recompute(hidden, weight, bias, labels, ignore_index,
-                                                         label_smoothing, reduction, out_dtype)
+                                                         label_smoothing, reduction, out_dtype, *epi)
 
 
 @torch.library.custom_op("foak::linear_cross_entropy_recompute", mutates_args=())
 def linear_cross_entropy_recompute(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                    labels: torch.Tensor, ignore_index: int, label_smoothing: float,
-                                   reduction: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                                   reduction: str, out_dtype: torch.dtype, logit_scale: float = 1.0,
+                                   logit_divisor: float = 1.0, softcap: float = 0.0, round_epilogue: bool = False
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse); the backward (linear_cross_entropy_backward) recomputes the logits."""
     h = _rows(hidden)
     _check(h.shape[0], labels, label_smoothing, reduction)
-    _check_lm_head(hidden, weight, bias)
+    epi = _check_lm_head(hidden, weight, bias, Epilogue(logit_scale, logit_divisor, softcap, round_epilogue))
     loss, lse = kernel.linear_cross_entropy_forward(h, weight, bias, labels.reshape(-1), ignore_index,
-                                                    label_smoothing)
+                                                    label_smoothing, epi=epi)
     return _reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape)
 
 
 @linear_cross_entropy_recompute.register_fake
-def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype):
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype, *epilogue):
     return _fake_outputs(hidden, labels, reduction, out_dtype)
 
 
@@ -169,14 +183,16 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, ou
 def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                   bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
                                   ignore_index: int, label_smoothing: float, reduction: str, need_hidden: bool,
-                                  need_weight: bool, need_bias: bool
+                                  need_weight: bool, need_bias: bool, logit_scale: float = 1.0,
+                                  logit_divisor: float = 1.0, softcap: float = 0.0, round_epilogue: bool = False
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty tensor."""
     h = _rows(hidden)
     scale = _row_scale(dloss, labels, ignore_index, reduction)
+    epi = Epilogue(logit_scale, logit_divisor, softcap, round_epilogue)
     dh, dw, db = kernel.linear_cross_entropy_backward(scale, h, weight, bias, labels.reshape(-1),
                                                       lse.reshape(-1), ignore_index, label_smoothing,
-                                                      need_hidden, need_weight, need_bias)
+                                                      need_hidden, need_weight, need_bias, epi=epi)
     return _grads_or_empty(hidden, weight, dh, dw, db)
 
 
@@ -195,15 +211,16 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 @linear_cross_entropy_backward.register_fake
 def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, reduction,
-      need_hidden, need_weight, need_bias):
+      need_hidden, need_weight, need_bias, *epilogue):
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _recompute_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, _ = inputs
+    hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, _, *epilogue = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.args = (ignore_index, label_smoothing, reduction)
+    ctx.epilogue = epilogue
 
 
 def _recompute_backward(ctx, dloss, _dlse):
@@ -211,11 +228,11 @@ def _recompute_backward(ctx, dloss, _dlse):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.needs_input_grad[2] and bias is not None
     if dloss is None or not (need_h or need_w or need_b):
-        return None, None, None, None, None, None, None, None
+        return (None,) * 12
     dh, dw, db = torch.ops.foak.linear_cross_entropy_backward(dloss, hidden, weight, bias, labels, lse,
-                                                              *ctx.args, need_h, need_w, need_b)
+                                                              *ctx.args, need_h, need_w, need_b, *ctx.epilogue)
     return (dh if need_h else None), (dw if need_w else None), (db if need_b else None), \
-        None, None, None, None, None
+        None, None, None, None, None, None, None, None, None
 
 
 linear_cross_entropy_recompute.register_autograd(_recompute_backward, setup_context=_recompute_setup_context)
@@ -224,7 +241,9 @@ linear_cross_entropy_recompute.register_autograd(_recompute_backward, setup_cont
 @torch.library.custom_op("foak::linear_cross_entropy_fused", mutates_args=())
 def linear_cross_entropy_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                labels: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
-                               out_dtype: torch.dtype, need_hidden: bool, need_weight: bool, need_bias: bool
+                               out_dtype: torch.dtype, need_hidden: bool, need_weight: bool, need_bias: bool,
+                               logit_scale: float = 1.0, logit_divisor: float = 1.0, softcap: float = 0.0,
+                               round_epilogue: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, dhidden, dweight, dbias) for reduction mean/sum: the gradients of the loss
     (for an upstream gradient of 1), each an empty tensor unless asked for."""
@@ -233,18 +252,18 @@ def linear_cross_entropy_fused(hidden: torch.Tensor, weight: torch.Tensor, bias:
                          "row, unknown in the forward; use linear_cross_entropy_recompute")
     h = _rows(hidden)
     _check(h.shape[0], labels, label_smoothing, reduction)
-    _check_lm_head(hidden, weight, bias)
+    epi = _check_lm_head(hidden, weight, bias, Epilogue(logit_scale, logit_divisor, softcap, round_epilogue))
     y = labels.reshape(-1)
     scale = _row_scale(torch.ones((), device=h.device), y, ignore_index, reduction)
     loss, lse, dh, dw, db = kernel.linear_cross_entropy_forward_backward(
-        h, weight, bias, y, ignore_index, label_smoothing, scale, need_hidden, need_weight, need_bias)
+        h, weight, bias, y, ignore_index, label_smoothing, scale, need_hidden, need_weight, need_bias, epi=epi)
     return (_reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape),
             *_grads_or_empty(hidden, weight, dh, dw, db))
 
 
 @linear_cross_entropy_fused.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype,
-      need_hidden, need_weight, need_bias):
+      need_hidden, need_weight, need_bias, *epilogue):
     return (*_fake_outputs(hidden, labels, reduction, out_dtype),
             *_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias))
 
@@ -252,7 +271,7 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, ou
 def _fused_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
     ctx.mark_non_differentiable(*output[1:])
-    ctx.computed = inputs[8:]
+    ctx.computed = inputs[8:11]
 
 
 def _fused_backward(ctx, dloss, *_):
@@ -264,7 +283,7 @@ def _fused_backward(ctx, dloss, *_):
             raise RuntimeError("foak linear_cross_entropy_fused: a gradient was not taken in the forward")
         # Only a scale: under inductor the saved gradient's buffer is donated and reused in place.
         grads.append(g * dloss if needed else None)
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, *(None,) * 12)
 
 
 linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)

@@ -15,10 +15,16 @@ and to have no other user. HF's CausalLM forward returns the logits in its outpu
 plain `model(input_ids, labels=labels)` it is a near-miss (the logits have an outside user)
 and cross_entropy matches instead; it matches when the compiled code keeps only the loss.
 
+Between lm_head and loss, linear_cross_entropy also takes what models do to their logits: a
+scale by a constant (Granite's `logits / logits_scaling`, Cohere's `logits * logit_scale`) and
+Gemma 2/3's final-logit softcapping `c * tanh(logits / c)`, scale first; the op applies them to
+each logit inside the loss kernels (kernels/cross_entropy.py `Epilogue`), rounded as eager rounds.
+
 Near-misses: class weights, legacy size_average/reduce, probability (float) or non-int64
-labels, the class dim not last, softcapping c·tanh(logits/c) between lm_head and loss
-(linear_cross_entropy only: cross_entropy on the capped logits is still matched).
+labels, the class dim not last; for the lm_head, a softcap or scale spelt otherwise (two
+constants, a scale after the softcap, a tensor scale), or mixing half-precision and fp32 steps.
 """
+import math
 import operator
 from dataclasses import dataclass
 from typing import Optional
@@ -31,7 +37,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
 from ..kernels.common import TL_DTYPE
 from ..ops.cross_entropy import REDUCTIONS
-from ..nodes import canon, is_kind, value
+from ..nodes import canon, is_kind, item_float, other_operand, value
 
 LOSS_KINDS = ("cross_entropy", "nll_loss")
 
@@ -70,25 +76,123 @@ def _producer(n) -> Optional[Node]:
     return None
 
 
-def _softcapped(n) -> Optional[Node]:
-    """z for `c * tanh(z / c)`, Gemma 2's final logit softcapping; else None."""
+def _constant(a) -> tuple:
+    """(number, nodes) for a Python number, or the `.item()` of one (a module's float attribute
+    under dynamic=True, specialised on as rms_norm does with eps); (None, []) otherwise."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return float(a), []
+    v = item_float(a)
+    return (v, [a]) if v is not None else (None, [])
+
+
+def _hint(v) -> float:
+    """The value of a `_constant`, without guarding on a symbolic one (that waits for the splice)."""
+    return float(v.node.hint) if isinstance(v, torch.SymFloat) else float(v)
+
+
+def _is_tanh(n) -> bool:
+    return isinstance(n, Node) and ((n.op == "call_function" and n.target in (torch.tanh, F.tanh))
+                                    or (n.op == "call_method" and n.target == "tanh"))
+
+
+def _softcap_step(n) -> Optional[tuple]:
+    """(z, c, nodes) for n = `c * tanh(z / c)`, Gemma 2's final-logit softcapping; None when n is
+    no tanh times something; Reject for a softcap spelt with other constants."""
     op = canon(n)
-    if op is None or op.kind != "mul":
+    if op is None or op.kind != "mul" or len(op.args) != 2:
         return None
-    for t in op.args[:2]:
-        if isinstance(t, Node) and ((t.op == "call_function" and t.target in (torch.tanh, F.tanh))
-                                    or (t.op == "call_method" and t.target == "tanh")):
-            inner = canon(t.args[0])
-            if inner is not None and inner.kind in ("div", "mul") and isinstance(inner.args[0], Node):
-                return inner.args[0]
-    return None
+    t = next((a for a in op.args if _is_tanh(a)), None)
+    if t is None:
+        return None
+    c, c_nodes = _constant(other_operand(op, t))
+    inner = canon(t.args[0]) if t.args else None
+    if inner is None or inner.kind not in ("div", "mul") or not isinstance(inner.args[0], Node):
+        return None
+    c_in, in_nodes = _constant(inner.args[1])
+    if c is None or c_in is None:
+        raise Reject("softcap c·tanh(z/c) with a tensor c")
+    if inner.kind != "div" or _hint(c_in) != _hint(c) or not 0 < _hint(c) < math.inf:
+        what = "·" if inner.kind == "mul" else "/"
+        raise Reject(f"softcap {_hint(c):g}·tanh(z{what}{_hint(c_in):g}): only c·tanh(z/c) with one finite c > 0 "
+                     "is fused")
+    return inner.args[0], c, [t.args[0], t, n] + c_nodes + in_nodes
 
 
-def _from_linear(x) -> Optional[Node]:
-    """The F.linear whose output x is, through `_producer` steps only; else None."""
-    while x is not None and not is_kind(x, "linear"):
-        x = _producer(x)
-    return x
+def _scale_step(n) -> Optional[tuple]:
+    """(z, kind, s, nodes) for n = z * s, s * z or z / s with a constant s; None otherwise."""
+    op = canon(n)
+    if op is None or op.kind not in ("mul", "div") or len(op.args) != 2:
+        return None
+    tensors = [a for a in op.args if isinstance(a, Node) and value(a) is not None]
+    if len(tensors) == 2 and min(value(a).numel() for a in tensors) == 1:
+        raise Reject("logit scale is a tensor, not a constant")
+    if len(tensors) != 1 or (op.kind == "div" and op.args[0] is not tensors[0]):
+        return None
+    s, s_nodes = _constant(other_operand(op, tensors[0]))
+    if s is None:
+        return None
+    if not 0 < abs(_hint(s)) < math.inf:
+        raise Reject(f"logit scale {_hint(s):g}")
+    return tensors[0], op.kind, s, [n] + s_nodes
+
+
+@dataclass
+class _Head:
+    """The lm_head's F.linear below a loss and what lies between them."""
+    linear: Node
+    nodes: list         # the chain's nodes, lm_head first
+    scale: object = 1.0
+    divisor: object = 1.0
+    softcap: object = 0.0
+    step_dtypes: tuple = ()  # the dtypes the scale/softcap steps computed in
+
+    def epilogue_args(self) -> tuple:
+        rounded = bool(self.step_dtypes) and self.step_dtypes[0] != torch.float32
+        # float() only here, when the match is spliced in: a symbolic constant is guarded on then
+        return float(self.scale), float(self.divisor), float(self.softcap), rounded
+
+    def variant(self) -> list:
+        out = [f"logits * {_hint(self.scale):g}"] if _hint(self.scale) != 1.0 else []
+        out += [f"logits / {_hint(self.divisor):g}"] if _hint(self.divisor) != 1.0 else []
+        out += [f"softcap {_hint(self.softcap):g}"] if _hint(self.softcap) else []
+        return out
+
+
+def _lm_head(x) -> Optional[_Head]:
+    """Walk up from the loss's logits to an F.linear through upcasts/views (`_producer`), at most
+    one softcap and, before it, at most one constant scale; None when x is not from a linear."""
+    chain, head = [], _Head(None, [])
+    seen_scale = False
+    while not is_kind(x, "linear"):
+        src = _producer(x)
+        if src is not None:
+            chain[:0] = [x]
+            x = src
+            continue
+        out, cap = x, _softcap_step(x)
+        if cap is not None:
+            if head.softcap or seen_scale:
+                raise Reject("a softcap after a logit scale or a second softcap between lm_head and loss")
+            x, head.softcap, nodes = cap
+        else:
+            step = _scale_step(x)
+            if step is None:
+                return None
+            if seen_scale:
+                raise Reject("two logit scales between lm_head and loss")
+            x, kind, s, nodes = step
+            seen_scale = True
+            if kind == "mul":
+                head.scale = s
+            else:
+                head.divisor = s
+        head.step_dtypes += (value(out).dtype,)
+        chain[:0] = nodes
+    # a constant's `.item()` joins the match once, and only if nothing else reads it
+    inside = set(chain)
+    chain = [n for n in dict.fromkeys(chain) if item_float(n) is None or set(n.users) <= inside]
+    head.linear, head.nodes = x, [x] + chain
+    return head
 
 
 def _log_softmax_input(x: Node, nodes: list, variant: list) -> Optional[Node]:
@@ -184,6 +288,10 @@ def _call(target, args):
     return replace
 
 
+def _call_lce(args, head: _Head):
+    return lambda g: _call(torch.ops.foak.linear_cross_entropy.default, args + head.epilogue_args())(g)
+
+
 class _LossPattern(Pattern):
     def seeds(self, graph):
         for n in graph.nodes:
@@ -219,15 +327,13 @@ class LinearCrossEntropyPattern(_LossPattern):
         loss = _parse_loss(seed)
         if loss is None:
             return None
-        chain, x = [], loss.logits
-        while not is_kind(x, "linear"):
-            src = _producer(x)
-            if src is None:
-                if _from_linear(_softcapped(x)) is not None:
-                    raise Reject("final logit softcapping c·tanh(logits/c) between lm_head and loss is not fused")
-                return None  # logits not from a linear: cross_entropy's business
-            chain.insert(0, x)
-            x = src
+        head = _lm_head(loss.logits)
+        if head is None:
+            return None  # logits not from a linear: cross_entropy's business
+        x = head.linear
+        if len(set(head.step_dtypes)) > 1:
+            raise Reject(f"logit scale/softcap steps in {' and '.join(map(str, head.step_dtypes))}: "
+                         "only all in the logits' dtype or all in fp32")
         _check_loss_dtype(loss)
         lin = canon(x)
         hidden, weight, bias = lin.arg(0, "input"), lin.arg(1, "weight"), lin.arg(2, "bias")
@@ -240,10 +346,11 @@ class LinearCrossEntropyPattern(_LossPattern):
             raise Reject("lm_head bias is not a [vocab] tensor of the weight's dtype")
         if not hv.dtype == wv.dtype == ov.dtype:
             raise Reject(f"lm_head gives {ov.dtype} from {hv.dtype} × {wv.dtype} (autocast?)")
-        variant = ["F.linear" + (" + bias" if bias is not None else "")] + loss.variant
+        if head.step_dtypes and head.step_dtypes[0] not in (ov.dtype, torch.float32):
+            raise Reject(f"logit scale/softcap in {head.step_dtypes[0]} over {ov.dtype} logits")
+        variant = ["F.linear" + (" + bias" if bias is not None else "")] + head.variant() + loss.variant
         if ov.dtype != value(loss.logits).dtype:
             variant.append(f"upcast from {ov.dtype}")
         args = (hidden, weight, bias, loss.labels, loss.ignore_index, loss.label_smoothing, loss.reduction,
                 value(seed).dtype)
-        return Candidate([x] + chain + loss.nodes, seed,
-                         _call(torch.ops.foak.linear_cross_entropy.default, args), ", ".join(variant))
+        return Candidate(head.nodes + loss.nodes, seed, _call_lce(args, head), ", ".join(variant))
