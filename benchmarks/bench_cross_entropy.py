@@ -10,11 +10,15 @@ Both cases are run: gradients for the hidden states and the lm_head weight (full
 is torch.cuda.max_memory_allocated during one loss+backward, above what was allocated before
 it (inputs, no grads). Each method's loss and grads are compared with eager's.
 
+--softcap C measures Gemma 2's loss instead: F.cross_entropy((C·tanh(F.linear(h, w) / C)).float(), y),
+which foak fuses whole (the softcap applied inside its kernels) and Liger takes as its `softcap`.
+
 --sweep adds, before the cases, the tuning data the defaults come from: the row kernel's
 bandwidth per BLOCK_V / num_warps, and the op's time and peak per chunk size (rows), with
 and without dropping the ignored rows.
 
     python -m benchmarks.bench_cross_entropy --out $OUT/ce.json [--sweep] [--modes trained frozen]
+        [--softcap 30] [--tokens 4096 16384] [--vocabs 128256 256000] [--hiddens 2048 4096]
 """
 import argparse
 import gc
@@ -40,8 +44,14 @@ FIT_GB = 72             # leave headroom on an 80 GB card
 REPS = 5
 
 
+SOFTCAP = 0.0  # --softcap
+
+
 def loss_fn(h, w, y):
-    return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100)
+    logits = F.linear(h, w)
+    if SOFTCAP:
+        logits = torch.tanh(logits / SOFTCAP) * SOFTCAP
+    return F.cross_entropy(logits.float(), y, ignore_index=-100)
 
 
 def eager_peak_gb(n, v, hdim):
@@ -55,7 +65,7 @@ def _methods():
     out = {"eager": lambda: loss_fn, "inductor": lambda: torch.compile(loss_fn, dynamic=False)}
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, **({"softcap": SOFTCAP} if SOFTCAP else {}))
         out["liger"] = lambda: (lambda h, w, y: liger(w, h, y))
     except Exception as err:  # not installed (or broken): reported, not fatal
         out["liger"] = f"skipped: liger_kernel unavailable ({type(err).__name__}: {err})"
@@ -269,10 +279,16 @@ def main():
                    help="trained: weight and hidden grads; frozen (LoRA): hidden grads only")
     p.add_argument("--frozen", action="store_true", help="only the frozen case (= --modes frozen)")
     p.add_argument("--sweep", action="store_true", help="also the kernel and chunk-size sweeps")
+    p.add_argument("--softcap", type=float, default=0.0, help="Gemma 2's final-logit softcap between lm_head and loss")
+    p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    p.add_argument("--vocabs", type=int, nargs="+", default=VOCABS)
+    p.add_argument("--hiddens", type=int, nargs="+", default=HIDDENS)
     args = p.parse_args()
+    global SOFTCAP
+    SOFTCAP = args.softcap
     modes = ["frozen"] if args.frozen else args.modes
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    res = {"env": environment(), "dtype": "bfloat16", "ignored_label_share": IGNORED,
+    res = {"env": environment(), "dtype": "bfloat16", "ignored_label_share": IGNORED, "softcap": SOFTCAP,
            "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1), "foak_chunk_rows_min_max": [kernel.CHUNK_ROWS_MIN, kernel.CHUNK_ROWS_MAX],
            "cases": []}
     t0 = time.time()
@@ -282,9 +298,9 @@ def main():
         res["chunk_sweep"] = chunk_sweep()
         _save(args.out, res)
     for mode in modes:
-        for hdim in HIDDENS:
-            for v in VOCABS:
-                for n in TOKENS:
+        for hdim in args.hiddens:
+            for v in args.vocabs:
+                for n in args.tokens:
                     res["cases"].append(run_case(n, v, hdim, mode == "frozen", total_gb))
                     _save(args.out, res)
     res["total_s"] = round(time.time() - t0, 1)

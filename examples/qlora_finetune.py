@@ -59,6 +59,8 @@ def parse(argv=None):
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--compile", choices=["foak", "none"], default="foak")
     p.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    p.add_argument("--keep-logits", dest="loss_only", action="store_false",
+                   help="return the logits in training too (default: loss only, so lm_head + loss fuse)")
     p.add_argument("--output-dir", default="qlora_out")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -141,7 +143,7 @@ def main(argv=None):
     data = dataset(a, model)
     callbacks = []
     if a.compile == "foak":
-        compile_for_trainer(model, inner=a.inner)
+        compile_for_trainer(model, inner=a.inner, loss_only=a.loss_only)
         callbacks.append(FoakCallback())
     args = TrainingArguments(
         output_dir=a.output_dir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.grad_accum,

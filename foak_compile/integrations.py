@@ -13,6 +13,7 @@ column filter (`ValueError: No columns in the dataset match the model's forward 
 `nn.Module.compile` keeps the model object, so Trainer, peft, accelerate's wrapping and saving see the
 model they expect while every call goes through the compiled graph.
 """
+import functools
 import logging
 import os
 from typing import Optional
@@ -30,19 +31,39 @@ __all__ = ["compile_for_trainer", "enable_gradient_checkpointing", "prepare_grad
 
 
 def compile_for_trainer(model: torch.nn.Module, backend: Optional[FoakBackend] = None,
-                        dynamic: Optional[bool] = None, **backend_kw) -> torch.nn.Module:
+                        dynamic: Optional[bool] = None, loss_only: bool = False, **backend_kw) -> torch.nn.Module:
     """Compile `model` in place with the foak backend and return it, ready for Trainer / SFTTrainer.
 
     `backend`: a configured `foak_compile.backend(...)`; otherwise one is built from `backend_kw`
     (`patterns=`, `inner=`, `dump_dir=`). Leave `TrainingArguments.torch_compile` off: the model is
     already compiled.
+
+    `loss_only=True`: in training mode, a forward that computes a loss returns it without the logits
+    (`outputs.logits` is None), so the compiled graph does not output them and lm_head + loss fuse into
+    linear_cross_entropy: no [tokens, vocab] logits at all. Trainer's training step reads only the
+    loss; in eval mode (evaluation, prediction) the logits are returned as usual. Not for code that
+    reads the logits while training (TRL's SFTTrainer token accuracy, distillation losses).
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError("compile_for_trainer takes the model itself, not a torch.compile wrapper: pass "
                         "`wrapper._orig_mod` (Trainer cannot read a wrapper's forward signature)")
     be = backend if backend is not None else make_backend(**backend_kw)
+    if loss_only and not getattr(model.forward, "_foak_loss_only", False):
+        model.forward = _loss_only(model, model.forward)
     model.compile(backend=be, dynamic=dynamic)
     return model
+
+
+def _loss_only(model: torch.nn.Module, forward):
+    """`forward` that leaves the logits out of a training-mode output carrying a loss."""
+    @functools.wraps(forward)  # Trainer reads the signature to pick dataset columns
+    def loss_only_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if model.training and getattr(out, "loss", None) is not None and getattr(out, "logits", None) is not None:
+            return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+        return out
+    loss_only_forward._foak_loss_only = True
+    return loss_only_forward
 
 
 def _models(model):

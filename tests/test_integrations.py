@@ -42,7 +42,7 @@ def _history(trainer, key):
     return [h[key] for h in trainer.state.log_history if key in h]
 
 
-def _trainer_run(model, out, compiled, gc):
+def _trainer_run(model, out, compiled, gc, loss_only=False):
     import datasets
     from transformers import Trainer
 
@@ -51,7 +51,7 @@ def _trainer_run(model, out, compiled, gc):
     ds = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     callbacks = []
     if compiled:
-        compile_for_trainer(model, inner="aot_eager")
+        compile_for_trainer(model, inner="aot_eager", loss_only=loss_only)
         callbacks.append(FoakCallback())
     trainer = Trainer(model=model, args=_args(out, gc=gc), train_dataset=ds, callbacks=callbacks)
     trainer.train()
@@ -87,6 +87,29 @@ def test_trainer(gc, tmp_path):
         assert len(cb.reports) == 1 and "tag_activation_checkpoint" in cb.reports[0].code_before
     summary = (tmp_path / "foak" / "foak" / "summary.txt").read_text()
     assert "lora 14" in summary and "rope 2" in summary
+
+
+def test_trainer_loss_only_fuses_the_lm_head(tmp_path):
+    """compile_for_trainer(loss_only=True): training outputs carry no logits, so lm_head + loss are one
+    linear_cross_entropy; the same losses as eager, and the logits are back in eval mode."""
+    torch.manual_seed(0)
+    model = peft_llama(layers=LAYERS)
+    ref_losses, ref_norms = _eager_trainer_losses(copy.deepcopy(model), tmp_path)
+    trainer, cb = _trainer_run(model, tmp_path / "foak", compiled=True, gc=False, loss_only=True)
+    torch.testing.assert_close(_history(trainer, "loss"), ref_losses, rtol=1e-4, atol=0)
+    torch.testing.assert_close(_history(trainer, "grad_norm"), ref_norms, rtol=1e-3, atol=0)
+    expected = {k: v for k, v in FULL.items() if k != "cross_entropy"}
+    assert cb.counts == {**expected, "linear_cross_entropy": 1}, [r.summary() for r in cb.reports]
+    inputs = batch(model)
+    model.train()
+    out = model(**inputs)
+    assert out.logits is None and "logits" not in out and out.loss is not None
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[-1] == model.config.vocab_size and out.loss is not None
+    compile_for_trainer(model, inner="aot_eager", loss_only=True)  # a second call wraps once
+    assert model.forward.__wrapped__.__self__ is model
 
 
 def test_training_args_backend_is_refused_by_accelerate(tmp_path):
@@ -126,7 +149,7 @@ def _sft_run(model, out, compiled):
     texts = [" ".join(f"w{(start + j) % words}" for j in range(11)) for start in range(0, 16 * 7, 7)]
     callbacks = []
     if compiled:
-        compile_for_trainer(model, inner="aot_eager")
+        compile_for_trainer(model, inner="aot_eager", loss_only=loss_only)
         callbacks.append(FoakCallback())
     # SFTConfig's defaults: gradient checkpointing on (non-reentrant on transformers 5), bf16 (off on CPU)
     cfg = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
@@ -221,6 +244,8 @@ def test_qlora_example_tiny(tmp_path):
     result = mod.main(["--preset", "tiny", "--steps", "2", "--batch", "2", "--seq", "24", "--inner", "aot_eager",
                        "--output-dir", str(tmp_path)])
     assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
-    assert result["foak_counts"] == FULL_DROPOUT  # NF4 base, dropout 0.05, checkpointing: all rewritten
+    # NF4 base, dropout 0.05, checkpointing, loss only (the default): all rewritten, lm_head + loss as one
+    expected = {k: v for k, v in FULL_DROPOUT.items() if k != "cross_entropy"}
+    assert result["foak_counts"] == {**expected, "linear_cross_entropy": 1}
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "foak" / "summary.txt").exists()
