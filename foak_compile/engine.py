@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Union
 
 from torch.fx import Graph, GraphModule, Node
 
-from .nodes import module_of, source_of
+from .nodes import is_in_place, module_of, source_of
 from .report import GraphReport, Match, NearMiss
 
 log = logging.getLogger("foak_compile")
@@ -37,6 +37,8 @@ class Candidate:
 
 class Pattern:
     name: str = ""
+    # appended to the near-miss when an intermediate is blocked by being a graph output: how to get the fusion
+    graph_output_hint: str = ""
 
     def seeds(self, graph: Graph) -> Iterable[Node]:
         """Nodes that may anchor this pattern, in graph order."""
@@ -60,8 +62,30 @@ def outside_users(nodes: list[Node], outputs: list[Node]) -> Optional[str]:
     return None
 
 
-def _outside_users(cand: Candidate) -> Optional[str]:
-    return outside_users(cand.nodes, cand.outputs())
+def _outside_users(cand: Candidate, pattern: Pattern) -> Optional[str]:
+    reason = outside_users(cand.nodes, cand.outputs())
+    outs = set(cand.outputs())
+    if reason and pattern.graph_output_hint and any(
+            u.op == "output" for n in cand.nodes if n not in outs for u in n.users):
+        reason += f"; {pattern.graph_output_hint}"
+    return reason
+
+
+def _write_inside(cand: Candidate, order: dict) -> Optional[str]:
+    """Why the fused op may read other values than the nodes it replaces: an in-place op between the
+    candidate's first and last node (the op runs at one place, its inputs were read across that
+    span). Any in-place op counts, there is no alias analysis; models' patterns have none inside."""
+    if any(n not in order for n in cand.nodes):
+        order.update((n, i) for i, n in enumerate(cand.nodes[0].graph.nodes))
+    inside = set(cand.nodes)
+    first = min(cand.nodes, key=order.__getitem__)
+    last = max(cand.nodes, key=order.__getitem__)
+    n = first.next
+    while n is not last:
+        if n not in inside and is_in_place(n):
+            return f"`{n.name}` writes a tensor in place between the pattern's first and last node"
+        n = n.next
+    return None
 
 
 def _where(node: Node) -> dict:
@@ -113,6 +137,7 @@ def _check_order(graph: Graph, before: set) -> None:
 def run_patterns(gm: GraphModule, patterns: list[Pattern], report: GraphReport) -> None:
     for pattern in patterns:
         seeds = list(pattern.seeds(gm.graph))
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         removed: set[Node] = set()
         for seed in seeds:
             if seed in removed:
@@ -124,7 +149,7 @@ def run_patterns(gm: GraphModule, patterns: list[Pattern], report: GraphReport) 
                 continue
             if cand is None:
                 continue
-            reason = _outside_users(cand)
+            reason = _outside_users(cand, pattern) or _write_inside(cand, order)
             if reason:
                 report.near_misses.append(NearMiss(pattern.name, reason, nodes=[n.name for n in cand.nodes],
                                                   **_where(cand.nodes[0])))

@@ -118,6 +118,21 @@ def is_kind(node: Any, kind: str) -> bool:
     return op is not None and op.kind == kind
 
 
+_IN_PLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "iand", "ior", "ixor", "setitem"}
+
+
+def is_in_place(n: Node) -> bool:
+    """n writes into an existing tensor: `x.add_()`, `x += y`, `x[i] = y`, `out=`, `inplace=True`."""
+    if n.op == "call_method":
+        name = str(n.target)
+    elif n.op == "call_function":
+        name = getattr(n.target, "_opname", None) or getattr(n.target, "__name__", "")  # aten: _opname
+    else:
+        return False
+    return ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_FUNCTIONS
+            or "out" in n.kwargs or n.kwargs.get("inplace") is True)
+
+
 def other_operand(op: Op, node: Node) -> Any:
     """For a binary op with `node` as one operand, the other one."""
     a, b = op.args[0], op.args[1]

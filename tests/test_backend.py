@@ -130,3 +130,22 @@ def test_cpu_without_triton_interpreter_falls_back_to_torch():
         pytest.skip("a CUDA machine runs the kernels")
     assert _fresh_python(code, interpret="0").strip().splitlines()[-1] == \
         "[('cross_entropy', 1), ('rms_norm', 5), ('rope', 2)]"
+
+
+def test_an_in_place_write_inside_a_match_leaves_it_alone():
+    """The fused op runs at one place; the subgraph it replaces read its inputs across a span. An
+    in-place op inside that span (here x changes between the variance and the normalisation) makes
+    the candidate a near-miss for every pattern alike (the engine's rule), and eager's result stands."""
+    w = torch.randn(24)
+
+    def norm(x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x.mul_(2.0)
+        return w * (x * torch.rsqrt(variance + 1e-6))
+
+    be = foak_compile.backend(patterns=["rms_norm"], inner="aot_eager")
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(torch.compile(norm, backend=be)(x.clone()), norm(x.clone()))
+    [miss] = be.reports[0].near_misses
+    assert be.reports[0].counts() == {} and miss.pattern == "rms_norm"
+    assert miss.reason == "`mul_` writes a tensor in place between the pattern's first and last node"

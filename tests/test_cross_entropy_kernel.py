@@ -244,13 +244,14 @@ def test_linear_cross_entropy_epilogue_vs_float64(dtype, name, op, device, monke
         y = _labels(n, vocab, device)
         grad_tol = None
         if dtype != torch.float32 and epi.rounded:  # eager's own steps round too: allow twice its error
+            # (estimated on a sum: the checked reductions and upstream gradients differ, hence 3×TOL too)
             eager = F.cross_entropy(_epilogue_f64(F.linear(hidden, weight), epi).float(), y,
                                     reduction="sum", label_smoothing=smoothing)
             ref = F.cross_entropy(_epilogue_f64(F.linear(hidden.double(), weight.double()), epi), y,
                                   reduction="sum", label_smoothing=smoothing)
             errs = [_rel(a, b) for a, b in zip(torch.autograd.grad(eager, (hidden, weight)),
                                                torch.autograd.grad(ref, (hidden, weight)))]
-            grad_tol = max(2 * TOL[dtype], 2 * max(errs))
+            grad_tol = max(3 * TOL[dtype], 2 * max(errs))
         _check_linear_ce(hidden, weight, None, y, reduction=reduction, label_smoothing=smoothing,
                          op=getattr(torch.ops.foak, op), epi=epi, grad_tol=grad_tol)
 
@@ -268,6 +269,22 @@ def test_epilogue_rounds_like_eager_in_bf16(device):
     exact, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "sum", torch.float32,
                                                    *epi._replace(rounded=False))
     assert _rel(exact, eager) > 1e-5
+
+
+def test_epilogue_divides_as_torch_does_on_cuda(device, monkeypatch):
+    """On CUDA torch divides by a Python number as x·(1/c), 1/c in fp32: the kernels do the same
+    there (forced here on any device), and an IEEE division on the CPU."""
+    monkeypatch.setattr(kernel, "_divides_by_reciprocal", lambda t: True)
+    x = torch.randn(13, 131, device=device, dtype=torch.bfloat16) * 8
+    y = _labels(13, 131, device)
+    epi = kernel.Epilogue(divisor=1.7, softcap=3.3, rounded=True)
+    loss, lse = torch.empty(13, device=device), torch.empty(13, device=device)
+    kernel._forward_rows(x, y, -100, 0.0, loss, lse, epi=epi)
+    r_div, r_cap = kernel._fp32_reciprocal(1.7), kernel._fp32_reciprocal(3.3)
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    v = bf(bf(torch.tanh(bf(bf(x.float() * r_div) * r_cap))) * 3.3)
+    ref = F.cross_entropy(v, y, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_epilogue_torch_path_agrees_with_kernel(device):
@@ -295,15 +312,15 @@ def test_kernel_tanh_is_accurate(device):
         i = tl.arange(0, N)
         tl.store(Y + i, kernel._tanh(tl.load(X + i)))
 
-    special = torch.tensor([0.0, -0.0, 0.25, -0.25, 1e-30, 88.0, -90.0, float("inf"), float("-inf")],
+    special = torch.tensor([float("nan"), 0.0, -0.0, 0.25, -0.25, 1e-30, 88.0, -90.0, float("inf"), float("-inf")],
                            device=device)
     x = torch.cat([special] + [torch.randn(2045, device=device) * s for s in (0.01, 0.3, 3.0, 30.0)])
     x = torch.cat([x, torch.linspace(-1, 1, 8192 - x.numel(), device=device)])
     y = torch.empty_like(x)
     tanh_kernel[(1,)](x, y, N=x.numel())
-    ref = torch.tanh(x.double())
-    assert ((y.double() - ref).abs() <= 4 * torch.finfo(torch.float32).eps * ref.abs() + 1e-45).all()
-    assert torch.tanh(torch.tensor(float("nan"))).isnan() and not y.isnan().any()
+    assert y[0].isnan() and not y[1:].isnan().any()
+    ref = torch.tanh(x[1:].double())
+    assert ((y[1:].double() - ref).abs() <= 4 * torch.finfo(torch.float32).eps * ref.abs() + 1e-45).all()
 
 
 def test_epilogue_arguments_are_checked(device):

@@ -12,6 +12,7 @@ import foak_compile
 from tests.models import compare_with_eager, loss_and_grads, tiny_model
 
 CE = ["linear_cross_entropy", "cross_entropy"]
+HINT = re.escape(foak_compile.patterns.cross_entropy.LinearCrossEntropyPattern.graph_output_hint)
 FAMILIES = ["llama", "qwen2", "gemma"]
 
 
@@ -41,12 +42,14 @@ def _assert_plain_call(be):
     assert _counts(be) == {"cross_entropy": 1}
     [reason] = _misses(be, "linear_cross_entropy")
     # the graph's output node (named output_N when the model has a variable called output)
-    assert re.fullmatch(r"intermediate `logits` has 2 users \(1 outside the pattern: output(_\d+)?\)", reason)
+    assert re.fullmatch(r"intermediate `logits` has 2 users \(1 outside the pattern: output(_\d+)?\); " + HINT, reason)
     assert not _misses(be, "cross_entropy")
 
 
-def _compare_loss_only(model, inputs, rtol=1e-5, atol=1e-5):
-    """Compile a step that keeps only the loss; loss and every trainable grad against eager."""
+def _compare_loss_only(model, inputs, rtol=1e-5, atol=1e-5, grad_bound=None):
+    """Compile a step that keeps only the loss; loss and every trainable grad against eager (with
+    `grad_bound`: each grad's largest difference below that share of its largest element, the
+    model matrix's bf16 bound)."""
     eager = copy.deepcopy(model)
     ref_loss, ref_grads = loss_and_grads(eager, inputs)
     be = foak_compile.backend(patterns=CE, inner="aot_eager")
@@ -58,6 +61,10 @@ def _compare_loss_only(model, inputs, rtol=1e-5, atol=1e-5):
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     assert grads.keys() == ref_grads.keys() and grads
     for name in ref_grads:
+        if grad_bound is not None:
+            err = (grads[name].float() - ref_grads[name].float()).abs().max() / ref_grads[name].float().abs().max()
+            assert err < grad_bound, (name, err)
+            continue
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     return be
 
@@ -130,7 +137,7 @@ def test_loss_only_step_fuses_the_lm_head_through_scale_and_softcap(family, dtyp
     each logit in the kernels, rounded where eager rounds (bf16: the steps run in bf16)."""
     overrides, step = EPILOGUE_MODELS[family]
     model = tiny_model(family, dtype, **overrides)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2, grad_bound=5e-2)
     be = _compare_loss_only(model, _batch(model), **tol)
     assert _counts(be) == {"linear_cross_entropy": 1} and not _misses(be, "linear_cross_entropy")
     m = be.reports[0].matches[0]
@@ -146,7 +153,8 @@ def test_gemma2_plain_call_fuses_the_loss_over_the_capped_logits():
     be = compare_with_eager(model, _batch(model), patterns=CE)
     assert _counts(be) == {"cross_entropy": 1}
     [reason] = _misses(be, "linear_cross_entropy")
-    assert re.fullmatch(r"intermediate `logits(_\d+)?` has 2 users \(1 outside the pattern: output(_\d+)?\)", reason)
+    assert re.fullmatch(r"intermediate `logits(_\d+)?` has 2 users \(1 outside the pattern: output(_\d+)?\); " + HINT,
+                        reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +233,9 @@ LOSS_ONLY = {
     "3d view": lambda x, y: F.cross_entropy(x.view(1, -1, V).float().view(-1, V), y),
     "nll(log_softmax)": lambda x, y: F.nll_loss(F.log_softmax(x.float(), -1), y, reduction="sum"),
     "tanh softcap": lambda x, y: F.cross_entropy(torch.tanh(x / 5.0) * 5.0, y),
+    # spellings linear_cross_entropy would report next to an lm_head; over given logits: no near-miss
+    "tensor temperature": lambda x, y: F.cross_entropy(x.float() * torch.tensor(0.5), y),
+    "softcap with two constants": lambda x, y: F.cross_entropy(torch.tanh(x.float() / 4.0) * 5.0, y),
 }
 
 

@@ -268,7 +268,11 @@ class _MLP(nn.Module):
         u = self.up(x)[..., :1] if self.variant == "broadcast" else self.up(x)
         s = F.silu(self.gate(x), inplace=self.variant == "in_place")
         h = torch.mul(u, s) if self.variant == "up_first" else s * u
+        if self.variant == "up_changed":  # after the product, before down: h must not see it
+            u.mul_(3.0)
         y = self.down(h).sum()
+        if self.variant == "up_changed":
+            y = y + u.sum()
         if self.variant == "silu_used":
             y = y + s.mean()
         return y + h.mean() if self.variant == "product_used" else y
@@ -294,3 +298,16 @@ def test_hand_written_mlp(variant, reason):
         assert _swiglu_variants(be) == ["silu(gate)·up → down (dense)"]
     else:
         assert not _swiglu_variants(be) and len(_swiglu_misses(be)) == 1 and reason in _swiglu_misses(be)[0]
+
+
+def test_an_in_place_change_after_the_product_is_left_alone():
+    """up modified between the product and down (inference: autograd would refuse it in training):
+    recomputing silu(gate)·up at down would see the new up, so the MLP is a near-miss."""
+    model = _mlp("up_changed")
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        ref = model(x)
+        be = foak_compile.backend(patterns=("lora", "lora_swiglu"), inner="aot_eager")
+        torch.testing.assert_close(torch.compile(model, backend=be)(x), ref)
+    assert not _swiglu_variants(be)
+    assert [m for m in _swiglu_misses(be) if "writes a tensor in place between the pattern's first and last" in m]

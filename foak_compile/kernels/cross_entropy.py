@@ -51,15 +51,34 @@ class Epilogue(NamedTuple):
     softcap: float = 0.0
     rounded: bool = False
 
-    def flags(self) -> int:
-        """The kernels' EPI constexpr: which steps run (0: none)."""
+    def flags(self, t: torch.Tensor) -> int:
+        """The kernels' EPI constexpr for logits t: which steps run (0: none), and how to divide."""
         steps = ((_MUL if self.scale != 1.0 else 0) | (_DIV if self.divisor != 1.0 else 0)
                  | (_CAP if self.softcap else 0))
-        return steps | (_ROUND if self.rounded and steps else 0)
+        if not steps:
+            return 0
+        return steps | (_ROUND if self.rounded else 0) | (_RECIP if _divides_by_reciprocal(t) else 0)
+
+    def kernel_args(self, t: torch.Tensor) -> tuple:
+        """(scale, divisor, softcap, softcap's divisor): the divisors as their fp32 reciprocals where
+        torch divides by multiplying with one."""
+        if not _divides_by_reciprocal(t):
+            return self.scale, self.divisor, self.softcap, self.softcap
+        return self.scale, _fp32_reciprocal(self.divisor), self.softcap, _fp32_reciprocal(self.softcap or 1.0)
 
 
 NO_EPILOGUE = Epilogue()
-_MUL, _DIV, _CAP, _ROUND = 1, 2, 4, 8  # bits of EPI (the kernels spell them as these literals)
+_MUL, _DIV, _CAP, _ROUND, _RECIP = 1, 2, 4, 8, 16  # bits of EPI (the kernels spell them as these literals)
+
+
+def _divides_by_reciprocal(t: torch.Tensor) -> bool:
+    """torch's CUDA kernel divides a tensor by a Python number as a·(1/b), 1/b in fp32 (one bit of
+    precision less than a division, its comment says); on the CPU it divides."""
+    return t.is_cuda
+
+
+def _fp32_reciprocal(v: float) -> float:
+    return (torch.ones((), dtype=torch.float32) / torch.tensor(v, dtype=torch.float32)).item()
 
 
 @triton.jit
@@ -81,18 +100,31 @@ def _round_if(x, ROUND: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(x, mul, div, cap, EPI: tl.constexpr, DTYPE: tl.constexpr):
-    """(v, dv/dx) of the Epilogue on fp32 logits x. EPI bits: 1 ·mul, 2 /div, 4 softcap, 8 round."""
+def _divide(x, div, RECIP: tl.constexpr):
+    """x / b as torch computes it: `div` is b (an IEEE division, CPU) or fp32 1/b (RECIP: CUDA)."""
+    if RECIP:
+        return x * div
+    return tl.math.div_rn(x, div)
+
+
+@triton.jit
+def _epilogue(x, mul, div, cap, cdiv, EPI: tl.constexpr, DTYPE: tl.constexpr):
+    """(v, dv/dx) of the Epilogue on fp32 logits x (Epilogue.kernel_args gives mul, div, cap, cdiv).
+    EPI bits: 1 ·mul, 2 /div, 4 softcap, 8 round each step to DTYPE, 16 divide by reciprocals."""
     ROUND: tl.constexpr = (EPI & 8) != 0
+    RECIP: tl.constexpr = (EPI & 16) != 0
     d = 1.0
     if EPI & 1:
         x = _round_if(x * mul, ROUND, DTYPE)
         d = d * mul
     if EPI & 2:
-        x = _round_if(tl.math.div_rn(x, div), ROUND, DTYPE)  # rounded like torch's division
-        d = d / div
+        x = _round_if(_divide(x, div, RECIP), ROUND, DTYPE)
+        if RECIP:
+            d = d * div
+        else:
+            d = d / div
     if EPI & 4:
-        t = _round_if(_tanh(_round_if(tl.math.div_rn(x, cap), ROUND, DTYPE)), ROUND, DTYPE)
+        t = _round_if(_tanh(_round_if(_divide(x, cdiv, RECIP), ROUND, DTYPE)), ROUND, DTYPE)
         x = _round_if(t * cap, ROUND, DTYPE)
         d = d * (1.0 - t * t)  # what eager's tanh backward computes from its saved output
     return x, d
@@ -100,18 +132,19 @@ def _epilogue(x, mul, div, cap, EPI: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _ce_fwd(X, Y, LOSS, LSE, SCALE, stride_x, n_rows, n_cols, ignore_index, smooth, smooth_per_col,
-            mul, div, cap, EPI: tl.constexpr,
+            mul, div, cap, cdiv, EPI: tl.constexpr,
             HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """loss and lse of rows pid, pid + grid, ...; with WRITE_GRAD also dx (scaled by SCALE[0])
     written over each row. A smaller grid than n_rows keeps fewer rows in flight, so that the
     gradient pass finds its row still in L2."""
     for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):  # int64: row * stride
         _ce_fwd_row(X + row * stride_x, Y + row, LOSS + row, LSE + row, SCALE, n_cols,
-                    ignore_index, smooth, smooth_per_col, mul, div, cap, EPI, HAS_SMOOTH, WRITE_GRAD, BLOCK_V)
+                    ignore_index, smooth, smooth_per_col, mul, div, cap, cdiv, EPI, HAS_SMOOTH, WRITE_GRAD,
+                    BLOCK_V)
 
 
 @triton.jit
-def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth_per_col, mul, div, cap,
+def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth_per_col, mul, div, cap, cdiv,
                 EPI: tl.constexpr, HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     y = tl.load(Y)
     keep = y != ignore_index
@@ -128,7 +161,7 @@ def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth
         mask = cols < limit
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if EPI != 0:
-            x = tl.where(mask, _epilogue(x, mul, div, cap, EPI, x_row.dtype.element_ty)[0], float("-inf"))
+            x = tl.where(mask, _epilogue(x, mul, div, cap, cdiv, EPI, x_row.dtype.element_ty)[0], float("-inf"))
         hi = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
         lo = tl.minimum(m, x, propagate_nan=tl.PropagateNan.ALL)
         # while a lane has seen only -inf, measure against 0 instead (no -inf - -inf)
@@ -144,7 +177,7 @@ def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth
     lse = tl.where(keep, base, 0.0) + tl.log(tl.where(keep, d_row, 1.0))
     x_y = tl.load(x_row + y, mask=keep & in_range, other=0.0).to(tl.float32)
     if EPI != 0:
-        x_y = _epilogue(x_y, mul, div, cap, EPI, x_row.dtype.element_ty)[0]
+        x_y = _epilogue(x_y, mul, div, cap, cdiv, EPI, x_row.dtype.element_ty)[0]
     if HAS_SMOOTH:
         loss = lse - (1.0 - smooth) * x_y - smooth_per_col * tl.sum(sx, axis=0)
     else:
@@ -157,16 +190,18 @@ def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth
         for start in range(0, n_cols, BLOCK_V):
             cols = start + cols0
             x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(tl.float32)
-            g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, EPI, x_row.dtype.element_ty)
+            g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, EPI,
+                      x_row.dtype.element_ty)
             g = tl.where(keep, g, 0.0)  # ignored rows: zeros, which the GEMMs then read
             tl.store(x_row + cols, cast(g, x_row.dtype.element_ty), mask=cols < n_cols)
 
 
 @triton.jit
-def _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, EPI: tl.constexpr, DTYPE: tl.constexpr):
+def _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, EPI: tl.constexpr,
+          DTYPE: tl.constexpr):
     """dloss/dx for a block of raw logits x of one row (through the epilogue when there is one)."""
     if EPI != 0:
-        v, dv = _epilogue(x, mul, div, cap, EPI, DTYPE)
+        v, dv = _epilogue(x, mul, div, cap, cdiv, EPI, DTYPE)
     else:
         v = x
     g = tl.exp(v - lse) - smooth_per_col
@@ -178,7 +213,7 @@ def _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, EPI: tl
 
 @triton.jit
 def _ce_bwd(X, DX, Y, LSE, SCALE, stride_x, stride_dx, stride_scale, n_cols, ignore_index,
-            smooth, smooth_per_col, mul, div, cap, EPI: tl.constexpr, BLOCK_V: tl.constexpr):
+            smooth, smooth_per_col, mul, div, cap, cdiv, EPI: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     dx_row = DX + row * stride_dx
@@ -192,7 +227,7 @@ def _ce_bwd(X, DX, Y, LSE, SCALE, stride_x, stride_dx, stride_scale, n_cols, ign
         cols = start + cols0
         in_row = cols < n_cols
         x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(tl.float32)
-        g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, EPI, X.dtype.element_ty)
+        g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, EPI, X.dtype.element_ty)
         g = tl.where(keep, g, 0.0)  # exact zeros, whatever lse/scale of an ignored row are
         tl.store(dx_row + cols, cast(g, DX.dtype.element_ty), mask=in_row)
 
@@ -267,7 +302,8 @@ def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=N
     warps = num_warps or warps
     grid = min(n_rows, programs or n_rows)
     _ce_fwd[(grid,)](x, labels, loss, lse, grad_scale if write else lse, x.stride(0), n_rows, n_cols,
-                     ignore_index, eps, eps_v, *epi[:3], EPI=epi.flags(), HAS_SMOOTH=eps != 0.0,
+                     ignore_index, eps, eps_v, *epi.kernel_args(x), EPI=epi.flags(x),
+                     HAS_SMOOTH=eps != 0.0,
                      WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
 
 
@@ -283,8 +319,8 @@ def _backward_rows(x, labels, lse, scale, ignore_index, label_smoothing, out, bl
     block, warps = _block(x, n_cols, block_v)
     eps, eps_v = _smooth(label_smoothing, n_cols)
     _ce_bwd[(n_rows,)](x, out, labels, lse, scale, x.stride(0), out.stride(0),
-                       1 if scale.numel() > 1 else 0, n_cols, ignore_index, eps, eps_v, *epi[:3],
-                       EPI=epi.flags(), BLOCK_V=block, num_warps=warps)
+                       1 if scale.numel() > 1 else 0, n_cols, ignore_index, eps, eps_v,
+                       *epi.kernel_args(x), EPI=epi.flags(x), BLOCK_V=block, num_warps=warps)
     return out
 
 

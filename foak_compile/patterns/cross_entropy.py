@@ -96,8 +96,9 @@ def _is_tanh(n) -> bool:
 
 
 def _softcap_step(n) -> Optional[tuple]:
-    """(z, c, nodes) for n = `c * tanh(z / c)`, Gemma 2's final-logit softcapping; None when n is
-    no tanh times something; Reject for a softcap spelt with other constants."""
+    """(z, c, nodes, problem) for n = `c * tanh(z / c)`, Gemma 2's final-logit softcapping, where
+    `problem` says why a softcap spelt otherwise is not fused (else None); None when n is no tanh
+    times something."""
     op = canon(n)
     if op is None or op.kind != "mul" or len(op.args) != 2:
         return None
@@ -109,31 +110,35 @@ def _softcap_step(n) -> Optional[tuple]:
     if inner is None or inner.kind not in ("div", "mul") or not isinstance(inner.args[0], Node):
         return None
     c_in, in_nodes = _constant(inner.args[1])
+    problem = None
     if c is None or c_in is None:
-        raise Reject("softcap c·tanh(z/c) with a tensor c")
-    if inner.kind != "div" or _hint(c_in) != _hint(c) or not 0 < _hint(c) < math.inf:
+        problem = "softcap c·tanh(z/c) with a tensor c"
+    elif inner.kind != "div" or _hint(c_in) != _hint(c) or not 0 < _hint(c) < math.inf:
         what = "·" if inner.kind == "mul" else "/"
-        raise Reject(f"softcap {_hint(c):g}·tanh(z{what}{_hint(c_in):g}): only c·tanh(z/c) with one finite c > 0 "
-                     "is fused")
-    return inner.args[0], c, [t.args[0], t, n] + c_nodes + in_nodes
+        problem = (f"softcap {_hint(c):g}·tanh(z{what}{_hint(c_in):g}): only c·tanh(z/c) with one finite c > 0 "
+                   "is fused")
+    return inner.args[0], c, [t.args[0], t, n] + c_nodes + in_nodes, problem
 
 
 def _scale_step(n) -> Optional[tuple]:
-    """(z, kind, s, nodes) for n = z * s, s * z or z / s with a constant s; None otherwise."""
+    """(z, kind, s, nodes, problem) for n = z * s, s * z or z / s with a constant s (`problem`: why
+    a scale is not fused, else None); None otherwise."""
     op = canon(n)
     if op is None or op.kind not in ("mul", "div") or len(op.args) != 2:
         return None
     tensors = [a for a in op.args if isinstance(a, Node) and value(a) is not None]
-    if len(tensors) == 2 and min(value(a).numel() for a in tensors) == 1:
-        raise Reject("logit scale is a tensor, not a constant")
+    if len(tensors) == 2:  # a 0-d tensor scale (no size is read: no guard on symbolic shapes)
+        z = [a for a in tensors if value(a).dim() != 0]
+        if len(z) == 1 and (op.kind == "mul" or op.args[0] is z[0]):
+            return z[0], op.kind, None, [n], "logit scale is a tensor, not a constant"
+        return None
     if len(tensors) != 1 or (op.kind == "div" and op.args[0] is not tensors[0]):
         return None
     s, s_nodes = _constant(other_operand(op, tensors[0]))
     if s is None:
         return None
-    if not 0 < abs(_hint(s)) < math.inf:
-        raise Reject(f"logit scale {_hint(s):g}")
-    return tensors[0], op.kind, s, [n] + s_nodes
+    problem = None if 0 < abs(_hint(s)) < math.inf else f"logit scale {_hint(s):g}"
+    return tensors[0], op.kind, s, [n] + s_nodes, problem
 
 
 @dataclass
@@ -160,9 +165,11 @@ class _Head:
 
 def _lm_head(x) -> Optional[_Head]:
     """Walk up from the loss's logits to an F.linear through upcasts/views (`_producer`), at most
-    one softcap and, before it, at most one constant scale; None when x is not from a linear."""
+    one softcap and, before it, at most one constant scale; None when x is not from a linear. A
+    step the op does not implement is reported (Reject) only once the walk has reached the lm_head:
+    a loss over other logits is cross_entropy's, and no near-miss of this pattern."""
     chain, head = [], _Head(None, [])
-    seen_scale = False
+    seen_scale, problem = False, None
     while not is_kind(x, "linear"):
         src = _producer(x)
         if src is not None:
@@ -171,23 +178,26 @@ def _lm_head(x) -> Optional[_Head]:
             continue
         out, cap = x, _softcap_step(x)
         if cap is not None:
-            if head.softcap or seen_scale:
-                raise Reject("a softcap after a logit scale or a second softcap between lm_head and loss")
-            x, head.softcap, nodes = cap
+            x, head.softcap, nodes, bad = cap
+            if bad is None and (seen_scale or len(head.step_dtypes) > 0):
+                bad = "a softcap after a logit scale or a second softcap between lm_head and loss"
         else:
             step = _scale_step(x)
             if step is None:
                 return None
-            if seen_scale:
-                raise Reject("two logit scales between lm_head and loss")
-            x, kind, s, nodes = step
+            x, kind, s, nodes, bad = step
+            if bad is None and seen_scale:
+                bad = "two logit scales between lm_head and loss"
             seen_scale = True
             if kind == "mul":
                 head.scale = s
             else:
                 head.divisor = s
+        problem = problem or bad
         head.step_dtypes += (value(out).dtype,)
         chain[:0] = nodes
+    if problem:
+        raise Reject(problem)
     # a constant's `.item()` joins the match once, and only if nothing else reads it
     inside = set(chain)
     chain = [n for n in dict.fromkeys(chain) if item_float(n) is None or set(n.users) <= inside]
@@ -322,6 +332,8 @@ class CrossEntropyPattern(_LossPattern):
 
 class LinearCrossEntropyPattern(_LossPattern):
     name = "linear_cross_entropy"
+    graph_output_hint = ("the compiled code returns the logits: compile a loss-only function "
+                         "(`lambda **b: model(**b).loss`) or use compile_for_trainer(model, loss_only=True)")
 
     def match(self, seed: Node) -> Optional[Candidate]:
         loss = _parse_loss(seed)

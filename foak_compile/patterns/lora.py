@@ -63,7 +63,7 @@ class _Adapter:
     x: Node          # the layer input, before peft's cast to the adapter dtype
     a: Node
     b: Node
-    scaling: float
+    scaling: object  # a float, or the SymFloat of an `.item()` under dynamic=True
     p: float         # dropout probability (0: none, or dropout in eval mode)
     nodes: list      # casts, dropout, both linears, the scaling multiply, a cast of the result
     out: Node        # what is added to the base result
@@ -179,7 +179,7 @@ def _scaled(n: Node, nodes: list) -> tuple:
         # specialised on its value (a guard, what torch does for every float by default); the
         # .item() goes with the match when the multiply is its only user
         nodes += [user] + ([s] if len(s.users) == 1 else [])
-        return user, float(sym)
+        return user, sym  # float() when spliced (_call): a match rejected later leaves no guard
     if isinstance(s, Node):
         raise Reject(f"adapter output is multiplied by a tensor `{s.name}`, not a constant scaling "
                      "(DoRA's magnitude, use_dora=True?)")
@@ -567,7 +567,8 @@ class LoraPattern(Pattern):
             out = cast
         _check_shapes(ad, base, out)
         args = base.args + (ad.a, ad.b, ad.scaling, ad.p) + base.const + (value(out).dtype,)
-        variant = base.variant + [f"r={value(ad.a).shape[0]}", f"scaling={ad.scaling:g}"] + ad.variant
+        hint = float(ad.scaling.node.hint) if isinstance(ad.scaling, torch.SymFloat) else ad.scaling
+        variant = base.variant + [f"r={value(ad.a).shape[0]}", f"scaling={hint:g}"] + ad.variant
         adt = value(ad.a).dtype
         if adt != base.cdt:
             variant.append(f"{str(adt).split('.')[-1]} adapter run in {str(base.cdt).split('.')[-1]}")
@@ -575,9 +576,9 @@ class LoraPattern(Pattern):
 
 
 def _call(target, args):
-    """The op returns (y, t, seed); the graph takes y."""
+    """The op returns (y, t, seed); the graph takes y. A symbolic scaling is specialised here."""
     def replace(g):
-        call = g.call_function(target, args)
+        call = g.call_function(target, tuple(float(a) if isinstance(a, torch.SymFloat) else a for a in args))
         return g.call_function(operator.getitem, (call, 0))
     return replace
 

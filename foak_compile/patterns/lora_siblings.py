@@ -17,7 +17,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import mode_switch_between, module_of, value
+from ..nodes import is_in_place, mode_switch_between, module_of, value
 
 _LORA = torch.ops.foak.lora_linear.default
 _LORA4 = torch.ops.foak.lora_linear_4bit.default
@@ -34,11 +34,6 @@ def _lora_output(call: Node) -> Optional[Node]:
     if len(users) == 1 and users[0].target is operator.getitem and users[0].args[1] == 0:
         return users[0]
     return None
-
-
-def _in_place(n: Node) -> bool:
-    name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
 
 
 def _calls(x: Node) -> list:
@@ -85,7 +80,7 @@ class LoraSiblingsPattern(Pattern):
         outs = [_lora_output(c) for c in calls]
         if any(o is None for o in outs):
             raise Reject("a sibling's t or seed output is used: not grouped")
-        inplace = [u.name for o in outs for u in o.users if _in_place(u)]
+        inplace = [u.name for o in outs for u in o.users if is_in_place(u)]
         if inplace:  # the grouped outputs may be views of one tensor, which autograd refuses to modify
             raise Reject(f"a sibling's output is modified in place ({', '.join(inplace)})")
         _same_mode(calls)
