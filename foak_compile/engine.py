@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Union
 
 from torch.fx import Graph, GraphModule, Node
 
-from .nodes import is_in_place, module_of, source_of
+from .nodes import is_in_place, is_mode_switch, module_of, source_of
 from .report import GraphReport, Match, NearMiss
 
 log = logging.getLogger("foak_compile")
@@ -71,10 +71,11 @@ def _outside_users(cand: Candidate, pattern: Pattern) -> Optional[str]:
     return reason
 
 
-def _write_inside(cand: Candidate, order: dict) -> Optional[str]:
-    """Why the fused op may read other values than the nodes it replaces: an in-place op between the
-    candidate's first and last node (the op runs at one place, its inputs were read across that
-    span). Any in-place op counts, there is no alias analysis; models' patterns have none inside."""
+def _span_problem(cand: Candidate, order: dict) -> Optional[str]:
+    """Why the fused op, which runs at one place, could compute something else than the nodes it
+    replaces, which ran across a span of the graph: an in-place op inside that span (an input may
+    change along it; any in-place op counts, there is no alias analysis) or a grad-mode / autocast
+    switch (the nodes on either side ran in different modes). Models' patterns have neither."""
     if any(n not in order for n in cand.nodes):
         order.update((n, i) for i, n in enumerate(cand.nodes[0].graph.nodes))
     inside = set(cand.nodes)
@@ -84,6 +85,8 @@ def _write_inside(cand: Candidate, order: dict) -> Optional[str]:
     while n is not last:
         if n not in inside and is_in_place(n):
             return f"`{n.name}` writes a tensor in place between the pattern's first and last node"
+        if is_mode_switch(n):
+            return f"`{n.name}` switches grad or autocast mode between the pattern's first and last node"
         n = n.next
     return None
 
@@ -149,7 +152,7 @@ def run_patterns(gm: GraphModule, patterns: list[Pattern], report: GraphReport) 
                 continue
             if cand is None:
                 continue
-            reason = _outside_users(cand, pattern) or _write_inside(cand, order)
+            reason = _outside_users(cand, pattern) or _span_problem(cand, order)
             if reason:
                 report.near_misses.append(NearMiss(pattern.name, reason, nodes=[n.name for n in cand.nodes],
                                                   **_where(cand.nodes[0])))

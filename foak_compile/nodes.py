@@ -76,15 +76,9 @@ _MODE_SWITCHES = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_aut
                   torch.amp.autocast_mode._exit_autocast}
 
 
-def mode_switch_between(first: Node, last: Node) -> Optional[Node]:
-    """The first grad-mode or autocast switch strictly between two nodes of a graph, or None: an op
-    fused at `first` must not move across one."""
-    n = first.next
-    while n is not last and n.op != "output":
-        if n.op == "call_function" and n.target in _MODE_SWITCHES:
-            return n
-        n = n.next
-    return None
+def is_mode_switch(n: Node) -> bool:
+    """A grad-mode or autocast switch: an op fused on one side of it must not move to the other."""
+    return n.op == "call_function" and n.target in _MODE_SWITCHES
 
 
 def canon(node: Any) -> Optional[Op]:

@@ -56,6 +56,28 @@ def compare_with_eager(model, inputs, inner="aot_eager", patterns=None, rtol=1e-
     return be
 
 
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def compare_half_with_float64(model, inputs, compile_call, slack=4e-2):
+    """A half-precision model: loss and every gradient of `compile_call(model)` no further from the
+    float64 model's than twice eager's own error, plus `slack`. Element by element against eager is
+    no test in bf16: through a few layers eager's own gradients are off by up to the size of their
+    largest element in single elements (measured on the tiny Llama), and either run may land anywhere
+    in that noise. Never held to less than half a bf16 ulp (2**-9) of eager's error; a wrong scaling
+    or a missing term is off by O(1)."""
+    ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model).double(), inputs)
+    eager_loss, eager_grads = loss_and_grads(copy.deepcopy(model), inputs)
+    loss, grads = loss_and_grads(model, inputs, call=compile_call(model))
+    floor = 2.0**-9
+    assert _rel(loss, ref_loss) <= 2 * max(_rel(eager_loss, ref_loss), floor) + 1e-3
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in ref_grads:
+        assert grads[n].dtype == eager_grads[n].dtype
+        assert _rel(grads[n], ref_grads[n]) <= 2 * max(_rel(eager_grads[n], ref_grads[n]), floor) + slack, n
+
+
 def inference_matches_eager(model, inputs, patterns=("lora",), context=None):
     """Compile with the foak backend (aot_eager) and run without grad, optionally inside
     `context(model)` (e.g. disabled adapters) for both: the logits must equal eager's. Returns

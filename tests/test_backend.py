@@ -149,3 +149,23 @@ def test_an_in_place_write_inside_a_match_leaves_it_alone():
     [miss] = be.reports[0].near_misses
     assert be.reports[0].counts() == {} and miss.pattern == "rms_norm"
     assert miss.reason == "`mul_` writes a tensor in place between the pattern's first and last node"
+
+
+def test_a_grad_mode_switch_inside_a_match_leaves_it_alone():
+    """Statistics under no_grad: eager's gradient skips the variance, a fused norm's would not. A
+    grad-mode (or autocast) switch inside the span makes a near-miss for every pattern alike."""
+    w = torch.randn(24)
+
+    def norm(x):
+        with torch.no_grad():
+            variance = x.pow(2).mean(-1, keepdim=True)
+        return w * (x * torch.rsqrt(variance + 1e-6))
+
+    be = foak_compile.backend(patterns=["rms_norm"], inner="aot_eager")
+    x = torch.randn(3, 24, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    torch.compile(norm, backend=be)(x).sum().backward()
+    norm(ref_x).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    [miss] = be.reports[0].near_misses
+    assert be.reports[0].counts() == {} and "switches grad or autocast mode between the pattern's" in miss.reason

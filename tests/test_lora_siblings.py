@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import foak_compile
 from foak_compile.patterns import DEFAULT
-from tests.models import batch, compare_with_eager
+from tests.models import batch, compare_half_with_float64, compare_with_eager
 from tests.test_lora_pattern import PROJECTIONS, compare_half_with_eager, peft_llama
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -53,15 +53,24 @@ def test_op_rejects_a_lone_layer_and_mismatched_shapes():
                                             torch.float32)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_llama_q_k_v_and_gate_up_grouped(dtype, tol):
-    model = peft_llama(dtype, layers=2)
-    be = compare_with_eager(model, batch(model, seq=int(torch.randint(5, 40, ()))),
-                            patterns=["lora", "lora_siblings"], rtol=tol, atol=tol)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_q_k_v_and_gate_up_grouped(dtype):
+    # bf16: one layer, against float64 and held to eager's own error. Through two layers eager's own
+    # bf16 LoRA gradients were off by up to 0.73 of their largest element (12 seeds): noise, no test;
+    # through one, 0.12, and ours exceeded twice eager's error by at most 0.039.
+    layers = 2 if dtype == torch.float32 else 1
+    model = peft_llama(dtype, layers=layers)
+    inputs = batch(model, seq=int(torch.randint(5, 40, ())))
+    if dtype == torch.float32:
+        be = compare_with_eager(model, inputs, patterns=["lora", "lora_siblings"], rtol=1e-5, atol=1e-5)
+    else:
+        be = foak_compile.backend(patterns=["lora", "lora_siblings"], inner="aot_eager")
+        compare_half_with_float64(model, inputs, lambda m: torch.compile(m, backend=be), slack=6e-2)
     groups = [m.variant for r in be.reports for m in r.matches if m.pattern == "lora_siblings"]
-    assert groups == ["3 siblings (q_proj, k_proj, v_proj)", "2 siblings (gate_proj, up_proj)"] * 2, groups
+    assert groups == ["3 siblings (q_proj, k_proj, v_proj)", "2 siblings (gate_proj, up_proj)"] * layers, groups
     code = be.reports[0].code_after
-    assert code.count("foak.lora_linear_siblings.default(") == 4 and code.count("foak.lora_linear.default(") == 4  # o, down
+    assert code.count("foak.lora_linear_siblings.default(") == 2 * layers
+    assert code.count("foak.lora_linear.default(") == 2 * layers  # o, down
 
 
 def test_qwen2_biased_q_k_v():

@@ -17,7 +17,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import is_in_place, mode_switch_between, module_of, value
+from ..nodes import is_in_place, module_of, value
 
 _LORA = torch.ops.foak.lora_linear.default
 _LORA4 = torch.ops.foak.lora_linear_4bit.default
@@ -43,14 +43,6 @@ def _calls(x: Node) -> list:
         return calls
     order = {n: i for i, n in enumerate(x.graph.nodes)}
     return sorted(calls, key=order.__getitem__)
-
-
-def _same_mode(calls: list) -> None:
-    """The grouped call runs where the first sibling ran: no grad-mode or autocast switch may lie
-    between the siblings."""
-    switch = mode_switch_between(calls[0], calls[-1])
-    if switch is not None:
-        raise Reject(f"`{switch.name}` switches grad or autocast mode between the siblings")
 
 
 class LoraSiblingsPattern(Pattern):
@@ -83,7 +75,6 @@ class LoraSiblingsPattern(Pattern):
         inplace = [u.name for o in outs for u in o.users if is_in_place(u)]
         if inplace:  # the grouped outputs may be views of one tensor, which autograd refuses to modify
             raise Reject(f"a sibling's output is modified in place ({', '.join(inplace)})")
-        _same_mode(calls)
         names = [(module_of(o) or o.name).split(" ")[0].split(".")[-1] for o in outs]
         nodes = [n for c, o in zip(calls, outs) for n in (o, c)]
         scalings = [float(s) for s in _column(calls, pos["scaling"])]

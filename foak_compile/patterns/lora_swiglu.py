@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import canon, mode_switch_between, module_of, other_operand, value
+from ..nodes import canon, module_of, other_operand, value
 from .lora import _same_shape
 from .lora_siblings import _lora_output
 
@@ -64,13 +64,6 @@ def _short(n: Node, act: Node) -> str:
     """The layer a node comes from (gate_proj) when it is not the MLP itself, else the node's name."""
     where = module_of(n)
     return where.split(" ")[0].split(".")[-1] if where and where != module_of(act) else n.name
-
-
-def _same_mode(act: Node, call: Node) -> None:
-    """The fused op runs where the down projection ran: no grad-mode or autocast switch may lie between."""
-    switch = mode_switch_between(act, call)
-    if switch is not None:
-        raise Reject(f"`{switch.name}` switches grad or autocast mode between silu and the down projection")
 
 
 class LoraSwigluPattern(Pattern):
@@ -119,7 +112,6 @@ class LoraSwigluPattern(Pattern):
             raise Reject(f"silu(gate) and up differ in dtype ({gv.dtype} and {uv.dtype})")
         if not _same_shape(gv.shape, uv.shape):  # symbolic sizes: unknown counts as different, no guard
             raise Reject(f"silu(gate) {tuple(gv.shape)} and up {tuple(uv.shape)} differ in shape (a broadcast)")
-        _same_mode(act, call)
         args = (gate, up) + tuple(call.args[1:])
 
         def replace(g):
