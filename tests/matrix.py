@@ -5,6 +5,7 @@ foak backend matches in each, and a renderer for the README table.
 """
 import json
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,11 @@ FAMILIES = {
 }
 
 
+class LMOutput(NamedTuple):
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
 class HandWrittenLM(nn.Module):
     """A decoder-ish model written with torch.nn.RMSNorm, no transformers code at all."""
 
@@ -56,7 +62,7 @@ class HandWrittenLM(nn.Module):
             h = h + torch.nn.functional.silu(b["mlp"](b["norm"](h)))
         logits = self.lm_head(self.norm(h))
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return type("Out", (), {"loss": loss, "logits": logits})()
+        return LMOutput(loss, logits)
 
 
 def build(family: str, dtype=torch.float32):

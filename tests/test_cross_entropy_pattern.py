@@ -207,6 +207,9 @@ FUSED = {
     "nll(torch.log_softmax 3d).view": lambda h, w, y: F.nll_loss(
         torch.log_softmax(_lin(h.view(1, -1, H), w), -1).reshape(-1, V), y),
     "nn.CrossEntropyLoss": lambda h, w, y: nn.CrossEntropyLoss(ignore_index=-100)(_lin(h, w).contiguous(), y),
+    # a hand-written next-token shift: the same rows of the hidden states go through the lm_head
+    "shifted rows": lambda h, w, y: F.cross_entropy(_lin(h.view(1, -1, H), w)[:, :-1].flatten(0, 1).float(), y[1:]),
+    "one batch row": lambda h, w, y: F.cross_entropy(torch.flatten(_lin(h.view(1, -1, H), w)[0], 0, -2), y),
     "softcap": lambda h, w, y: F.cross_entropy((torch.tanh(_lin(h, w) / 5.0) * 5.0).float(), y),
     "softcap, method tanh, c first": lambda h, w, y: F.cross_entropy(2.5 * (_lin(h, w) / 2.5).tanh(), y),
     "scale": lambda h, w, y: F.cross_entropy(_lin(h, w).float() * 0.3, y, reduction="sum"),

@@ -139,3 +139,25 @@ def test_nf4_base_lora_parity(family):
     counts = foak_compile.total_counts(be.reports)
     assert layers and counts.get("lora", 0) == layers, (layers, counts, _near_misses(be.reports))
     assert all("bitsandbytes 4-bit nf4" in m.variant for r in be.reports for m in r.matches if m.pattern == "lora")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_loss_only_compile_fuses_lm_head_and_loss(family):
+    """Compiled so that only the loss leaves the graph, every family's lm_head and loss are one
+    linear_cross_entropy (through Gemma 2's softcapping too), and the rest is rewritten as in the
+    plain call; loss and every gradient equal eager."""
+    model = build(family)
+    expected = {**expected_counts(model, family), "linear_cross_entropy": 1}
+    del expected["cross_entropy"]
+    inputs = _inputs(model)
+    eager = copy.deepcopy(model)
+    ref_loss, ref_grads = loss_and_grads(eager, inputs)
+    be = foak_compile.backend(inner="aot_eager")
+    step = torch.compile(lambda **kw: model(**kw).loss, backend=be)
+    loss, grads = loss_and_grads(model, inputs, call=lambda **kw: type("Out", (), {"loss": step(**kw)}))
+    counts = foak_compile.total_counts(be.reports)
+    assert {p: counts.get(p, 0) for p in expected} == expected, (counts, _near_misses(be.reports))
+    assert "cross_entropy" not in counts and not [m for r in be.reports for m in r.near_misses
+                                                  if m.pattern == "linear_cross_entropy"]
+    errs = [_rel(loss, ref_loss)] + [_rel(grads[n], ref_grads[n]) for n in ref_grads]
+    assert grads.keys() == ref_grads.keys() and max(errs) < 1e-4, max(errs)

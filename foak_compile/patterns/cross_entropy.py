@@ -69,11 +69,28 @@ def _producer(n) -> Optional[Node]:
     op = canon(n)
     if op is not None and op.kind == "cast":
         return op.args[0] if _is_exact_upcast(src, out) else None
-    shape_only = ((n.op == "call_method" and n.target in ("view", "reshape", "contiguous"))
-                  or (n.op == "call_function" and n.target is torch.reshape))
+    shape_only = ((n.op == "call_method" and n.target in ("view", "reshape", "contiguous", "flatten"))
+                  or (n.op == "call_function" and n.target in (torch.reshape, torch.flatten)))
     if shape_only and src.dtype == out.dtype and src.shape[-1] == out.shape[-1]:
         return n.args[0]
     return None
+
+
+def _row_selection(n) -> Optional[tuple]:
+    """(src, index) for n = src[index] with int / constant-slice entries on leading dims only, as
+    `logits[:, :-1]` (a hand-written next-token shift): the same rows of the lm_head's output are
+    the lm_head of the same rows of its input, hidden[index]."""
+    if not (isinstance(n, Node) and n.op == "call_function" and n.target is operator.getitem
+            and isinstance(n.args[0], Node) and value(n.args[0]) is not None and value(n) is not None):
+        return None
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    plain = all((isinstance(i, int) and not isinstance(i, bool))
+                or (isinstance(i, slice) and all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                                                 for v in (i.start, i.stop, i.step)))
+                for i in index)
+    if not plain or len(index) >= value(n.args[0]).dim():  # the vocab dim stays whole
+        return None
+    return n.args[0], index
 
 
 def _constant(a) -> tuple:
@@ -150,6 +167,7 @@ class _Head:
     divisor: object = 1.0
     softcap: object = 0.0
     step_dtypes: tuple = ()  # the dtypes the scale/softcap steps computed in
+    rows: Optional[tuple] = None  # a row selection of the logits (`_row_selection`), applied to the hidden states
 
     def epilogue_args(self) -> tuple:
         rounded = bool(self.step_dtypes) and self.step_dtypes[0] != torch.float32
@@ -157,7 +175,8 @@ class _Head:
         return float(self.scale), float(self.divisor), float(self.softcap), rounded
 
     def variant(self) -> list:
-        out = [f"logits * {_hint(self.scale):g}"] if _hint(self.scale) != 1.0 else []
+        out = ["rows selected"] if self.rows is not None else []
+        out += [f"logits * {_hint(self.scale):g}"] if _hint(self.scale) != 1.0 else []
         out += [f"logits / {_hint(self.divisor):g}"] if _hint(self.divisor) != 1.0 else []
         out += [f"softcap {_hint(self.softcap):g}"] if _hint(self.softcap) else []
         return out
@@ -172,6 +191,8 @@ def _lm_head(x) -> Optional[_Head]:
     seen_scale, problem = False, None
     while not is_kind(x, "linear"):
         src = _producer(x)
+        if src is None and head.rows is None and (sel := _row_selection(x)) is not None:
+            src, head.rows = sel
         if src is not None:
             chain[:0] = [x]
             x = src
@@ -299,7 +320,10 @@ def _call(target, args):
 
 
 def _call_lce(args, head: _Head):
-    return lambda g: _call(torch.ops.foak.linear_cross_entropy.default, args + head.epilogue_args())(g)
+    def replace(g):
+        hidden = args[0] if head.rows is None else g.call_function(operator.getitem, (args[0], head.rows))
+        return _call(torch.ops.foak.linear_cross_entropy.default, (hidden,) + args[1:] + head.epilogue_args())(g)
+    return replace
 
 
 class _LossPattern(Pattern):
@@ -360,6 +384,8 @@ class LinearCrossEntropyPattern(_LossPattern):
             raise Reject(f"lm_head gives {ov.dtype} from {hv.dtype} × {wv.dtype} (autocast?)")
         if head.step_dtypes and head.step_dtypes[0] not in (ov.dtype, torch.float32):
             raise Reject(f"logit scale/softcap in {head.step_dtypes[0]} over {ov.dtype} logits")
+        if head.rows is not None and len(head.rows) >= hv.dim():
+            raise Reject("the logits' row selection reaches the hidden states' last dim")
         variant = ["F.linear" + (" + bias" if bias is not None else "")] + head.variant() + loss.variant
         if ov.dtype != value(loss.logits).dtype:
             variant.append(f"upcast from {ov.dtype}")
