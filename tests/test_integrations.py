@@ -149,7 +149,7 @@ def _sft_run(model, out, compiled):
     texts = [" ".join(f"w{(start + j) % words}" for j in range(11)) for start in range(0, 16 * 7, 7)]
     callbacks = []
     if compiled:
-        compile_for_trainer(model, inner="aot_eager", loss_only=loss_only)
+        compile_for_trainer(model, inner="aot_eager")
         callbacks.append(FoakCallback())
     # SFTConfig's defaults: gradient checkpointing on (non-reentrant on transformers 5), bf16 (off on CPU)
     cfg = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
