@@ -296,6 +296,15 @@ EPILOGUE_MISSES = {
 }
 
 
+def test_rows_selected_after_a_reshape_are_a_near_miss():
+    """hidden[index] is the selected rows only where the index sees the lm_head's own leading dims."""
+    def fn(h, w, y):
+        return F.cross_entropy(F.linear(h, w).view(1, -1, V)[:, :-1].flatten(0, 1), y[:-1])
+    assert _run(fn, *_inputs()) == ({"cross_entropy": 1}, [(
+        "linear_cross_entropy", "the logits are indexed after a reshape of the lm_head's output (13, 131) to "
+                                "(1, 13, 131)")])
+
+
 @pytest.mark.parametrize("name", list(EPILOGUE_MISSES))
 def test_logit_epilogue_near_misses(name):
     """Spellings the kernels do not implement: the lm_head stays, the loss over its output is fused."""

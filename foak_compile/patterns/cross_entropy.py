@@ -168,6 +168,7 @@ class _Head:
     softcap: object = 0.0
     step_dtypes: tuple = ()  # the dtypes the scale/softcap steps computed in
     rows: Optional[tuple] = None  # a row selection of the logits (`_row_selection`), applied to the hidden states
+    rows_of: Optional[torch.Size] = None  # the shape it selects from: must be the lm_head output's
 
     def epilogue_args(self) -> tuple:
         rounded = bool(self.step_dtypes) and self.step_dtypes[0] != torch.float32
@@ -193,6 +194,7 @@ def _lm_head(x) -> Optional[_Head]:
         src = _producer(x)
         if src is None and head.rows is None and (sel := _row_selection(x)) is not None:
             src, head.rows = sel
+            head.rows_of = value(src).shape
         if src is not None:
             chain[:0] = [x]
             x = src
@@ -384,8 +386,10 @@ class LinearCrossEntropyPattern(_LossPattern):
             raise Reject(f"lm_head gives {ov.dtype} from {hv.dtype} × {wv.dtype} (autocast?)")
         if head.step_dtypes and head.step_dtypes[0] not in (ov.dtype, torch.float32):
             raise Reject(f"logit scale/softcap in {head.step_dtypes[0]} over {ov.dtype} logits")
-        if head.rows is not None and len(head.rows) >= hv.dim():
-            raise Reject("the logits' row selection reaches the hidden states' last dim")
+        if head.rows is not None and [str(d) for d in head.rows_of] != [str(d) for d in ov.shape]:
+            # hidden[index] is those rows only where the index sees the lm_head's own leading dims
+            raise Reject(f"the logits are indexed after a reshape of the lm_head's output "
+                         f"{tuple(ov.shape)} to {tuple(head.rows_of)}")
         variant = ["F.linear" + (" + bias" if bias is not None else "")] + head.variant() + loss.variant
         if ov.dtype != value(loss.logits).dtype:
             variant.append(f"upcast from {ov.dtype}")
