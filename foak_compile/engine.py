@@ -82,7 +82,7 @@ def _span_problem(cand: Candidate, order: dict) -> Optional[str]:
     first = min(cand.nodes, key=order.__getitem__)
     last = max(cand.nodes, key=order.__getitem__)
     n = first.next
-    while n is not last:
+    while n is not last and first is not last and n.op != "output":
         if n not in inside and is_in_place(n):
             return f"`{n.name}` writes a tensor in place between the pattern's first and last node"
         if is_mode_switch(n):

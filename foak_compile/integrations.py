@@ -13,9 +13,10 @@ column filter (`ValueError: No columns in the dataset match the model's forward 
 `nn.Module.compile` keeps the model object, so Trainer, peft, accelerate's wrapping and saving see the
 model they expect while every call goes through the compiled graph.
 """
-import functools
+import inspect
 import logging
 import os
+import types
 from typing import Optional
 
 import torch
@@ -55,15 +56,21 @@ def compile_for_trainer(model: torch.nn.Module, backend: Optional[FoakBackend] =
 
 
 def _loss_only(model: torch.nn.Module, forward):
-    """`forward` that leaves the logits out of a training-mode output carrying a loss."""
-    @functools.wraps(forward)  # Trainer reads the signature to pick dataset columns
-    def loss_only_forward(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if model.training and getattr(out, "loss", None) is not None and getattr(out, "logits", None) is not None:
+    """`forward` as a method of `model` that leaves the logits out of a training-mode output carrying
+    a loss. Bound, not a closure over `model`: a deep copy (TRL's reference model, an EMA copy) gets
+    its own (copy.deepcopy rebinds methods)."""
+    def loss_only_forward(self, *args, **kwargs):
+        out = self._foak_full_forward(*args, **kwargs)
+        if self.training and getattr(out, "loss", None) is not None and getattr(out, "logits", None) is not None:
             return type(out)(**{k: v for k, v in out.items() if k != "logits"})
         return out
+    sig = inspect.signature(forward)  # Trainer reads it to pick dataset columns
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    loss_only_forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    loss_only_forward.__doc__ = getattr(forward, "__doc__", None)
     loss_only_forward._foak_loss_only = True
-    return loss_only_forward
+    model._foak_full_forward = forward
+    return types.MethodType(loss_only_forward, model)
 
 
 def _models(model):

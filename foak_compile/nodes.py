@@ -4,6 +4,8 @@ Dynamo records `x * y` as operator.mul, `torch.mul(x, y)` as torch.mul and `x.mu
 call_method; `.float()`, `.to(torch.float32)` and `.type_as(t)` are all casts. `canon` folds
 these spellings into one `Op(kind, args, kwargs)` so patterns are written once.
 """
+import functools
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -112,19 +114,40 @@ def is_kind(node: Any, kind: str) -> bool:
     return op is not None and op.kind == kind
 
 
-_IN_PLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "iand", "ior", "ixor", "setitem"}
+_IN_PLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+                       "ixor", "ilshift", "irshift", "setitem", "delitem"}
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target) -> Optional[int]:
+    """Where a function takes its `inplace` flag (F.relu(x, True), F.dropout(x, p, t, True)), or None."""
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 def is_in_place(n: Node) -> bool:
-    """n writes into an existing tensor: `x.add_()`, `x += y`, `x[i] = y`, `out=`, `inplace=True`."""
+    """n writes into an existing tensor: `x.add_()`, `x += y`, `x[i] = y`, `out=`, `inplace=True` (or
+    the flag by position). `operator.and_`/`or_`/`not_` only look like in-place methods."""
     if n.op == "call_method":
         name = str(n.target)
     elif n.op == "call_function":
         name = getattr(n.target, "_opname", None) or getattr(n.target, "__name__", "")  # aten: _opname
+        if getattr(n.target, "__module__", None) in ("_operator", "operator"):
+            return name in _IN_PLACE_FUNCTIONS
     else:
         return False
-    return ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_FUNCTIONS
-            or "out" in n.kwargs or n.kwargs.get("inplace") is True)
+    if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_FUNCTIONS:
+        return True
+    if "out" in n.kwargs or n.kwargs.get("inplace") is True:
+        return True
+    try:
+        i = _inplace_position(n.target) if n.op == "call_function" else None
+    except TypeError:  # an unhashable target
+        i = None
+    return i is not None and len(n.args) > i and n.args[i] is True
 
 
 def other_operand(op: Op, node: Node) -> Any:

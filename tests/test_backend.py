@@ -169,3 +169,43 @@ def test_a_grad_mode_switch_inside_a_match_leaves_it_alone():
     torch.testing.assert_close(x.grad, ref_x.grad)
     [miss] = be.reports[0].near_misses
     assert be.reports[0].counts() == {} and "switches grad or autocast mode between the pattern's" in miss.reason
+
+
+def test_the_span_rule_reads_only_the_span():
+    """A one-node match (F.rms_norm, a bare cross_entropy) spans nothing: a mode switch or an in-place
+    write elsewhere in the graph leaves it matched; `&` / `|` are no in-place ops."""
+    import torch.nn.functional as F
+    w = torch.randn(16)
+
+    def f(x, z, logits, labels, keep):
+        with torch.no_grad():
+            q = z + 1
+        z.add_(1)
+        labels = torch.where(keep & (labels > 0) | keep, labels, -100)
+        return F.rms_norm(x, (16,), w, 1e-6), q, F.cross_entropy(logits.float(), labels)
+
+    be = foak_compile.backend(patterns=["rms_norm", "cross_entropy"], inner="aot_eager")
+    args = (torch.randn(3, 16), torch.randn(2), torch.randn(5, 7), torch.randint(0, 7, (5,)), torch.rand(5) > 0.3)
+    got = torch.compile(f, backend=be)(*[a.clone() for a in args])
+    for a, b in zip(got, f(*[a.clone() for a in args])):
+        torch.testing.assert_close(a, b)
+    assert be.reports[0].counts() == {"rms_norm": 1, "cross_entropy": 1}, be.reports[0].to_text()
+
+
+def test_an_in_place_flag_by_position_counts():
+    """F.relu(h, True) rewrites h between the lm_head (which read h) and the loss: not fused."""
+    import torch.nn.functional as F
+    w = torch.randn(7, 16)
+
+    def f(x, labels):
+        h = x * 1
+        logits = F.linear(h, w)
+        F.relu(h, True)
+        return F.cross_entropy(logits, labels)
+
+    be = foak_compile.backend(patterns=["linear_cross_entropy", "cross_entropy"], inner="aot_eager")
+    x, y = torch.randn(5, 16), torch.randint(0, 7, (5,))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, backend=be)(x, y), f(x, y))
+    assert "linear_cross_entropy" not in be.reports[0].counts()
+    assert any("writes a tensor in place" in m.reason for m in be.reports[0].near_misses)

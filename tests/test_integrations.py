@@ -3,6 +3,7 @@ Llama + peft LoRA, datasets built here, a few steps, against the same run in eag
 checkpointing (loss and every LoRA gradient against eager, with and without checkpointing), and the
 QLoRA example script in its tiny setting."""
 import copy
+import inspect
 import math
 import os
 
@@ -109,7 +110,17 @@ def test_trainer_loss_only_fuses_the_lm_head(tmp_path):
         out = model(**inputs)
     assert out.logits.shape[-1] == model.config.vocab_size and out.loss is not None
     compile_for_trainer(model, inner="aot_eager", loss_only=True)  # a second call wraps once
-    assert model.forward.__wrapped__.__self__ is model
+    assert model._foak_full_forward.__func__ is not model.forward.__func__
+    assert not getattr(model._foak_full_forward, "_foak_loss_only", False)
+    # Trainer's column filter reads the signature; a deep copy (TRL's reference model) is its own model
+    assert list(inspect.signature(model.forward).parameters) == list(
+        inspect.signature(type(model).forward).parameters)[1:]
+    twin = copy.deepcopy(model)
+    assert twin.forward.__self__ is twin and twin._foak_full_forward.__self__ is twin
+    twin.eval()
+    model.train()
+    with torch.no_grad():
+        assert twin(**inputs).logits is not None and model(**inputs).logits is None
 
 
 def test_training_args_backend_is_refused_by_accelerate(tmp_path):
