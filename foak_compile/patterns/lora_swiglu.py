@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import canon, module_of, other_operand, value
+from ..nodes import canon, is_in_place, module_of, other_operand, value
 from .lora import _same_shape
 from .lora_siblings import _lora_output
 
@@ -46,11 +46,6 @@ def _activation(n) -> Optional[str]:
     """The activation `n` applies ("silu", "gelu", ...; in place too), or None."""
     name = _op_name(n).rstrip("_")
     return name if name in _ACTIVATIONS else None
-
-
-def _in_place(act: Node) -> bool:
-    # silu_ / F.silu(x, inplace=True) / F.silu(x, True)
-    return _op_name(act).endswith("_") or act.kwargs.get("inplace") is True or any(a is True for a in act.args[1:])
 
 
 def _described(act: Node) -> str:
@@ -86,7 +81,7 @@ class LoraSwigluPattern(Pattern):
             return None  # a product, but no gated activation: e.g. an RMSNorm's weight
         if _activation(act) != "silu":
             raise Reject(f"activation is {_described(act)}, not silu")
-        if _in_place(act):
+        if is_in_place(act):  # silu_ / F.silu(x, inplace=True) / F.silu(x, True)
             raise Reject("silu is applied in place")
         gate, up = (act.args[0] if act.args else act.kwargs.get("input")), other_operand(op, act)
         if not isinstance(up, Node):
