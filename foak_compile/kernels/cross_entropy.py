@@ -579,10 +579,20 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
                                           labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                                           scale: torch.Tensor, need_hidden: bool, need_weight: bool,
                                           need_bias: bool, chunk_elements: Optional[int] = None,
-                                          block_v: Optional[int] = None, epi: Epilogue = NO_EPILOGUE):
+                                          block_v: Optional[int] = None, epi: Epilogue = NO_EPILOGUE,
+                                          online: Optional[bool] = None):
     """(loss, lse, dhidden, dweight, dbias): the forward's per-row loss and lse, and the gradients
-    asked for (else None) of Σ_r scale·loss_r, scale being one fp32 value ([1]) for all rows."""
+    asked for (else None) of Σ_r scale·loss_r, scale being one fp32 value ([1]) for all rows.
+    `online` (default: cross_entropy_online.ENABLED): a frozen lm_head's dh by the vocabulary-tiled
+    online softmax of cross_entropy_online.py, where it applies."""
     check_labels(labels, weight.shape[0], ignore_index)
+    from . import cross_entropy_online as online_path  # it builds on this module's kernels
+    if (online_path.ENABLED if online is None else online) and need_hidden and online_path.applicable(
+            hidden, weight, label_smoothing, need_weight, need_bias and bias is not None, epi):
+        labels = labels.contiguous()
+        loss, lse, dh = online_path.forward_backward(hidden, weight, bias, labels, ignore_index, scale,
+                                                     _kept_rows(labels, ignore_index), epi)
+        return loss, lse, dh, None, None
     return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, scale=scale,
                     need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
                     chunk_elements=chunk_elements, block_v=block_v, epi=epi)

@@ -1,0 +1,246 @@
+"""lm_head + cross-entropy for a frozen lm_head, tiled over the vocabulary: dh by an online softmax.
+
+The token-chunked path (cross_entropy.py) needs a row's whole [vocab] logits before its gradient,
+so its memory is rows × vocab per chunk, and small chunks make its dh GEMM (K = vocab, a thin
+output) slow. With the lm_head frozen only dh is wanted, and
+
+    dh_r = scale · (Σ_n p_rn · dv_rn · W_n  -  dv_ry · W_y),    p_rn = exp(v_rn - lse_r)
+
+can be summed over vocabulary pieces as they come, the way flash attention sums softmax·V: per
+row, exp(v - m) against a reference m, a running sum l, and acc_r = Σ exp(v_rn - m_r)·dv_rn·W_n;
+at the end dh = scale·(acc/l + (e_y/l - 1)·dv_y·W_y) and lse = m + log l. So a block of rows
+goes once through the vocabulary in pieces: logits piece S = h·W_jᵀ (a torch GEMM into a reused
+buffer), one kernel turns S into P = exp(v - m)·dv in place (rows' state updated), acc += P·W_j
+(a torch GEMM accumulating in fp32). Two GEMMs per logit, as the chunked path; live memory is
+one [rows, piece] buffer and an fp32 [rows, hidden] accumulator, whatever the token count.
+
+- The reference m moves only when a piece's max exceeds it by more than TAU (exp stays in the
+  buffer's range), and then the rows that moved have acc rescaled (a kernel that touches only
+  them): almost always m is set by the first piece and never moves.
+- The target's term is kept out of P (its entry is written as 0) and added in fp32 at the end:
+  p_y - 1 computed as one fp32 number, not Σ p·W - W_y cancelling after P's rounding.
+- Linear epilogue steps (scale, divisor) have a constant derivative, applied to acc at the end
+  rather than to P (fp16 P would overflow for a scale > 1); softcap's varies per logit and is in P.
+Not here: label smoothing (its ε/V term would need Σ_n dv_n·W_n, a second GEMM), trained
+weight or bias (dW needs every p after the full lse: the chunked path's three GEMMs).
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cast, use_triton
+from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
+
+# Off until measured on a GPU against the chunked path (benchmarks/bench_cross_entropy.py --online):
+# FOAK_LCE_ONLINE=1 or setting ENABLED picks it for every call it can serve.
+ENABLED = os.environ.get("FOAK_LCE_ONLINE", "0") == "1"
+ROWS = 2048    # rows per block: M of both GEMMs, and the fp32 accumulator's height
+COLS = 4096    # vocabulary columns per piece: N of the logits GEMM, K of the dh GEMM
+TAU = {torch.float32: 20.0, torch.bfloat16: 20.0, torch.float16: 8.0}  # exp(TAU)·vocab fits each dtype
+
+
+def applicable(hidden: torch.Tensor, weight: torch.Tensor, label_smoothing: float, need_weight: bool,
+               need_bias: bool, epi: Epilogue) -> bool:
+    """Whether this path computes what the chunked path would (see the module doc for what it lacks)."""
+    return (label_smoothing == 0.0 and not need_weight and not need_bias and use_triton(hidden)
+            and hidden.dtype in TAU and weight.dtype == hidden.dtype and weight.shape[0] > 0)
+
+
+def _linear_factor(epi: Epilogue) -> float:
+    """dv/dz of the epilogue's linear steps (scale, then division): a constant."""
+    return epi.scale / epi.divisor
+
+
+@triton.jit
+def _piece(S, Y, M, L, EY, VY, DVY, ALPHA, stride_s, width, col0, ignore_index, tau,
+           mul, div, cap, cdiv, lin, EPI: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of a logits piece S[:, :width] (vocabulary columns col0...): update the row's
+    reference M, sum L, target exp EY / value VY / derivative DVY, write ALPHA (acc's rescale
+    factor, 1 when M stayed) and overwrite the piece with P = exp(v - M)·dv/lin (0 at the target
+    and in ignored rows)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    y = tl.load(Y + row)
+    keep = y != ignore_index
+    limit = tl.where(keep, width, 0)  # ignored rows read nothing
+    cols0 = tl.arange(0, BLOCK)
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, width, BLOCK):
+        cols = start + cols0
+        mask = cols < limit
+        x = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if EPI != 0:
+            x = tl.where(mask, _epilogue(x, mul, div, cap, cdiv, EPI, S.dtype.element_ty)[0], float("-inf"))
+        top = tl.maximum(top, x, propagate_nan=tl.PropagateNan.ALL)
+    top_row = tl.max(top, axis=0)
+    m_old = tl.load(M + row)
+    moves = (m_old == float("-inf")) | (top_row > m_old + tau)
+    m_new = tl.where(moves, tl.maximum(top_row, m_old), m_old)
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: exp(-inf - 0) = 0
+    # 1 where nothing was summed yet (and in ignored rows): no rescale work for those rows
+    alpha = tl.where(m_old == float("-inf"), 1.0, tl.exp(m_old - base))
+    # the target, read before the piece is overwritten
+    has_y = keep & (y >= col0) & (y < col0 + width)
+    x_y = tl.load(s_row + (y - col0), mask=has_y, other=0.0).to(tl.float32)
+    d_y = 1.0
+    if EPI != 0:
+        x_y, d_y = _epilogue(x_y, mul, div, cap, cdiv, EPI, S.dtype.element_ty)
+    e_y = tl.exp(x_y - base)
+    l_acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, width, BLOCK):
+        cols = start + cols0
+        mask = cols < limit
+        x = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if EPI != 0:
+            v, d = _epilogue(x, mul, div, cap, cdiv, EPI, S.dtype.element_ty)
+        else:
+            v = x
+        e = tl.where(mask, tl.exp(v - base), 0.0)
+        l_acc += e
+        p = tl.where(cols == y - col0, 0.0, e)
+        if EPI != 0:
+            p = p * (d / lin)
+        tl.store(s_row + cols, cast(p, S.dtype.element_ty), mask=cols < width)
+    tl.store(M + row, m_new)
+    tl.store(L + row, tl.load(L + row) * alpha + tl.sum(l_acc, axis=0))
+    tl.store(EY + row, tl.load(EY + row) * alpha + tl.where(has_y, e_y, 0.0))
+    tl.store(VY + row, tl.where(has_y, x_y, tl.load(VY + row)))
+    tl.store(DVY + row, tl.where(has_y, d_y, tl.load(DVY + row)))
+    tl.store(ALPHA + row, alpha)
+
+
+@triton.jit
+def _rescale(ACC, ALPHA, stride_acc, n_hidden, BLOCK: tl.constexpr):
+    """acc_r *= alpha_r for the rows whose reference moved; the others are not touched."""
+    row = tl.program_id(0).to(tl.int64)
+    alpha = tl.load(ALPHA + row)
+    if alpha != 1.0:
+        for start in range(0, n_hidden, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_hidden
+            a = tl.load(ACC + row * stride_acc + cols, mask=mask)
+            tl.store(ACC + row * stride_acc + cols, a * alpha, mask=mask)
+
+
+@triton.jit
+def _finish(ACC, W, Y, M, L, EY, VY, DVY, SCALE, DH, LOSS, LSE, stride_acc, stride_w, stride_dh,
+            n_hidden, n_cols, ignore_index, lin, BLOCK: tl.constexpr):
+    """Per row: lse = M + log L, loss = lse - v_y, dh = scale·(lin·acc/L + (EY/L - 1)·dv_y·W_y)."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(Y + row)
+    keep = y != ignore_index
+    in_range = (y >= 0) & (y < n_cols)
+    m = tl.load(M + row)
+    l = tl.where(keep, tl.load(L + row), 1.0)
+    lse = tl.where(keep, tl.where(m == float("-inf"), 0.0, m), 0.0) + tl.log(l)
+    loss = tl.where(in_range, lse - tl.load(VY + row), float("nan"))
+    tl.store(LOSS + row, tl.where(keep, loss, 0.0))
+    tl.store(LSE + row, lse)
+    scale = tl.load(SCALE)
+    inv_l = 1.0 / l
+    g_y = (tl.load(EY + row) * inv_l - 1.0) * tl.load(DVY + row)
+    y_safe = tl.where(keep & in_range, y, 0).to(tl.int64)
+    acc_limit = tl.where(keep, n_hidden, 0)  # ignored rows read nothing (their acc is not summed)
+    w_limit = tl.where(keep & in_range, n_hidden, 0)
+    for start in range(0, n_hidden, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_hidden
+        a = tl.load(ACC + row * stride_acc + cols, mask=cols < acc_limit, other=0.0)
+        w_y = tl.load(W + y_safe * stride_w + cols, mask=cols < w_limit, other=0.0).to(tl.float32)
+        g = (a * (lin * inv_l) + g_y * w_y) * scale
+        tl.store(DH + row * stride_dh + cols, cast(tl.where(keep, g, 0.0), DH.dtype.element_ty), mask=mask)
+
+
+def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool) -> None:
+    """acc (fp32) = or += p·w for p, w in the logits' dtype, summed in fp32 by the GEMM."""
+    if p.dtype == torch.float32:
+        torch.mm(p, w, out=acc) if first else acc.addmm_(p, w)
+    elif p.is_cuda:  # cuBLAS: half inputs, fp32 output and accumulator
+        if first:
+            torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
+        else:
+            torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
+    else:  # the CPU has no mixed-dtype GEMM: upcast (tests only; products are exact in fp32 either way)
+        torch.mm(p.float(), w.float(), out=acc) if first else acc.addmm_(p.float(), w.float())
+
+
+def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     labels: torch.Tensor, ignore_index: int, scale: torch.Tensor, idx: Optional[torch.Tensor],
+                     epi: Epilogue = NO_EPILOGUE, rows: Optional[int] = None, cols: Optional[int] = None):
+    """(loss, lse, dh) per row of cross_entropy(epi(hidden @ weight.T + bias), labels) with
+    d(loss_r) = scale[0] for every row; `idx`: the rows to run (the others get zeros), or None."""
+    n_rows, n_hidden = hidden.shape
+    n_cols = weight.shape[0]
+    device = hidden.device
+    n_work = n_rows if idx is None else idx.numel()
+    new = torch.zeros if idx is not None else torch.empty
+    loss = new(n_rows, dtype=torch.float32, device=device)
+    lse = new(n_rows, dtype=torch.float32, device=device)
+    dh = new(hidden.shape, dtype=hidden.dtype, device=device)
+    if n_work == 0:
+        return loss, lse, dh
+    r_max = min(n_work, rows or ROWS)
+    width = min(n_cols, cols or COLS)
+    piece_buf = hidden.new_empty(r_max * width)  # each piece viewed contiguous at its own width
+    acc_buf = torch.empty(r_max * n_hidden, dtype=torch.float32, device=device)
+    state = torch.empty(6, r_max, dtype=torch.float32, device=device)
+    h_buf = hidden.new_empty((r_max, n_hidden)) if idx is not None else None
+    tau = TAU[hidden.dtype]
+    lin = _linear_factor(epi)
+    epi_args, epi_flags = epi.kernel_args(hidden), epi.flags(hidden)
+    block = min(4096 if hidden.is_cuda else 16384, triton.next_power_of_2(width))
+    block_h = min(4096, triton.next_power_of_2(n_hidden))
+    warps = 8 if block >= 2048 else 4
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    for s in range(0, n_work, r_max):
+        e = min(n_work, s + r_max)
+        r = e - s
+        if idx is None:
+            h, y = hidden[s:e], labels[s:e]
+        else:
+            rows_i = idx[s:e]
+            h = torch.index_select(hidden, 0, rows_i, out=h_buf[:r])
+            y = labels.index_select(0, rows_i)
+        m, l, ey, vy, dvy, alpha = state[:, :r]
+        m.fill_(float("-inf"))
+        l.zero_()
+        ey.zero_()
+        vy.zero_()
+        dvy.fill_(1.0)
+        acc = acc_buf[: r * n_hidden].view(r, n_hidden)
+        for j, c0 in enumerate(range(0, n_cols, width)):
+            c1 = min(n_cols, c0 + width)
+            piece = piece_buf[: r * (c1 - c0)].view(r, c1 - c0)
+            if bias is None:
+                torch.mm(h, w[c0:c1].t(), out=piece)
+            else:
+                torch.addmm(bias[c0:c1], h, w[c0:c1].t(), out=piece)
+            _piece[(r,)](piece, y, m, l, ey, vy, dvy, alpha, piece.stride(0), c1 - c0, c0, ignore_index, tau,
+                         *epi_args, lin, EPI=epi_flags, BLOCK=block, num_warps=warps)
+            if j:
+                _rescale[(r,)](acc, alpha, acc.stride(0), n_hidden, BLOCK=block_h)
+            _accumulate(acc, piece, w[c0:c1], first=j == 0)
+        if idx is None:
+            loss_c, lse_c, dh_c = loss[s:e], lse[s:e], dh[s:e]
+        else:
+            loss_c = torch.empty(r, dtype=torch.float32, device=device)
+            lse_c = torch.empty_like(loss_c)
+            dh_c = h_buf[:r]  # h is read by nothing after the last piece's GEMM
+        _finish[(r,)](acc, w, y, m, l, ey, vy, dvy, scale, dh_c, loss_c, lse_c, acc.stride(0), w.stride(0),
+                      dh_c.stride(0), n_hidden, n_cols, ignore_index, lin, BLOCK=block_h)
+        if idx is not None:
+            loss.index_copy_(0, rows_i, loss_c)
+            lse.index_copy_(0, rows_i, lse_c)
+            dh.index_copy_(0, rows_i, dh_c)
+    return loss, lse, dh
+
+
+def peak_bytes(n_rows: int, n_cols: int, n_hidden: int, itemsize: int, rows: Optional[int] = None,
+               cols: Optional[int] = None) -> int:
+    """What forward_backward allocates beyond its outputs (for tests and the benchmark's notes)."""
+    r = min(n_rows, rows or ROWS)
+    return r * min(n_cols, cols or COLS) * itemsize + r * n_hidden * (4 + itemsize) + 6 * 4 * r
+

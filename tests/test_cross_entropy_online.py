@@ -1,0 +1,194 @@
+"""The frozen-lm_head online-softmax path of linear_cross_entropy (kernels/cross_entropy_online.py)
+against float64 torch and against the chunked path, on many row blocks and vocabulary pieces."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import foak_compile  # noqa: F401
+from foak_compile.kernels import cross_entropy as kernel
+from foak_compile.kernels import cross_entropy_online as online
+
+from tests.test_cross_entropy_kernel import EPILOGUES, TOL, _check_linear_ce, _epilogue_f64, _labels, _rel
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """5 rows per block and 37 columns per piece: 131 columns make 4 pieces, the last one short."""
+    monkeypatch.setattr(online, "ENABLED", True)
+    monkeypatch.setattr(online, "ROWS", 5)
+    monkeypatch.setattr(online, "COLS", 37)
+    return monkeypatch
+
+
+def _online_calls(monkeypatch):
+    calls = []
+    real = online.forward_backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(online, "forward_backward", counted)
+    return calls
+
+
+def _inputs(n, h, vocab, dtype, device, scale=1.0):
+    hidden = (torch.randn(n, h, device=device) * scale).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, h, device=device) / h ** 0.5).to(dtype)
+    return hidden, weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compact", [True, False])
+def test_online_vs_float64(dtype, compact, small_tiles, device):
+    """Loss and dh for mean and sum, with and without a bias, ignored rows dropped or run as zeros."""
+    small_tiles.setattr(kernel, "COMPACT", compact)
+    calls = _online_calls(small_tiles)
+    n, h, vocab = 23, 24, 131
+    hidden, weight = _inputs(n, h, vocab, dtype, device)
+    bias = torch.randn(vocab, device=device).to(dtype)
+    for reduction, b in (("mean", None), ("sum", bias)):
+        _check_linear_ce(hidden, weight, b, _labels(n, vocab, device), reduction=reduction, out_dtype=torch.float32)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(EPILOGUES))
+def test_online_epilogue_vs_float64(dtype, name, small_tiles, device):
+    """Softcap's derivative inside P, the linear steps' applied at the end (a scale > 1 too, which
+    in fp16 P would overflow if it were in P)."""
+    epi = EPILOGUES[name]
+    n, h, vocab = 19, 24, 131
+    hidden = (torch.randn(n, h, device=device) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, h, device=device).to(dtype)  # logits ~ ±10: the cap bites
+    y = _labels(n, vocab, device)
+    grad_tol = None
+    if dtype != torch.float32 and epi.rounded:  # eager rounds each step too: allow twice its own error
+        eager = F.cross_entropy(_epilogue_f64(F.linear(hidden, weight), epi).float(), y, reduction="sum")
+        ref = F.cross_entropy(_epilogue_f64(F.linear(hidden.double(), weight.double()), epi), y, reduction="sum")
+        err = _rel(torch.autograd.grad(eager, hidden)[0], torch.autograd.grad(ref, hidden)[0])
+        grad_tol = max(3 * TOL[dtype], 2 * err)
+    calls = _online_calls(small_tiles)
+    _check_linear_ce(hidden, weight, None, y, reduction="sum", epi=epi, grad_tol=grad_tol)
+    assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shift", [15.0, 40.0])
+def test_reference_moves_when_a_later_piece_is_larger(dtype, shift, small_tiles, device):
+    """Logits 15 or 40 higher in the last pieces than in the first: the rows' reference moves past
+    TAU and their acc is rescaled (without it dh is off by e^shift; and fp16's TAU is below
+    log(65504) ≈ 11, or P = e^15 would overflow)."""
+    n, h, vocab = 13, 16, 131
+    hidden, weight = _inputs(n, h, vocab, dtype, device)
+    bias = torch.zeros(vocab, device=device)
+    bias[90:] = shift
+    bias = bias.to(dtype)
+    y = _labels(n, vocab, device)
+    ours = _check_linear_ce(hidden, weight, bias, y, grad_tol=1.0)
+    small_tiles.setattr(online, "ENABLED", False)
+    chunked = _check_linear_ce(hidden, weight, bias, y, grad_tol=1.0)
+    # logits ≈ 40 carry bf16's rounding (ulp 0.25): both paths see the same logits, so the same error
+    assert ours[0] < max(2 * chunked[0], 2 * TOL[dtype])
+
+
+def test_confident_target_keeps_its_precision(device):
+    """p_y ≈ 0.99 (each row's hidden state points at its target's weight row): dh = Σ p·W - W_y is
+    a small difference. The target's term is added in fp32 (p_y - 1 as one number), so dh is as
+    accurate as the chunked path's; summed in P instead, its bf16 rounding of e^(v_y - m) left
+    0.12 of dh's largest element wrong here (against 0.003). Reference: float64 softmax of the
+    same bf16 logits, so only the gradient's arithmetic is measured."""
+    torch.manual_seed(0)
+    n, h, vocab = 11, 64, 131
+    weight = torch.randn(vocab, h) / h ** 0.5
+    y = torch.randint(37, vocab, (n,))  # targets past the first piece: the reference m is another logit
+    hidden = (10 * weight[y] / weight[y].square().sum(-1, keepdim=True)).to(torch.bfloat16).to(device)
+    weight, y = weight.to(torch.bfloat16).to(device), y.to(device)
+    p = torch.softmax(torch.mm(hidden, weight.t()).double(), -1)
+    assert (p[torch.arange(n), y] > 0.97).all()
+    p[torch.arange(n), y] -= 1
+    ref = p @ weight.double()
+    scale = torch.ones(1, device=device)
+    errors = []
+    for use_online, rows, cols in ((True, 5, 37), (False, None, None)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(online, "ROWS", rows or online.ROWS)
+            mp.setattr(online, "COLS", cols or online.COLS)
+            dh = kernel.linear_cross_entropy_forward_backward(hidden, weight, None, y, -100, 0.0, scale, True,
+                                                              False, False, online=use_online)[2]
+        errors.append(_rel(dh, ref))
+    assert errors[0] < max(2 * errors[1], 1e-3) and errors[0] < 1e-2
+
+
+def test_not_taken_where_it_does_not_apply(small_tiles, device):
+    """Label smoothing, a trained weight or bias: the chunked path, which computes those."""
+    calls = _online_calls(small_tiles)
+    hidden, weight = _inputs(9, 8, 131, torch.float32, device)
+    bias = torch.randn(131, device=device)
+    y = _labels(9, 131, device)
+    _check_linear_ce(hidden, weight, None, y, label_smoothing=0.1)
+    _check_linear_ce(hidden, weight.clone().requires_grad_(), None, y)
+    _check_linear_ce(hidden, weight, bias.requires_grad_(), y)
+    _check_linear_ce(hidden, weight, None, y, reduction="none")  # per-row upstream: recompute op
+    assert not calls
+    _check_linear_ce(hidden, weight, bias.detach(), y)
+    assert len(calls) == 1
+
+
+def test_online_all_ignored_and_nan(small_tiles, device):
+    hidden, weight = _inputs(7, 8, 131, torch.float32, device)
+    y = torch.full((7,), -100, device=device)
+    loss, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "mean", torch.float32)
+    assert loss.isnan()
+    loss.backward()
+    assert (hidden.grad == 0).all()
+    hidden.grad = None
+    bias = torch.zeros(131, device=device)
+    bias[100] = float("nan")  # every row's logits hold a NaN: NaN loss, NaN dh, as eager
+    y = _labels(7, 131, device, p_ignore=0.0)
+    loss, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, bias, y, -100, 0.0, "sum", torch.float32)
+    loss.backward()
+    assert loss.isnan() and hidden.grad.isnan().all()
+
+
+def test_out_of_range_label_raises(small_tiles, device):
+    hidden, weight = _inputs(5, 8, 131, torch.float32, device)
+    y = torch.tensor([1, 2, 131, 4, -100], device=device)
+    with pytest.raises(IndexError if device == "cpu" else RuntimeError):
+        torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "mean", torch.float32)[0].backward()
+        torch.cuda.synchronize()
+
+
+def test_one_block_one_piece_and_explicit_switch(monkeypatch, device):
+    """Default tiles (the whole problem in one block and one piece here), chosen per call."""
+    monkeypatch.setattr(online, "ENABLED", False)
+    calls = _online_calls(monkeypatch)
+    hidden, weight = _inputs(17, 12, 131, torch.bfloat16, device)
+    y = _labels(17, 131, device)
+    scale = torch.ones(1, device=device)
+    loss, lse, dh, dw, db = kernel.linear_cross_entropy_forward_backward(
+        hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False, online=True)
+    ref = kernel.linear_cross_entropy_forward_backward(
+        hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False, online=False)
+    assert len(calls) == 1 and dw is None and db is None
+    torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref[1], rtol=1e-5, atol=1e-5)
+    assert _rel(dh, ref[2]) < TOL[torch.bfloat16]
+
+
+def test_peak_bytes_is_bounded_by_the_tiles():
+    """The live memory is one piece and one accumulator, whatever the token count."""
+    small = online.peak_bytes(4096, 128256, 2048, 2, rows=2048, cols=4096)
+    assert small == online.peak_bytes(16384, 128256, 2048, 2, rows=2048, cols=4096)
+    assert small < 4096 * 128256 * 2 / 10  # a tenth of the bf16 logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_lora_loss_only_step_through_the_online_path(family, small_tiles):
+    """A LoRA model (frozen lm_head) compiled with backend="foak", loss only: linear_cross_entropy
+    takes the online path (Gemma 2: through its final-logit softcap); loss and LoRA grads vs eager."""
+    from tests.test_cross_entropy_pattern import _batch, _compare_loss_only, _counts, _lora
+    from tests.models import tiny_model
+    calls = _online_calls(small_tiles)
+    model = _lora(tiny_model(family))
+    be = _compare_loss_only(model, _batch(model))
+    assert _counts(be) == {"linear_cross_entropy": 1} and calls
