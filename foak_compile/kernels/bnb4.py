@@ -55,14 +55,41 @@ def code_table(quant_type: str, device) -> torch.Tensor:
 
 
 @triton.jit
-def _dequant_4bit(Q, CODE, ABSMAX, QABSMAX, NESTED_CODE, OFFSET, OUT, out_start, n,
-                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _pick(bit, one, zero):
+    return tl.where(bit, one, zero)
+
+
+@triton.jit
+def _code_value(idx, FP4: tl.constexpr):
+    """code_table(quant_type)[idx] as selects on idx's bits (the table is written into the kernel:
+    no table tensor per launch, which a traced launch would make a graph constant and a copy)."""
+    b0 = (idx & 1) != 0
+    b1 = (idx & 2) != 0
+    b2 = (idx & 4) != 0
+    b3 = (idx & 8) != 0
+    if FP4:  # bit 3 the sign; magnitudes 0, 0.0625, 8, 12, 4, 6, 2, 3, then / 12 (IEEE, as torch divides)
+        raw = _pick(b2, _pick(b1, _pick(b0, 3.0, 2.0), _pick(b0, 6.0, 4.0)),
+                    _pick(b1, _pick(b0, 12.0, 8.0), _pick(b0, 0.0625, 0.0)))
+        v = tl.math.div_rn(raw, tl.full(raw.shape, 12.0, tl.float32))
+        v = tl.where(b3, -v, v)
+    else:  # _NF4, each literal the exact fp32 value
+        neg = _pick(b2, _pick(b1, _pick(b0, 0.0, -0.09105003625154495), _pick(b0, -0.18477343022823334, -0.28444138169288635)),
+                    _pick(b1, _pick(b0, -0.39491748809814453, -0.5250730514526367), _pick(b0, -0.6961928009986877, -1.0)))
+        pos = _pick(b2, _pick(b1, _pick(b0, 1.0, 0.7229568362236023), _pick(b0, 0.5626170039176941, 0.44070982933044434)),
+                    _pick(b1, _pick(b0, 0.33791524171829224, 0.24611230194568634), _pick(b0, 0.16093020141124725, 0.07958029955625534)))
+        v = tl.where(b3, pos, neg)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _dequant_4bit(Q, ABSMAX, QABSMAX, NESTED_CODE, OFFSET, OUT, out_start, n,
+                  FP4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                  NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     byte = tl.load(Q + i // 2, mask=mask, other=0).to(tl.int32)
     idx = tl.where(i % 2 == 0, byte >> 4, byte & 15)
-    v = tl.load(CODE + idx, mask=mask, other=0.0)
+    v = _code_value(idx, FP4)
     blk = i // BLOCKSIZE
     if NESTED:
         qa = tl.load(QABSMAX + blk, mask=mask, other=0).to(tl.int32)
@@ -115,13 +142,12 @@ def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, blocksize: int,
         return out
     n = shape[0] * shape[1]
     out = torch.empty(shape, dtype=dtype, device=q.device) if out is None else out
-    code = code_table(quant_type, q.device)
     nested = nested_absmax is not None
+    scales = nested_absmax.float() if nested else absmax.float()
     block = 1024
-    wrap_triton(_dequant_4bit)[(triton.cdiv(n, block),)](
-        q, code, nested_absmax.float() if nested else absmax.float(), absmax if nested else q,
-        nested_code.float() if nested else code, offset.float().reshape(1) if nested else code, out,
-        out_row * shape[1], n,
+    wrap_triton(_dequant_4bit)[(triton.cdiv(n, block),)](  # unused pointers (not nested): any tensor
+        q, scales, absmax if nested else q, nested_code.float() if nested else scales,
+        offset.float().reshape(1) if nested else scales, out, out_row * shape[1], n, FP4=quant_type == "fp4",
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, BLOCK=block, num_warps=4,
         enable_fp_fusion=False)  # multiply, then add, like bitsandbytes: the same bits
     return out
