@@ -277,15 +277,15 @@ def chunk_sweep():
 ONLINE_SWEEP = [(r, c) for r in (1024, 2048, 4096) for c in (2048, 4096, 8192)]
 
 
-def online_sweep():
+def online_sweep(tokens, vocabs, hiddens):
     """The online path (frozen lm_head, kernel level) per (rows per block, columns per piece),
     beside the chunked path's default, on the same inputs."""
     out = []
     saved = online.ROWS, online.COLS
     try:
-        for hdim in HIDDENS:
-            for v in VOCABS:
-                for n in TOKENS:
+        for hdim in hiddens:
+            for v in vocabs:
+                for n in tokens:
                     h, w, y = _inputs(n, v, hdim, frozen=True)
                     h = h.detach()
                     scale = (1.0 / (y != -100).sum()).float().reshape(1)
@@ -364,7 +364,7 @@ def main():
         res["chunk_sweep"] = chunk_sweep()
         _save(args.out, res)
     if args.online_sweep:
-        res["online_sweep"] = online_sweep()
+        res["online_sweep"] = online_sweep(args.tokens, args.vocabs, args.hiddens)
         _save(args.out, res)
     for mode in modes:
         for hdim in args.hiddens:

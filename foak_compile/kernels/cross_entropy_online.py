@@ -158,13 +158,18 @@ def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool
     """acc (fp32) = or += p·w for p, w in the logits' dtype, summed in fp32 by the GEMM."""
     if p.dtype == torch.float32:
         torch.mm(p, w, out=acc) if first else acc.addmm_(p, w)
-    elif p.is_cuda:  # cuBLAS: half inputs, fp32 output and accumulator
+    elif p.is_cuda and _HAS_MIXED_GEMM:  # cuBLAS: half inputs, fp32 output and accumulator
         if first:
             torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
         else:
             torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
+    elif p.is_cuda:  # a torch without the out_dtype GEMMs: the piece's product rounded once, then added
+        acc.copy_(torch.mm(p, w)) if first else acc.add_(torch.mm(p, w))
     else:  # the CPU has no mixed-dtype GEMM: upcast (tests only; products are exact in fp32 either way)
         torch.mm(p.float(), w.float(), out=acc) if first else acc.addmm_(p.float(), w.float())
+
+
+_HAS_MIXED_GEMM = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
