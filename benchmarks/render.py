@@ -84,7 +84,10 @@ LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile`)", "liger"
           "liger_inductor": "Liger + inductor", "inductor_cg": "inductor + CUDA graphs",
           "foak": "**foak** (`backend=\"foak\"`)", "foak_cg": "foak + CUDA graphs",
           "foak_loss": "foak, loss-only compile", "foak_loss_cg": "**foak, loss-only + CUDA graphs**",
-          "foak_sib": "foak + lora_siblings", "foak_loss_sib_cg": "foak + lora_siblings, loss-only + CUDA graphs"}
+          "foak_sib": "foak + lora_siblings", "foak_loss_sib_cg": "foak + lora_siblings, loss-only + CUDA graphs",
+          "foak_swiglu": "foak + lora_swiglu", "foak_loss_swiglu_cg": "foak + lora_swiglu, loss-only + CUDA graphs",
+          "foak_opq": "foak, opaque 4-bit dequant", "foak_loss_opq_cg": "foak, opaque dequant, loss-only + CUDA graphs",
+          "foak_loss_lceonline_cg": "foak, online linear+CE, loss-only + CUDA graphs"}
 BASES = {"none": "bf16", "nf4": "NF4 (double quant)", "gptq": "GPTQ 4-bit g128"}
 
 

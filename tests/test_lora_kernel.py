@@ -345,3 +345,45 @@ def test_fake_impls_match_real():
     args4 = (torch.randn(2, 5, 16, requires_grad=True), q, absmax, n_absmax, n_code, offset, None,
              a, b, 0.5, 0.0, "nf4", 64, n_bs, [12, 16], torch.float32, torch.bfloat16)
     torch.library.opcheck(torch.ops.foak.lora_linear_4bit.default, args4, test_utils=checks)
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
+    """torch.ops.foak.dequantize_4bit(_stacked), what the 4-bit LoRA ops call with
+    FOAK_OPAQUE_DEQUANT=1: the kernel's bits, fake impls that match, and the same LoRA results."""
+    pytest.importorskip("bitsandbytes")
+    from foak_compile.ops import dequant
+    parts = [_quantized(o, 70, torch.bfloat16, quant_type, nested, device=device) for o in (13, 22)]
+    states = [(q, *_state_args(st)) for q, st, _ in parts]
+    single = [(q, absmax, na, nc, off, quant_type, st.blocksize, nbs, list(st.shape), torch.bfloat16)
+              for (q, absmax, na, nc, off, nbs), (_, st, _) in zip(states, parts)]
+    for args, (_, _, wref) in zip(single, parts):
+        assert torch.equal(torch.ops.foak.dequantize_4bit(*args), wref)
+        torch.library.opcheck(torch.ops.foak.dequantize_4bit.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+    lists = [list(col) for col in zip(*[a[:5] for a in single])]
+    stacked_args = (*lists, quant_type, single[0][6], single[0][7], [13, 70, 22, 70], torch.bfloat16)
+    assert torch.equal(torch.ops.foak.dequantize_4bit_stacked(*stacked_args), torch.cat([w for _, _, w in parts]))
+    torch.library.opcheck(torch.ops.foak.dequantize_4bit_stacked.default, stacked_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    shapes = [(13, 70), (22, 70)]
+    routes = []
+    for opaque in (False, True):
+        monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        routes.append(dequant.stacked_weight(*lists, quant_type, single[0][6], single[0][7], shapes, torch.bfloat16))
+    assert torch.equal(*routes)
+    # the LoRA op through either route: the same bits, forward and backward
+    q, absmax, na, nc, off, nbs = states[0]
+    st = parts[0][1]
+    _, _, a, b = _layer(13, 70, 4, torch.bfloat16, device)
+    x = torch.randn(5, 70, dtype=torch.bfloat16, device=device)
+    outs = []
+    for opaque in (False, True):
+        monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+        y = torch.ops.foak.lora_linear_4bit(xi, q, absmax, na, nc, off, None, ai, bi, 0.5, 0.0, quant_type,
+                                            st.blocksize, nbs, list(st.shape), torch.bfloat16, torch.bfloat16)[0]
+        y.backward(torch.ones_like(y))
+        outs.append((y, xi.grad, ai.grad, bi.grad))
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)

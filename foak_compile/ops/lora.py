@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels import bnb4
+from . import dequant
 from ..kernels import lora as kernel
 from .registry import fused_op, register_fake
 
@@ -166,8 +166,8 @@ lora_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
 
 def _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
              weight_shape, cdt):
-    return bnb4.dequantize_4bit(qweight, absmax, blocksize, quant_type, weight_shape, cdt,
-                                nested_absmax, nested_code, offset, nested_blocksize)
+    return dequant.weight(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
+                          nested_blocksize, weight_shape, cdt)
 
 
 @fused_op("foak::lora_linear_4bit", seeded=True)

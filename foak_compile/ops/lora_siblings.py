@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import bnb4
+from . import dequant
 from .registry import fused_op, register_fake
 
 
@@ -151,13 +151,8 @@ lora_linear_siblings.register_autograd(_backward, setup_context=_setup)
 def _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
                     nested_blocksize, shapes, cdt):
     """The siblings' dequantised weights as the rows of one [Σout, in] tensor."""
-    w = torch.empty(sum(o for o, _ in shapes), shapes[0][1], dtype=cdt, device=qweights[0].device)
-    start = 0
-    for q, am, na, nc, off, (o, i) in zip(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, shapes):
-        bnb4.dequantize_4bit(q, am, blocksize, quant_type, (o, i), cdt, na, nc, off, nested_blocksize,
-                             out=w, out_row=start)
-        start += o
-    return w
+    return dequant.stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type,
+                                  blocksize, nested_blocksize, shapes, cdt)
 
 
 def _pairs(flat):

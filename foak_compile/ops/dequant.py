@@ -1,0 +1,90 @@
+"""torch.ops.foak.dequantize_4bit / dequantize_4bit_stacked: the bitsandbytes 4-bit dequant as
+an opaque op, for the 4-bit LoRA ops to call when FOAK_OPAQUE_DEQUANT=1.
+
+Inlined (ops/registry.py), a 4-bit LoRA op's body launches the dequant kernel through
+`wrap_triton`, so AOTAutograd and inductor trace, functionalise, analyse and code-generate that
+launch for every projection, forward and backward: the NF4 step's first call took 1.37-1.50× of
+inductor's where bf16's took ~0.95× (benchmarks/notes.md §7). Called through one of these ops the
+dequant is one opaque node per weight (per sibling group: one for the stacked weight) that
+inductor calls as an extern kernel. It costs a Python dispatch per call (~20 µs), which CUDA graphs
+hide. Off by default until the train-step benchmark (variants *_opq) has measured both.
+"""
+import os
+from typing import Optional
+
+import torch
+
+from ..kernels import bnb4
+
+OPAQUE = os.environ.get("FOAK_OPAQUE_DEQUANT", "0") == "1"
+
+
+@torch.library.custom_op("foak::dequantize_4bit", mutates_args=())
+def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                    nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], quant_type: str,
+                    blocksize: int, nested_blocksize: int, weight_shape: list[int],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """kernels/bnb4.dequantize_4bit: the [out, in] weight in `dtype`."""
+    return bnb4.dequantize_4bit(qweight, absmax, blocksize, quant_type, weight_shape, dtype, nested_absmax,
+                                nested_code, offset, nested_blocksize)
+
+
+@dequantize_4bit.register_fake
+def _(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, weight_shape,
+      dtype):
+    return qweight.new_empty(weight_shape, dtype=dtype)
+
+
+@torch.library.custom_op("foak::dequantize_4bit_stacked", mutates_args=())
+def dequantize_4bit_stacked(qweights: list[torch.Tensor], absmaxes: list[torch.Tensor],
+                            nested_absmaxes: list[Optional[torch.Tensor]], nested_codes: list[Optional[torch.Tensor]],
+                            offsets: list[Optional[torch.Tensor]], quant_type: str, blocksize: int,
+                            nested_blocksize: int, weight_shapes: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The weights (shapes flattened: out_1, in, out_2, in, ...) as the rows of one [Σout, in] tensor."""
+    return stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
+                   nested_blocksize, _pairs(weight_shapes), dtype)
+
+
+@dequantize_4bit_stacked.register_fake
+def _(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize, nested_blocksize,
+      weight_shapes, dtype):
+    shapes = _pairs(weight_shapes)
+    return qweights[0].new_empty((sum(o for o, _ in shapes), shapes[0][1]), dtype=dtype)
+
+
+def _pairs(flat):
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize, nested_blocksize,
+            shapes, dtype) -> torch.Tensor:
+    """The siblings' dequantised weights as the rows of one [Σout, in] tensor, a launch per weight."""
+    w = torch.empty(sum(o for o, _ in shapes), shapes[0][1], dtype=dtype, device=qweights[0].device)
+    start = 0
+    for q, am, na, nc, off, (o, i) in zip(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, shapes):
+        bnb4.dequantize_4bit(q, am, blocksize, quant_type, (o, i), dtype, na, nc, off, nested_blocksize,
+                             out=w, out_row=start)
+        start += o
+    return w
+
+
+def weight(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
+           weight_shape, dtype) -> torch.Tensor:
+    """What a 4-bit op calls: the kernel launch inline, or the opaque op (OPAQUE)."""
+    if OPAQUE:
+        return torch.ops.foak.dequantize_4bit(qweight, absmax, nested_absmax, nested_code, offset, quant_type,
+                                              blocksize, nested_blocksize, list(weight_shape), dtype)
+    return bnb4.dequantize_4bit(qweight, absmax, blocksize, quant_type, weight_shape, dtype, nested_absmax,
+                                nested_code, offset, nested_blocksize)
+
+
+def stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
+                   nested_blocksize, shapes, dtype) -> torch.Tensor:
+    """The stacked weight of a sibling group: launches inline, or one opaque op (OPAQUE)."""
+    if OPAQUE:
+        flat = [int(v) for shape in shapes for v in shape]
+        return torch.ops.foak.dequantize_4bit_stacked(list(qweights), list(absmaxes), list(nested_absmaxes),
+                                                      list(nested_codes), list(offsets), quant_type, blocksize,
+                                                      nested_blocksize, flat, dtype)
+    return stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
+                   nested_blocksize, shapes, dtype)
