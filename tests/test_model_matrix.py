@@ -8,7 +8,7 @@ import torch
 
 import foak_compile
 from tests.matrix import FAMILIES, build, expected_counts, record
-from tests.models import loss_and_grads
+from tests.models import compare_half_with_float64, loss_and_grads
 
 
 def _rel(a, b):
@@ -65,18 +65,15 @@ def test_family_counts_and_parity(family, variant):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "mixtral"])
 def test_bf16_parity(family):
-    """bf16: the fused ops round at the places eager rounds; grads agree to a bf16 relative bound."""
+    """bf16: the fused ops round at the places eager rounds. Loss and every grad against the float64
+    model, held to twice eager's own bf16 error (plus slack): against eager element by element, two
+    layers of bf16 noise made such a check pass or fail by the draw."""
     model = build(family, torch.bfloat16)
-    inputs = _inputs(model)
-    eager = copy.deepcopy(model)
-    ref_loss, ref_grads = loss_and_grads(eager, inputs)
     be = foak_compile.backend(inner="aot_eager")
-    loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
+    ref_dtype = torch.float32 if family == "mixtral" else torch.float64  # grouped_mm has no float64
+    compare_half_with_float64(model, _inputs(model), lambda m: torch.compile(m, backend=be), slack=1e-2,
+                              reference_dtype=ref_dtype)
     assert foak_compile.total_counts(be.reports)["rms_norm"] == expected_counts(model, family)["rms_norm"]
-    assert _rel(loss.float(), ref_loss.float()) < 1e-2
-    # bf16 grads: documented bound 5e-2 of the largest element per tensor
-    worst = max(_rel(grads[n].float(), ref_grads[n].float()) for n in ref_grads)
-    assert worst < 5e-2, worst
 
 
 def _corpus(vocab, n=8, seq=24, seed=0):
