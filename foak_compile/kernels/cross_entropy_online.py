@@ -34,7 +34,7 @@ import triton.language as tl
 from .common import cast, use_triton
 from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
-# Off until measured on a GPU against the chunked path (benchmarks/bench_cross_entropy.py --online):
+# Off until measured on a GPU against the chunked path (benchmarks/bench_cross_entropy.py --online-sweep):
 # FOAK_LCE_ONLINE=1 or setting ENABLED picks it for every call it can serve.
 ENABLED = os.environ.get("FOAK_LCE_ONLINE", "0") == "1"
 ROWS = 2048    # rows per block: M of both GEMMs, and the fp32 accumulator's height
