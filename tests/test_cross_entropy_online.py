@@ -54,8 +54,7 @@ def test_online_vs_float64(dtype, compact, small_tiles, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(EPILOGUES))
 def test_online_epilogue_vs_float64(dtype, name, small_tiles, device):
-    """Softcap's derivative inside P, the linear steps' applied at the end (a scale > 1 too, which
-    in fp16 P would overflow if it were in P)."""
+    """Softcap's derivative inside P, the linear steps' applied at the end."""
     epi = EPILOGUES[name]
     n, h, vocab = 19, 24, 131
     hidden = (torch.randn(n, h, device=device) * 2).to(dtype).requires_grad_()
@@ -70,6 +69,25 @@ def test_online_epilogue_vs_float64(dtype, name, small_tiles, device):
     calls = _online_calls(small_tiles)
     _check_linear_ce(hidden, weight, None, y, reduction="sum", epi=epi, grad_tol=grad_tol)
     assert calls
+
+
+def test_fp16_large_scale_stays_out_of_p(small_tiles, device):
+    """A logit scale of 64 in fp16: a later piece's max 7.5 above the reference (within TAU, so it
+    does not move) gives exp(7.5) ≈ 1808 in P, fine; with the scale's derivative in P it would be
+    64 × 1808 > 65504, an inf. The scale is applied to the accumulator at the end instead."""
+    n, h, vocab = 6, 8, 131
+    hidden = (torch.randn(n, h, device=device) * 1e-3).to(torch.float16).requires_grad_()
+    weight = torch.randn(vocab, h, device=device).to(torch.float16)
+    bias = torch.zeros(vocab, device=device)
+    bias[0] = 0.5             # the first piece's max: the reference, 64 · 0.5 = 32
+    bias[50] = 0.5 + 7.5 / 64  # the second piece's: 7.5 above it
+    bias = bias.to(torch.float16)
+    y = _labels(n, vocab, device, p_ignore=0.0)
+    epi = kernel.Epilogue(scale=64.0, rounded=True)
+    ours = _check_linear_ce(hidden, weight, bias, y, epi=epi, grad_tol=1.0)
+    small_tiles.setattr(online, "ENABLED", False)
+    chunked = _check_linear_ce(hidden, weight, bias, y, epi=epi, grad_tol=1.0)
+    assert ours[0] < max(2 * chunked[0], 2 * TOL[torch.float16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -180,11 +198,30 @@ def test_one_block_one_piece_and_explicit_switch(monkeypatch, device):
     assert _rel(dh, ref[2]) < TOL[torch.bfloat16]
 
 
-def test_peak_bytes_is_bounded_by_the_tiles():
-    """The live memory is one piece and one accumulator, whatever the token count."""
-    small = online.peak_bytes(4096, 128256, 2048, 2, rows=2048, cols=4096)
-    assert small == online.peak_bytes(16384, 128256, 2048, 2, rows=2048, cols=4096)
-    assert small < 4096 * 128256 * 2 / 10  # a tenth of the bf16 logits
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the allocator's peak)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_live_memory_is_what_peak_bytes_says(dtype):
+    """Measured: beyond its outputs the op holds one piece, the accumulator and the gathered rows,
+    the same at 4× the tokens (the chunked path would hold 512 rows × vocab)."""
+    n_cols, n_hidden = 32001, 256
+    weight = torch.randn(n_cols, n_hidden, device="cuda", dtype=dtype) / n_hidden ** 0.5
+    scale = torch.ones(1, device="cuda")
+    peaks = []
+    for n_rows in (3000, 12000):
+        hidden = torch.randn(n_rows, n_hidden, device="cuda", dtype=dtype)
+        y = _labels(n_rows, n_cols, "cuda", p_ignore=0.3)
+        idx = (y != -100).nonzero().view(-1)
+        outputs = n_rows * (8 + n_hidden * hidden.element_size())  # loss, lse (fp32), dh
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        res = online.forward_backward(hidden, weight, None, y, -100, scale, idx)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base - outputs)
+        del res
+        bound = online.peak_bytes(idx.numel(), n_cols, n_hidden, hidden.element_size())
+        assert peaks[-1] <= bound * 1.05 + 2**20, (peaks[-1], bound)
+    assert peaks[1] <= peaks[0] * 1.1 + 2**20
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

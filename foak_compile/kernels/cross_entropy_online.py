@@ -37,9 +37,13 @@ from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 # Off until measured on a GPU against the chunked path (benchmarks/bench_cross_entropy.py --online-sweep):
 # FOAK_LCE_ONLINE=1 or setting ENABLED picks it for every call it can serve.
 ENABLED = os.environ.get("FOAK_LCE_ONLINE", "0") == "1"
-ROWS = 2048    # rows per block: M of both GEMMs, and the fp32 accumulator's height
+# Tiles: at hidden 2048, bf16, 1024 × 4096 keep ~20 MB live (piece 8, accumulator 8, gathered rows 4)
+# against ~50 MB for Liger's whole loss at 4096 tokens; the sweep (--online-sweep) picks the final ones.
+ROWS = 1024    # rows per block: M of both GEMMs, and the fp32 accumulator's height
 COLS = 4096    # vocabulary columns per piece: N of the logits GEMM, K of the dh GEMM
-TAU = {torch.float32: 20.0, torch.bfloat16: 20.0, torch.float16: 8.0}  # exp(TAU)·vocab fits each dtype
+# How far a piece's max may exceed the reference before it moves: exp(TAU) must fit the piece's dtype
+# (P is stored there; the sums L and acc are fp32): e^20 ≈ 5e8 for bf16/fp32, e^8 ≈ 3e3 < 65504 for fp16.
+TAU = {torch.float32: 20.0, torch.bfloat16: 20.0, torch.float16: 8.0}
 
 
 def applicable(hidden: torch.Tensor, weight: torch.Tensor, label_smoothing: float, need_weight: bool,
@@ -158,18 +162,24 @@ def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool
     """acc (fp32) = or += p·w for p, w in the logits' dtype, summed in fp32 by the GEMM."""
     if p.dtype == torch.float32:
         torch.mm(p, w, out=acc) if first else acc.addmm_(p, w)
-    elif p.is_cuda and _HAS_MIXED_GEMM:  # cuBLAS: half inputs, fp32 output and accumulator
-        if first:
-            torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
-        else:
-            torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
-    elif p.is_cuda:  # a torch without the out_dtype GEMMs: the piece's product rounded once, then added
+    elif p.is_cuda and first and _MM_FP32_OUT:  # cuBLAS: half inputs, fp32 output
+        torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
+    elif p.is_cuda and _ADDMM_FP32_ACC:  # ... and an fp32 accumulator added in the GEMM
+        torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
+    elif p.is_cuda and _MM_FP32_OUT:  # torch < 2.10: addmm.dtype takes no fp32 self with half matrices
+        acc.add_(torch.ops.aten.mm.dtype(p, w, torch.float32))
+    elif p.is_cuda:  # no out_dtype GEMMs at all: the piece's product rounded once, then added
         acc.copy_(torch.mm(p, w)) if first else acc.add_(torch.mm(p, w))
     else:  # the CPU has no mixed-dtype GEMM: upcast (tests only; products are exact in fp32 either way)
         torch.mm(p.float(), w.float(), out=acc) if first else acc.addmm_(p.float(), w.float())
 
 
-_HAS_MIXED_GEMM = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+def _torch_at_least(major: int, minor: int) -> bool:
+    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
+
+
+_MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype_out")
+_ADDMM_FP32_ACC = hasattr(torch.ops.aten.addmm, "dtype_out") and _torch_at_least(2, 10)
 
 
 def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -243,9 +253,12 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return loss, lse, dh
 
 
-def peak_bytes(n_rows: int, n_cols: int, n_hidden: int, itemsize: int, rows: Optional[int] = None,
-               cols: Optional[int] = None) -> int:
-    """What forward_backward allocates beyond its outputs (for tests and the benchmark's notes)."""
+def peak_bytes(n_rows: int, n_cols: int, n_hidden: int, itemsize: int, gather: bool = True,
+               rows: Optional[int] = None, cols: Optional[int] = None) -> int:
+    """What forward_backward holds beyond its outputs (loss, lse, dh): the piece, the accumulator,
+    the row state and, when ignored rows are dropped (`gather`), the gathered rows (and per block
+    the indices and per-row results of the gathered rows, a few bytes per row)."""
     r = min(n_rows, rows or ROWS)
-    return r * min(n_cols, cols or COLS) * itemsize + r * n_hidden * (4 + itemsize) + 6 * 4 * r
+    held = r * min(n_cols, cols or COLS) * itemsize + r * n_hidden * 4 + 6 * 4 * r
+    return held + (r * n_hidden * itemsize + 32 * r if gather else 0)
 
