@@ -15,8 +15,8 @@ buffer), one kernel turns S into P = exp(v - m)·dv in place (rows' state update
 one [rows, piece] buffer and an fp32 [rows, hidden] accumulator, whatever the token count.
 
 - The reference m moves only when a piece's max exceeds it by more than TAU (exp stays in the
-  buffer's range), and then the rows that moved have acc rescaled (a kernel that touches only
-  them): almost always m is set by the first piece and never moves.
+  buffer's range), and then the rows that moved have acc rescaled (by the piece's kernel, which
+  touches only them): almost always m is set by the first piece and never moves.
 - The target's term is kept out of P (its entry is written as 0) and added in fp32 at the end:
   p_y - 1 computed as one fp32 number, not Σ p·W - W_y cancelling after P's rounding.
 - Linear epilogue steps (scale, divisor) have a constant derivative, applied to acc at the end
@@ -59,12 +59,12 @@ def _linear_factor(epi: Epilogue) -> float:
 
 
 @triton.jit
-def _piece(S, Y, M, L, EY, VY, DVY, ALPHA, stride_s, width, col0, ignore_index, tau,
-           mul, div, cap, cdiv, lin, EPI: tl.constexpr, BLOCK: tl.constexpr):
+def _piece(S, Y, M, L, EY, VY, DVY, ACC, stride_s, stride_acc, width, col0, n_hidden, ignore_index, tau,
+           mul, div, cap, cdiv, lin, EPI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
     """One row of a logits piece S[:, :width] (vocabulary columns col0...): update the row's
-    reference M, sum L, target exp EY / value VY / derivative DVY, write ALPHA (acc's rescale
-    factor, 1 when M stayed) and overwrite the piece with P = exp(v - M)·dv/lin (0 at the target
-    and in ignored rows)."""
+    reference M, sum L, target exp EY / value VY / derivative DVY, rescale its accumulator row
+    when M moved (before the piece's GEMM adds to it: same stream; no launch of its own), and
+    overwrite the piece with P = exp(v - M)·dv/lin (0 at the target and in ignored rows)."""
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     y = tl.load(Y + row)
@@ -113,20 +113,11 @@ def _piece(S, Y, M, L, EY, VY, DVY, ALPHA, stride_s, width, col0, ignore_index, 
     tl.store(EY + row, tl.load(EY + row) * alpha + tl.where(has_y, e_y, 0.0))
     tl.store(VY + row, tl.where(has_y, x_y, tl.load(VY + row)))
     tl.store(DVY + row, tl.where(has_y, d_y, tl.load(DVY + row)))
-    tl.store(ALPHA + row, alpha)
-
-
-@triton.jit
-def _rescale(ACC, ALPHA, stride_acc, n_hidden, BLOCK: tl.constexpr):
-    """acc_r *= alpha_r for the rows whose reference moved; the others are not touched."""
-    row = tl.program_id(0).to(tl.int64)
-    alpha = tl.load(ALPHA + row)
-    if alpha != 1.0:
-        for start in range(0, n_hidden, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_hidden
-            a = tl.load(ACC + row * stride_acc + cols, mask=mask)
-            tl.store(ACC + row * stride_acc + cols, a * alpha, mask=mask)
+    if alpha != 1.0:  # only rows whose reference moved (never in the first piece: alpha is 1 there)
+        for start in range(0, n_hidden, BLOCK_H):
+            hcols = start + tl.arange(0, BLOCK_H)
+            a = tl.load(ACC + row * stride_acc + hcols, mask=hcols < n_hidden)
+            tl.store(ACC + row * stride_acc + hcols, a * alpha, mask=hcols < n_hidden)
 
 
 @triton.jit
@@ -201,7 +192,7 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     width = min(n_cols, cols or COLS)
     piece_buf = hidden.new_empty(r_max * width)  # each piece viewed contiguous at its own width
     acc_buf = torch.empty(r_max * n_hidden, dtype=torch.float32, device=device)
-    state = torch.empty(6, r_max, dtype=torch.float32, device=device)
+    state = torch.empty(5, r_max, dtype=torch.float32, device=device)
     h_buf = hidden.new_empty((r_max, n_hidden)) if idx is not None else None
     tau = TAU[hidden.dtype]
     lin = _linear_factor(epi)
@@ -219,7 +210,7 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
             rows_i = idx[s:e]
             h = torch.index_select(hidden, 0, rows_i, out=h_buf[:r])
             y = labels.index_select(0, rows_i)
-        m, l, ey, vy, dvy, alpha = state[:, :r]
+        m, l, ey, vy, dvy = state[:, :r]
         m.fill_(float("-inf"))
         l.zero_()
         ey.zero_()
@@ -233,10 +224,9 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
                 torch.mm(h, w[c0:c1].t(), out=piece)
             else:
                 torch.addmm(bias[c0:c1], h, w[c0:c1].t(), out=piece)
-            _piece[(r,)](piece, y, m, l, ey, vy, dvy, alpha, piece.stride(0), c1 - c0, c0, ignore_index, tau,
-                         *epi_args, lin, EPI=epi_flags, BLOCK=block, num_warps=warps)
-            if j:
-                _rescale[(r,)](acc, alpha, acc.stride(0), n_hidden, BLOCK=block_h)
+            _piece[(r,)](piece, y, m, l, ey, vy, dvy, acc, piece.stride(0), acc.stride(0), c1 - c0, c0, n_hidden,
+                         ignore_index, tau, *epi_args, lin, EPI=epi_flags, BLOCK=block, BLOCK_H=block_h,
+                         num_warps=warps)
             _accumulate(acc, piece, w[c0:c1], first=j == 0)
         if idx is None:
             loss_c, lse_c, dh_c = loss[s:e], lse[s:e], dh[s:e]
@@ -259,6 +249,6 @@ def peak_bytes(n_rows: int, n_cols: int, n_hidden: int, itemsize: int, gather: b
     the row state and, when ignored rows are dropped (`gather`), the gathered rows (and per block
     the indices and per-row results of the gathered rows, a few bytes per row)."""
     r = min(n_rows, rows or ROWS)
-    held = r * min(n_cols, cols or COLS) * itemsize + r * n_hidden * 4 + 6 * 4 * r
+    held = r * min(n_cols, cols or COLS) * itemsize + r * n_hidden * 4 + 5 * 4 * r
     return held + (r * n_hidden * itemsize + 32 * r if gather else 0)
 
