@@ -71,6 +71,30 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested, siblings):
     assert "lora_linear_4bit" in code and "torch.ops.bitsandbytes" not in code
 
 
+@pytest.mark.parametrize("siblings", [False, True])
+def test_opaque_dequant_under_inductor(siblings, monkeypatch):
+    """FOAK_OPAQUE_DEQUANT: the inlined 4-bit ops call the dequant as an opaque op, which the
+    compiled step runs through Python (the inlined launch does not); results equal eager's."""
+    pytest.importorskip("bitsandbytes")
+    from foak_compile.kernels import bnb4
+    from foak_compile.ops import dequant
+    from tests.test_lora_pattern import peft_llama
+    monkeypatch.setattr(dequant, "OPAQUE", True)
+    model = peft_llama(torch.bfloat16, layers=1, quantize=dict(quant_type="nf4", nested=True)).cuda()
+    inputs = {k: v.cuda() for k, v in batch(model, seq=29).items()}
+    ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), inputs)
+    patterns = ["lora", "lora_siblings"] if siblings else ["lora"]
+    be = foak_compile.backend(inner="inductor", patterns=patterns)
+    step = torch.compile(model, backend=be)
+    loss, grads = loss_and_grads(model, inputs, call=step)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    calls = []
+    real = bnb4.dequantize_4bit
+    monkeypatch.setattr(bnb4, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    step(**inputs).loss.backward()  # compiled already: only the opaque op's body calls the launcher
+    assert calls
+
+
 def test_linear_ce_compacts_on_cuda_only_after_a_call_that_ignored_many_rows(monkeypatch):
     """The row compaction's host sync is taken only when the previous call's (asynchronously
     copied) ignored share was ≥ COMPACT_MIN_IGNORED; every decision gives torch's numbers."""
