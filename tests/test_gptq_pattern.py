@@ -217,3 +217,17 @@ def test_gptq_near_misses_are_left_alone_and_reported(name):
                                  context=(lambda m: m.disable_adapter()) if name == "adapters disabled" else None)
     assert lora_counts(be) == 0
     assert any(reason in r for r in lora_misses(be)), lora_misses(be)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gptq_siblings_are_grouped_and_exact(family):
+    """q/k/v and gate/up over GPTQ bases: one stacked-weight op each (Qwen2: q/k/v with frozen
+    biases), loss and LoRA grads as eager's."""
+    model = with_lora(quantized(family))
+    be = compare_with_eager(model, batch(model), patterns=["lora", "lora_siblings"], rtol=1e-5, atol=1e-5)
+    counts = foak_compile.total_counts(be.reports)
+    assert counts.get("lora") == len(PROJECTIONS) and counts.get("lora_siblings") == 2, counts
+    variants = [m.variant for r in be.reports for m in r.matches if m.pattern == "lora_siblings"]
+    assert variants == ["3 GPTQ siblings, one stacked weight (q_proj, k_proj, v_proj)",
+                        "2 GPTQ siblings, one stacked weight (gate_proj, up_proj)"], variants
+    assert "lora_linear_gptq_siblings" in be.reports[0].code_after

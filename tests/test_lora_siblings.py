@@ -43,6 +43,52 @@ def test_op_matches_float64_reference(dtype):
         assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, True), (8, -1, False), (2, 64, False)])
+def test_gptq_op_matches_float64_reference(dtype, bits, group_size, act_order):
+    """lora_linear_gptq_siblings: three GPTQ bases (odd widths, one with a frozen bias) stacked side by
+    side; y (split per layer), dx, dA, dB against float64 over the weights as the layers compute with them."""
+    from tests.test_gptq_kernel import _gptq_layer
+    n_in = 96
+    outs = [int(torch.randint(3, 50, ())) for _ in range(3)]
+    ranks = [int(torch.randint(1, 9, ())) for _ in range(3)]
+    layers = [_gptq_layer(n_in, o, bits, group_size, act_order, seed=int(torch.randint(0, 1000, ())))
+              for o in outs]
+    quant = [[layer[i] for layer in layers] for i in range(4)]  # qweights, qzeros, scales, g_idxs
+    weights = [layer[4].to(torch.float16).to(dtype).double().t() for layer in layers]  # [out, in], as computed
+    x = torch.randn(2, 11, n_in, dtype=dtype, requires_grad=True)
+    bias = [None, torch.randn(outs[1], dtype=dtype), None]
+    a = [(torch.randn(r, n_in) / n_in**0.5).requires_grad_() for r in ranks]
+    b = [torch.randn(o, r).requires_grad_() for o, r in zip(outs, ranks)]
+    s = [float(torch.rand(())) * 4 for _ in range(3)]
+    y, t = torch.ops.foak.lora_linear_gptq_siblings(x, *quant, bias, a, b, s, bits, 2, dtype, dtype)
+    assert y.shape == (2, 11, sum(outs)) and t.shape == (2, 11, sum(ranks)) and y.dtype == dtype
+    d = lambda v: v.detach().double().requires_grad_(v.requires_grad)  # noqa: E731
+    x64, a64, b64 = d(x), [d(v) for v in a], [d(v) for v in b]
+    ref = [F.linear(x64, wi, None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
+           for wi, bi, ai, bj, si in zip(weights, bias, a64, b64, s)]
+    ys = torch.split(y, outs, dim=-1)
+    for yi, r in zip(ys, ref):
+        assert _rel(yi, r) < TOL[dtype]
+    dys = [torch.randn_like(r) for r in ref]
+    got = torch.autograd.grad(ys, [x] + a + b, [g.to(dtype) for g in dys])
+    want = torch.autograd.grad(ref, [x64] + a64 + b64, dys)
+    for name, g, r, like in zip(["x"] + ["A"] * 3 + ["B"] * 3, got, want, [x] + a + b):
+        assert g.dtype == like.dtype, name
+        assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
+
+
+def test_gptq_op_fake_impl_and_autograd_match_real():
+    from tests.test_gptq_kernel import _gptq_layer
+    layers = [_gptq_layer(64, o, 4, 32, False, seed=o) for o in (24, 40)]
+    quant = [[layer[i] for layer in layers] for i in range(4)]
+    args = (torch.randn(3, 64, requires_grad=True), *quant, [None, torch.randn(40)],
+            [torch.randn(4, 64, requires_grad=True) for _ in range(2)],
+            [torch.randn(o, 4, requires_grad=True) for o in (24, 40)], [0.5, 2.0], 4, 2, torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.foak.lora_linear_gptq_siblings.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def test_op_rejects_a_lone_layer_and_mismatched_shapes():
     x = torch.randn(4, 8)
     w, a, b = torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)

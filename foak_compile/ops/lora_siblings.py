@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import gptq
 from . import dequant
 from .registry import fused_op, register_fake
 
@@ -183,15 +184,21 @@ def lora_linear_4bit_siblings(x: torch.Tensor, qweights: list[torch.Tensor], abs
     """[y, t]: y = the siblings' outputs side by side [..., Σout], t = x·[ΣA_i]ᵀ [..., Σr].
     weight_shapes: (out, in) of each sibling, flattened."""
     shapes, cdt = _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes), compute_dtype
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     w = _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
                         nested_blocksize, shapes, cdt)
+    return _stacked_forward(x, w.t(), biases, lora_a, lora_b, scalings, shapes, cdt, out_dtype)
+
+
+def _stacked_forward(x, w_in_out, biases, lora_a, lora_b, scalings, shapes, cdt, out_dtype):
+    """[y, t] of siblings over one stacked base weight given as [in, Σout] (a view for bitsandbytes'
+    [Σout, in] rows, GPTQ's own layout)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     if all(b is None for b in biases):
-        y = torch.mm(x2, w.t())
+        y = torch.mm(x2, w_in_out)
     else:  # zeros for the unbiased: one rounding for GEMM + bias, as addmm per layer
         bias = torch.cat([b.to(cdt) if b is not None else x2.new_zeros(o) for b, (o, _) in zip(biases, shapes)])
-        y = torch.addmm(bias, x2, w.t())
+        y = torch.addmm(bias, x2, w_in_out)
     t = torch.mm(x2, torch.cat([a.to(cdt) for a in lora_a]).t())
     start, rs = 0, 0
     for (o, _), a, b, s in zip(shapes, lora_a, lora_b, scalings):
@@ -221,7 +228,16 @@ def lora_linear_4bit_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweigh
                                        weight_shapes: list[int], compute_dtype: torch.dtype,
                                        need_x: bool) -> list[torch.Tensor]:
     """[dx (empty unless need_x), dA_1..dA_k, dB_1..dB_k] from the stacked output's gradient."""
-    shapes, cdt = _pairs(weight_shapes), compute_dtype
+    shapes = _pairs(weight_shapes)
+
+    def weight_in_out():
+        return _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
+                               nested_blocksize, shapes, compute_dtype).t()
+    return _stacked_backward(dy, x, weight_in_out, lora_a, lora_b, t, scalings, shapes, compute_dtype, need_x)
+
+
+def _stacked_backward(dy, x, weight_in_out, lora_a, lora_b, t, scalings, shapes, cdt, need_x):
+    """The backward of _stacked_forward; weight_in_out() dequantises the [in, Σout] weight again."""
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
     ends = list(itertools.accumulate(o for o, _ in shapes))
@@ -229,10 +245,8 @@ def lora_linear_4bit_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweigh
     dt, das, dbs = _adapter_grads(pieces, x2, t, lora_a, lora_b, scalings, cdt)
     dx = x.new_empty(0)
     if need_x:
-        w = _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
-                            nested_blocksize, shapes, cdt)
         dx2 = torch.mm(dt, torch.cat([a.to(cdt) for a in lora_a]))
-        dx2.addmm_(dy2, w)  # every base's share in one GEMM against the stacked weight
+        dx2.addmm_(dy2, weight_in_out().t())  # every base's share in one GEMM against the stacked weight
         dx = dx2.view(x.shape).to(x.dtype)
     return [dx] + das + dbs
 
@@ -280,3 +294,97 @@ def _backward_4bit(ctx, grads):
 
 
 lora_linear_4bit_siblings.register_autograd(_backward_4bit, setup_context=_setup_4bit)
+
+
+# --- GPTQ bases: one stacked weight in GPTQ's [in, out] layout -----------------------------------
+
+def _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, cdt):
+    """The siblings' dequantised weights side by side, [in, Σout] (kernels/gptq.py writes each at its
+    column offset), and their (out, in) shapes."""
+    dims = [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
+    if len({i for i, _ in dims}) != 1:
+        raise ValueError(f"lora_linear_gptq_siblings: in_features differ: {[i for i, _ in dims]}")
+    w = torch.empty(dims[0][0], sum(o for _, o in dims), dtype=cdt, device=qweights[0].device)
+    col = 0
+    for q, z, s, g, (_, o) in zip(qweights, qzeros, scales, g_idxs, dims):
+        gptq.dequantize(q, z, s, g, bits, cdt, zero_format, out=w, out_col=col)
+        col += o
+    return w, [(o, i) for i, o in dims]
+
+
+def _gptq_shapes(x, qweights, qzeros, scales, g_idxs, biases, lora_a, lora_b, scalings, bits, zero_format):
+    dims = [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
+    shapes = [(o, i) for i, o in dims]
+    return _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, [v for shape in shapes for v in shape])
+
+
+@fused_op("foak::lora_linear_gptq_siblings")
+def lora_linear_gptq_siblings(x: torch.Tensor, qweights: list[torch.Tensor], qzeros: list[torch.Tensor],
+                              scales: list[torch.Tensor], g_idxs: list[torch.Tensor],
+                              biases: list[Optional[torch.Tensor]], lora_a: list[torch.Tensor],
+                              lora_b: list[torch.Tensor], scalings: list[float], bits: int, zero_format: int,
+                              compute_dtype: torch.dtype, out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """[y, t] as lora_linear_4bit_siblings, over GPTQ bases (ops/lora_gptq.py's tensors per sibling):
+    the weights dequantised side by side into one [in, Σout] buffer, one GEMM each way."""
+    shapes = _gptq_shapes(x, qweights, qzeros, scales, g_idxs, biases, lora_a, lora_b, scalings, bits, zero_format)
+    w, _ = _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, compute_dtype)
+    return _stacked_forward(x, w, biases, lora_a, lora_b, scalings, shapes, compute_dtype, out_dtype)
+
+
+def _fake_gptq(x, qweights, qzeros, scales, g_idxs, biases, lora_a, lora_b, scalings, bits, zero_format,
+               compute_dtype, out_dtype):
+    shapes = _gptq_shapes(x, qweights, qzeros, scales, g_idxs, biases, lora_a, lora_b, scalings, bits, zero_format)
+    lead = x.shape[:-1]
+    return [x.new_empty(*lead, sum(o for o, _ in shapes), dtype=out_dtype),
+            x.new_empty(*lead, sum(a.shape[0] for a in lora_a), dtype=compute_dtype)]
+
+
+register_fake(lora_linear_gptq_siblings, _fake_gptq)
+
+
+@fused_op("foak::lora_linear_gptq_siblings_backward")
+def lora_linear_gptq_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweights: list[torch.Tensor],
+                                       qzeros: list[torch.Tensor], scales: list[torch.Tensor],
+                                       g_idxs: list[torch.Tensor], lora_a: list[torch.Tensor],
+                                       lora_b: list[torch.Tensor], t: torch.Tensor, scalings: list[float], bits: int,
+                                       zero_format: int, compute_dtype: torch.dtype,
+                                       need_x: bool) -> list[torch.Tensor]:
+    """[dx (empty unless need_x), dA_1..dA_k, dB_1..dB_k]; the weights dequantised again for dx."""
+    dims = [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
+    shapes = [(o, i) for i, o in dims]
+
+    def weight_in_out():
+        return _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, compute_dtype)[0]
+    return _stacked_backward(dy, x, weight_in_out, lora_a, lora_b, t, scalings, shapes, compute_dtype, need_x)
+
+
+def _backward_gptq_fake(dy, x, qweights, qzeros, scales, g_idxs, lora_a, lora_b, t, scalings, bits, zero_format,
+                        compute_dtype, need_x):
+    return [x.new_empty(x.shape) if need_x else x.new_empty(0)] + [a.new_empty(a.shape) for a in lora_a] + \
+        [b.new_empty(b.shape) for b in lora_b]
+
+
+register_fake(lora_linear_gptq_siblings_backward, _backward_gptq_fake)
+
+
+def _setup_gptq(ctx, inputs, output):
+    x, qweights, qzeros, scales, g_idxs, biases, a, b, scalings, bits, zero_format, cdt, _ = inputs
+    ctx.k = len(qweights)
+    ctx.save_for_backward(x, output[1], *qweights, *qzeros, *scales, *g_idxs, *a, *b)
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (list(scalings), bits, zero_format, cdt)
+    ctx.none_grads = [_leaf_grads(v) for v in (qweights, qzeros, scales, g_idxs, biases)]
+
+
+def _backward_gptq(ctx, grads):
+    k = ctx.k
+    x, t, *rest = ctx.saved_tensors
+    q, z, s, g, a, b = (list(rest[i * k:(i + 1) * k]) for i in range(6))
+    scalings, bits, zero_format, cdt = ctx.args
+    out = torch.ops.foak.lora_linear_gptq_siblings_backward(grads[0], x, q, z, s, g, a, b, t, scalings, bits,
+                                                            zero_format, cdt, ctx.needs_input_grad[0])
+    dx = out[0] if ctx.needs_input_grad[0] else None
+    return (dx, *ctx.none_grads, list(out[1:1 + k]), list(out[1 + k:]), None, None, None, None, None)
+
+
+lora_linear_gptq_siblings.register_autograd(_backward_gptq, setup_context=_setup_gptq)

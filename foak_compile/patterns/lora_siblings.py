@@ -1,12 +1,12 @@
 """LoRA siblings: fused LoRA layers that read the same input (q/k/v, gate/up) → one
 torch.ops.foak.lora_linear_siblings call (ops/lora_siblings.py).
 
-Runs on what the `lora` pattern left: `torch.ops.foak.lora_linear` (dense) and
-`lora_linear_4bit` (bitsandbytes) calls. Siblings are grouped when they share the input node
-and the kind of base (dense of one dtype; or 4-bit of one quant type, block sizes, double
-quantisation and compute dtype), the output dtype, and have no LoRA dropout (each layer draws
-its own mask) and no trained base bias. A 4-bit group becomes one stacked-weight op whose
-output the graph splits per layer. In the default set since its H100 measurement (1B LoRA step,
+Runs on what the `lora` pattern left: `torch.ops.foak.lora_linear` (dense), `lora_linear_4bit`
+(bitsandbytes) and `lora_linear_gptq` calls. Siblings are grouped when they share the input node
+and the kind of base (dense of one dtype; 4-bit of one quant type, block sizes, double
+quantisation and compute dtype; GPTQ of one bit width, zero format, scales and compute dtype),
+the output dtype, and have no LoRA dropout (each layer draws its own mask) and no trained base
+bias. A 4-bit or GPTQ group becomes one stacked-weight op whose output the graph splits per layer. In the default set since its H100 measurement (1B LoRA step,
 bf16: +2.8-4.4 % tokens/s, same memory; README "Sibling LoRA layers").
 """
 import operator
@@ -23,9 +23,12 @@ _LORA = torch.ops.foak.lora_linear.default
 _LORA4 = torch.ops.foak.lora_linear_4bit.default
 _SIBLINGS = torch.ops.foak.lora_linear_siblings.default
 _SIBLINGS4 = torch.ops.foak.lora_linear_4bit_siblings.default
+_LORAG = torch.ops.foak.lora_linear_gptq.default
+_SIBLINGSG = torch.ops.foak.lora_linear_gptq_siblings.default
 # argument positions: (x, weight | qweight, ..., bias, A, B, scaling, dropout_p, ..., out_dtype)
 _POS = {_LORA: dict(n=8, bias=2, a=3, b=4, scaling=5, p=6),
-        _LORA4: dict(n=17, bias=6, a=7, b=8, scaling=9, p=10)}
+        _LORA4: dict(n=17, bias=6, a=7, b=8, scaling=9, p=10),
+        _LORAG: dict(n=14, bias=5, a=6, b=7, scaling=8, p=9)}
 
 
 def _lora_output(call: Node) -> Optional[Node]:
@@ -37,7 +40,7 @@ def _lora_output(call: Node) -> Optional[Node]:
 
 
 def _calls(x: Node) -> list:
-    """x's lora_linear / lora_linear_4bit users, in graph order."""
+    """x's lora_linear / lora_linear_4bit / lora_linear_gptq users, in graph order."""
     calls = [u for u in x.users if u.op == "call_function" and u.target in _POS and u.args and u.args[0] is x]
     if len(calls) < 2:
         return calls
@@ -88,6 +91,8 @@ class LoraSiblingsPattern(Pattern):
             def replace(g):
                 return g.call_function(_SIBLINGS, args)
             return Candidate(nodes, outs, replace, f"{len(calls)} siblings ({', '.join(names)})")
+        if calls[0].target is _LORAG:
+            return _gptq_group(x, calls, outs, nodes, names, scalings, pos)
         # 4-bit: one quantisation setup, double quantisation for all or none
         kinds = {(c.args[11], c.args[12], c.args[13], c.args[15], c.args[16], c.args[3] is None) for c in calls}
         if len(kinds) != 1:
@@ -107,6 +112,30 @@ class LoraSiblingsPattern(Pattern):
             return g.call_function(torch.split, (y, widths, dim))  # the engine takes each layer's piece
         return Candidate(nodes, outs, replace4, f"{len(calls)} 4-bit siblings, one stacked weight "
                                                 f"({', '.join(names)})")
+
+
+def _gptq_group(x, calls, outs, nodes, names, scalings, pos) -> Candidate:
+    """GPTQ siblings: one bit width, zero-point format, compute and output dtype and scales dtype
+    (the weights are rounded through the scales' dtype); one stacked [in, Σout] weight."""
+    quant = [_column(calls, i) for i in (1, 2, 3, 4)]  # qweight, qzeros, scales, g_idx
+    tensors = [[value(n) for n in col] for col in quant]
+    if any(t is None for col in tensors for t in col):
+        raise Reject("a GPTQ sibling's packed tensors have no recorded value")
+    kinds = {(c.args[10], c.args[11], c.args[12], c.args[13], s.dtype) for c, s in zip(calls, tensors[2])}
+    if len(kinds) != 1:
+        raise Reject("GPTQ siblings differ in bits, zero-point format, scales dtype or dtypes")
+    n_in = {g.shape[0] for g in tensors[3]} | {value(x).shape[-1]}
+    if len(n_in) != 1:
+        raise Reject(f"GPTQ siblings' in_features {sorted(n_in)} differ from each other or from the input")
+    args = (x, *quant, _column(calls, pos["bias"]), _column(calls, pos["a"]), _column(calls, pos["b"]),
+            scalings, *calls[0].args[10:14])
+    widths, dim = [s.shape[1] for s in tensors[2]], value(x).dim() - 1
+
+    def replace(g):
+        call = g.call_function(_SIBLINGSG, args)
+        y = g.call_function(operator.getitem, (call, 0))
+        return g.call_function(torch.split, (y, widths, dim))
+    return Candidate(nodes, outs, replace, f"{len(calls)} GPTQ siblings, one stacked weight ({', '.join(names)})")
 
 
 def _column(calls: list, i: int) -> list:
