@@ -224,6 +224,8 @@ def test_live_memory_is_what_peak_bytes_says(dtype):
     assert peaks[1] <= peaks[0] * 1.1 + 2**20
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny models run on the CPU, where a GPU box has no "
+                                                    "Triton interpreter: the op takes its torch path")
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_lora_loss_only_step_through_the_online_path(family, small_tiles):
     """A LoRA model (frozen lm_head) compiled with backend="foak", loss only: linear_cross_entropy

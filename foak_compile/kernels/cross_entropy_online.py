@@ -34,13 +34,15 @@ import triton.language as tl
 from .common import cast, use_triton
 from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
-# Off until measured on a GPU against the chunked path (benchmarks/bench_cross_entropy.py --online-sweep):
-# FOAK_LCE_ONLINE=1 or setting ENABLED picks it for every call it can serve.
+# Opt-in (FOAK_LCE_ONLINE=1, or ENABLED): measured at 4096 tokens it takes 1/3-1/6 of the chunked path's
+# memory for 3-28 % more time (README "Linear + cross-entropy"), so the chunked path stays the default.
 ENABLED = os.environ.get("FOAK_LCE_ONLINE", "0") == "1"
-# Tiles: at hidden 2048, bf16, 1024 × 4096 keep ~20 MB live (piece 8, accumulator 8, gathered rows 4)
-# against ~50 MB for Liger's whole loss at 4096 tokens; the sweep (--online-sweep) picks the final ones.
+# Tiles, from the H200 sweep (bench_cross_entropy --online-sweep, 4096 tokens, frozen, bf16): wider pieces
+# are faster (fewer GEMM pairs and launches: 1024 rows × 2048 / 4096 / 8192 columns took 26.0 / 13.2 /
+# 8.1 ms at 128256 × 2048), more rows too (2048 × 8192: 6.0 ms), at more memory (0.031 / 0.035 / 0.043,
+# 0.070 GB, dh included). 1024 × 8192 is the fastest that stays under Liger's peak in every measured shape.
 ROWS = 1024    # rows per block: M of both GEMMs, and the fp32 accumulator's height
-COLS = 4096    # vocabulary columns per piece: N of the logits GEMM, K of the dh GEMM
+COLS = 8192    # vocabulary columns per piece: N of the logits GEMM, K of the dh GEMM
 # How far a piece's max may exceed the reference before it moves: exp(TAU) must fit the piece's dtype
 # (P is stored there; the sums L and acc are fp32): e^20 ≈ 5e8 for bf16/fp32, e^8 ≈ 3e3 < 65504 for fp16.
 TAU = {torch.float32: 20.0, torch.bfloat16: 20.0, torch.float16: 8.0}

@@ -7,7 +7,9 @@ launch for every projection, forward and backward: the NF4 step's first call too
 inductor's where bf16's took ~0.95× (benchmarks/notes.md §7). Called through one of these ops the
 dequant is one opaque node per weight (per sibling group: one for the stacked weight) that
 inductor calls as an extern kernel. It costs a Python dispatch per call (~20 µs), which CUDA graphs
-hide. Off by default until the train-step benchmark (variants *_opq) has measured both.
+hide. Measured (H200, NF4 1B step, session 6, untagged): first step 99.9 s against inductor's
+88.7 (1.13×; inlined launches 116.5 s, 1.31×) but 32.0k tokens/s against 51.3k inlined and 11.2 GiB
+against 9.39: off by default. The tag below is the first fix to measure (session9.sh).
 """
 import os
 from typing import Optional
@@ -19,7 +21,13 @@ from ..kernels import bnb4
 OPAQUE = os.environ.get("FOAK_OPAQUE_DEQUANT", "0") == "1"
 
 
-@torch.library.custom_op("foak::dequantize_4bit", mutates_args=())
+# Tagged like the seeded ops so that no pass can deduplicate the forward's and the backward's dequant of
+# one weight into a single node whose output is then kept for backward: the suspected cause (not yet
+# checked) of the +1.8 GiB measured untagged in session 6, about the step's dequantised weights.
+_TAGS = (torch.Tag.nondeterministic_seeded,)
+
+
+@torch.library.custom_op("foak::dequantize_4bit", mutates_args=(), tags=_TAGS)
 def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                     nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], quant_type: str,
                     blocksize: int, nested_blocksize: int, weight_shape: list[int],
@@ -35,7 +43,7 @@ def _(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize
     return qweight.new_empty(weight_shape, dtype=dtype)
 
 
-@torch.library.custom_op("foak::dequantize_4bit_stacked", mutates_args=())
+@torch.library.custom_op("foak::dequantize_4bit_stacked", mutates_args=(), tags=_TAGS)
 def dequantize_4bit_stacked(qweights: list[torch.Tensor], absmaxes: list[torch.Tensor],
                             nested_absmaxes: list[Optional[torch.Tensor]], nested_codes: list[Optional[torch.Tensor]],
                             offsets: list[Optional[torch.Tensor]], quant_type: str, blocksize: int,

@@ -160,16 +160,16 @@ def _pairs(flat):
     return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
-def _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes):
+def _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes, name="lora_linear_4bit_siblings"):
     """The siblings' (out, in) shapes, after checking they chain with x, A, B and the biases."""
     shapes = _pairs(weight_shapes)
     k = len(shapes)
     if k < 2 or not (len(qweights) == len(biases) == len(lora_a) == len(lora_b) == len(scalings) == k):
-        raise ValueError("lora_linear_4bit_siblings: at least two siblings, one of each argument")
+        raise ValueError(f"{name}: at least two siblings, one of each argument")
     for (o, i), bias, a, b in zip(shapes, biases, lora_a, lora_b):
         if i != x.shape[-1] or a.shape[1] != i or tuple(b.shape) != (o, a.shape[0]) or \
                 (bias is not None and tuple(bias.shape) != (o,)):
-            raise ValueError(f"lora_linear_4bit_siblings: shapes do not chain: x {tuple(x.shape)}, W ({o}, {i}), "
+            raise ValueError(f"{name}: shapes do not chain: x {tuple(x.shape)}, W ({o}, {i}), "
                              f"A {tuple(a.shape)}, B {tuple(b.shape)}")
     return shapes
 
@@ -301,9 +301,7 @@ lora_linear_4bit_siblings.register_autograd(_backward_4bit, setup_context=_setup
 def _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, cdt):
     """The siblings' dequantised weights side by side, [in, Σout] (kernels/gptq.py writes each at its
     column offset), and their (out, in) shapes."""
-    dims = [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
-    if len({i for i, _ in dims}) != 1:
-        raise ValueError(f"lora_linear_gptq_siblings: in_features differ: {[i for i, _ in dims]}")
+    dims = _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format)
     w = torch.empty(dims[0][0], sum(o for _, o in dims), dtype=cdt, device=qweights[0].device)
     col = 0
     for q, z, s, g, (_, o) in zip(qweights, qzeros, scales, g_idxs, dims):
@@ -312,10 +310,18 @@ def _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, cdt):
     return w, [(o, i) for i, o in dims]
 
 
+def _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format):
+    """(in, out) of each sibling's GPTQ tensors (kernels/gptq.check), one set per sibling."""
+    if not len(qweights) == len(qzeros) == len(scales) == len(g_idxs):
+        raise ValueError("lora_linear_gptq_siblings: one qweight, qzeros, scales and g_idx per sibling")
+    return [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
+
+
 def _gptq_shapes(x, qweights, qzeros, scales, g_idxs, biases, lora_a, lora_b, scalings, bits, zero_format):
-    dims = [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
-    shapes = [(o, i) for i, o in dims]
-    return _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, [v for shape in shapes for v in shape])
+    """The siblings' (out, in); _check_4bit also checks every in_features is x's last dim."""
+    shapes = [(o, i) for i, o in _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format)]
+    return _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, [v for shape in shapes for v in shape],
+                       name="lora_linear_gptq_siblings")
 
 
 @fused_op("foak::lora_linear_gptq_siblings")
@@ -350,8 +356,7 @@ def lora_linear_gptq_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweigh
                                        zero_format: int, compute_dtype: torch.dtype,
                                        need_x: bool) -> list[torch.Tensor]:
     """[dx (empty unless need_x), dA_1..dA_k, dB_1..dB_k]; the weights dequantised again for dx."""
-    dims = [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
-    shapes = [(o, i) for i, o in dims]
+    shapes = [(o, i) for i, o in _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format)]
 
     def weight_in_out():
         return _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, compute_dtype)[0]
