@@ -229,6 +229,21 @@ def kernel_sweep(copy_gbs):
     return out
 
 
+def _kernel_ms_and_peak(fn):
+    """(median ms, peak bytes above what was allocated before) of a kernel-level call, warmed up once."""
+    fn()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    res = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del res
+    return bench_ms(fn, warmup=1, reps=3), peak
+
+
 def chunk_sweep():
     """The fused forward+gradients (kernel level: all the work but the backward's scaling) per
     chunk size; peak above the inputs, i.e. the gradients plus the chunk and its temporaries."""
@@ -250,17 +265,7 @@ def chunk_sweep():
                             def fn():
                                 return kernel.linear_cross_entropy_forward_backward(
                                     h, w, None, y, -100, 0.0, scale, True, not frozen, False)
-                            fn()
-                            gc.collect()
-                            torch.cuda.synchronize()
-                            torch.cuda.empty_cache()
-                            base = torch.cuda.memory_allocated()
-                            torch.cuda.reset_peak_memory_stats()
-                            res = fn()
-                            torch.cuda.synchronize()
-                            peak = torch.cuda.max_memory_allocated() - base
-                            del res
-                            ms = bench_ms(fn, warmup=1, reps=3)
+                            ms, peak = _kernel_ms_and_peak(fn)
                             out.append({"tokens": n, "vocab": v, "hidden": hdim, "weight_grad": not frozen,
                                         "chunk_rows": kernel.chunk_rows(n, v, hdim), "default": rows is None,
                                         "compact": compact, "ms": round(ms, 2),
@@ -296,17 +301,7 @@ def online_sweep(tokens, vocabs, hiddens):
                         def fn():
                             return kernel.linear_cross_entropy_forward_backward(
                                 h, w, None, y, -100, 0.0, scale, True, False, False, online=rows is not None)
-                        fn()
-                        gc.collect()
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-                        base = torch.cuda.memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                        res = fn()
-                        torch.cuda.synchronize()
-                        peak = torch.cuda.max_memory_allocated() - base
-                        del res
-                        ms = bench_ms(fn, warmup=1, reps=3)
+                        ms, peak = _kernel_ms_and_peak(fn)
                         out.append({"tokens": n, "vocab": v, "hidden": hdim,
                                     "path": "chunked" if rows is None else "online", "rows": rows, "cols": cols,
                                     "ms": round(ms, 2), "peak_gb": round(peak / 2**30, 3)})

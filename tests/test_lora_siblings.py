@@ -29,16 +29,21 @@ def test_op_matches_float64_reference(dtype):
     b = [torch.randn(o, r).requires_grad_() for o, r in zip(outs, ranks)]
     s = [float(torch.rand(())) * 4 for _ in range(3)]
     ys = torch.ops.foak.lora_linear_siblings(x, w, bias, a, b, s, dtype)[:3]
+    _check_vs_float64(ys, x, [wi.double() for wi in w], bias, a, b, s, dtype)
+
+
+def _check_vs_float64(ys, x, weights64, bias, a, b, s, dtype):
+    """Each sibling's y, and dx, dA, dB through all of them, against float64 LoRA layers."""
     d = lambda t: t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
     x64, a64, b64 = d(x), [d(t) for t in a], [d(t) for t in b]
-    ref = [F.linear(x64, wi.double(), None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
-           for wi, bi, ai, bj, si in zip(w, bias, a64, b64, s)]
+    ref = [F.linear(x64, wi, None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
+           for wi, bi, ai, bj, si in zip(weights64, bias, a64, b64, s)]
     for y, r in zip(ys, ref):
         assert y.dtype == dtype and _rel(y, r) < TOL[dtype]
     dys = [torch.randn_like(r) for r in ref]
     got = torch.autograd.grad(ys, [x] + a + b, [g.to(dtype) for g in dys])
     want = torch.autograd.grad(ref, [x64] + a64 + b64, dys)
-    for name, g, r, like in zip(["x"] + ["A"] * 3 + ["B"] * 3, got, want, [x] + a + b):
+    for name, g, r, like in zip(["x"] + ["A"] * len(a) + ["B"] * len(b), got, want, [x] + a + b):
         assert g.dtype == like.dtype, name
         assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
 
@@ -63,19 +68,7 @@ def test_gptq_op_matches_float64_reference(dtype, bits, group_size, act_order):
     s = [float(torch.rand(())) * 4 for _ in range(3)]
     y, t = torch.ops.foak.lora_linear_gptq_siblings(x, *quant, bias, a, b, s, bits, 2, dtype, dtype)
     assert y.shape == (2, 11, sum(outs)) and t.shape == (2, 11, sum(ranks)) and y.dtype == dtype
-    d = lambda v: v.detach().double().requires_grad_(v.requires_grad)  # noqa: E731
-    x64, a64, b64 = d(x), [d(v) for v in a], [d(v) for v in b]
-    ref = [F.linear(x64, wi, None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
-           for wi, bi, ai, bj, si in zip(weights, bias, a64, b64, s)]
-    ys = torch.split(y, outs, dim=-1)
-    for yi, r in zip(ys, ref):
-        assert _rel(yi, r) < TOL[dtype]
-    dys = [torch.randn_like(r) for r in ref]
-    got = torch.autograd.grad(ys, [x] + a + b, [g.to(dtype) for g in dys])
-    want = torch.autograd.grad(ref, [x64] + a64 + b64, dys)
-    for name, g, r, like in zip(["x"] + ["A"] * 3 + ["B"] * 3, got, want, [x] + a + b):
-        assert g.dtype == like.dtype, name
-        assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
+    _check_vs_float64(torch.split(y, outs, dim=-1), x, weights, bias, a, b, s, dtype)
 
 
 def test_gptq_op_fake_impl_and_autograd_match_real():
