@@ -6,8 +6,9 @@ Runs on what the `lora` pattern left: `torch.ops.foak.lora_linear` (dense), `lor
 and the kind of base (dense of one dtype; 4-bit of one quant type, block sizes, double
 quantisation and compute dtype; GPTQ of one bit width, zero format, scales and compute dtype),
 the output dtype, and have no LoRA dropout (each layer draws its own mask) and no trained base
-bias. A 4-bit or GPTQ group becomes one stacked-weight op whose output the graph splits per layer. In the default set since its H100 measurement (1B LoRA step,
-bf16: +2.8-4.4 % tokens/s, same memory; README "Sibling LoRA layers").
+bias. A 4-bit or GPTQ group becomes one stacked-weight op whose output the graph splits per
+layer. In the default set since its H100 measurement (1B LoRA step, bf16: +2.8-4.4 % tokens/s,
+same memory; README "Sibling LoRA layers").
 """
 import operator
 from typing import Optional
@@ -124,9 +125,9 @@ def _gptq_group(x, calls, outs, nodes, names, scalings, pos) -> Candidate:
     kinds = {(c.args[10], c.args[11], c.args[12], c.args[13], s.dtype) for c, s in zip(calls, tensors[2])}
     if len(kinds) != 1:
         raise Reject("GPTQ siblings differ in bits, zero-point format, scales dtype or dtypes")
-    n_in = {g.shape[0] for g in tensors[3]} | {value(x).shape[-1]}
-    if len(n_in) != 1:
-        raise Reject(f"GPTQ siblings' in_features {sorted(n_in)} differ from each other or from the input")
+    n_in = [g.shape[0] for g in tensors[3]]
+    if any(i != value(x).shape[-1] for i in n_in):  # compared, not hashed: sizes may be symbolic
+        raise Reject(f"GPTQ siblings' in_features {n_in} do not all equal the input's {value(x).shape[-1]}")
     args = (x, *quant, _column(calls, pos["bias"]), _column(calls, pos["a"]), _column(calls, pos["b"]),
             scalings, *calls[0].args[10:14])
     widths, dim = [s.shape[1] for s in tensors[2]], value(x).dim() - 1
