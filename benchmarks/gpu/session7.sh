@@ -13,5 +13,4 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cross_entropy_on
     > $OUT/cuda_tests_ce_online.txt 2>&1; tail -5 $OUT/cuda_tests_ce_online.txt
 timeout 330 python3 -m benchmarks.bench_cross_entropy --modes frozen --online-sweep --tokens 4096 \
     --out $OUT/cross_entropy_online.json 2>&1 | tail -6
-# Run in session 6 (results/session6/). Next: the new default tiles at case level, 4096 and 16384 tokens:
-#   timeout 500 python3 -m benchmarks.bench_cross_entropy --modes frozen --tokens 4096 16384 --out $OUT/ce_online2.json
+# Run in session 6 (results/session6/). Next: session7b.sh (the new default tiles at case level).

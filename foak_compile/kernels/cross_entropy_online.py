@@ -34,13 +34,15 @@ import triton.language as tl
 from .common import cast, use_triton
 from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
-# Opt-in (FOAK_LCE_ONLINE=1, or ENABLED): measured at 4096 tokens it takes 1/3-1/6 of the chunked path's
-# memory for 3-28 % more time (README "Linear + cross-entropy"), so the chunked path stays the default.
+# Opt-in (FOAK_LCE_ONLINE=1, or ENABLED; one switch, no per-shape rule yet): measured at 4096 tokens it takes
+# 1/2-1/6 of the chunked path's memory for 3-28 % more time (README "Linear + cross-entropy"), so the
+# chunked path stays the default.
 ENABLED = os.environ.get("FOAK_LCE_ONLINE", "0") == "1"
 # Tiles, from the H200 sweep (bench_cross_entropy --online-sweep, 4096 tokens, frozen, bf16): wider pieces
 # are faster (fewer GEMM pairs and launches: 1024 rows × 2048 / 4096 / 8192 columns took 26.0 / 13.2 /
 # 8.1 ms at 128256 × 2048), more rows too (2048 × 8192: 6.0 ms), at more memory (0.031 / 0.035 / 0.043,
-# 0.070 GB, dh included). 1024 × 8192 is the fastest that stays under Liger's peak in every measured shape.
+# 0.070 GB, dh included). 1024 × 8192: under Liger's peak in three of the four measured shapes, and faster
+# than inductor in three (both in the two at vocab 256000).
 ROWS = 1024    # rows per block: M of both GEMMs, and the fp32 accumulator's height
 COLS = 8192    # vocabulary columns per piece: N of the logits GEMM, K of the dh GEMM
 # How far a piece's max may exceed the reference before it moves: exp(TAU) must fit the piece's dtype

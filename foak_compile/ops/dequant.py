@@ -9,7 +9,7 @@ dequant is one opaque node per weight (per sibling group: one for the stacked we
 inductor calls as an extern kernel. It costs a Python dispatch per call (~20 µs), which CUDA graphs
 hide. Measured (H200, NF4 1B step, session 6, untagged): first step 99.9 s against inductor's
 88.7 (1.13×; inlined launches 116.5 s, 1.31×) but 32.0k tokens/s against 51.3k inlined and 11.2 GiB
-against 9.39: off by default. The tag below is the first fix to measure (session9.sh).
+against 9.39: off by default. The tag below is the first fix to measure (benchmarks/gpu/session9b.sh).
 """
 import os
 from typing import Optional

@@ -1,5 +1,5 @@
-"""torch.ops.foak.lora_linear_siblings / lora_linear_4bit_siblings: LoRA layers that read the same
-input (q/k/v, gate/up) in one op.
+"""torch.ops.foak.lora_linear_siblings / lora_linear_4bit_siblings / lora_linear_gptq_siblings: LoRA
+layers that read the same input (q/k/v, gate/up) in one op.
 
     y_i = out_dtype( x·W_iᵀ + bias_i + s_i · (x·A_iᵀ)·B_iᵀ )      for every sibling i
 
@@ -12,7 +12,9 @@ launches. Returns [y_1, ..., y_k, t] with t = x·[ΣA_i]ᵀ, [..., Σr] (what th
 Over bitsandbytes 4-bit bases (lora_linear_4bit_siblings) the base GEMMs group too: the weights
 are dequantised into the rows of one stacked [Σout, in] buffer (forward, and again in backward,
 never kept), so the bases are one GEMM each way; the op returns the stacked output [..., Σout]
-and the graph splits it per layer (a split's gradient is the stacked gradient again).
+and the graph splits it per layer (a split's gradient is the stacked gradient again). Over GPTQ
+bases (lora_linear_gptq_siblings) the same, the weights side by side in GPTQ's own [in, Σout]
+layout (kernels/gptq.py writes each at its column offset).
 
 Precision as lora_linear (ops/lora.py): every GEMM in the bases' dtype, adapters cast to it.
 """

@@ -1,5 +1,5 @@
 """Pattern families, one module each. `PATTERNS` maps the names users pass to `backend(patterns=...)`;
-`DEFAULT` is what runs when none are named (opt-in patterns are left out until measured on a GPU)."""
+`DEFAULT` is what runs when none are named (opt-in patterns: see each one's docstring for why)."""
 from .cross_entropy import CrossEntropyPattern, LinearCrossEntropyPattern
 from .lora import LoraPattern
 from .lora_siblings import LoraSiblingsPattern

@@ -1,5 +1,6 @@
 """LoRA siblings: fused LoRA layers that read the same input (q/k/v, gate/up) → one
-torch.ops.foak.lora_linear_siblings call (ops/lora_siblings.py).
+torch.ops.foak.lora_linear_siblings / lora_linear_4bit_siblings / lora_linear_gptq_siblings call
+(ops/lora_siblings.py).
 
 Runs on what the `lora` pattern left: `torch.ops.foak.lora_linear` (dense), `lora_linear_4bit`
 (bitsandbytes) and `lora_linear_gptq` calls. Siblings are grouped when they share the input node
