@@ -586,7 +586,6 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
     `online` (default: cross_entropy_online.ENABLED): a frozen lm_head's dh by the vocabulary-tiled
     online softmax of cross_entropy_online.py, where it applies."""
     check_labels(labels, weight.shape[0], ignore_index)
-    from . import cross_entropy_online as online_path  # it builds on this module's kernels
     if (online_path.ENABLED if online is None else online) and need_hidden and online_path.applicable(
             hidden, weight, label_smoothing, need_weight, need_bias and bias is not None, epi):
         labels = labels.contiguous()
@@ -609,3 +608,7 @@ def linear_cross_entropy_backward(scale: torch.Tensor, hidden: torch.Tensor, wei
     return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, lse=lse, scale=scale,
                     need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
                     chunk_elements=chunk_elements, block_v=block_v, epi=epi)
+
+
+# last: the vocabulary-tiled variant builds on this module's kernels (and is picked above)
+from . import cross_entropy_online as online_path  # noqa: E402

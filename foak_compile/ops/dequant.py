@@ -50,18 +50,19 @@ def dequantize_4bit_stacked(qweights: list[torch.Tensor], absmaxes: list[torch.T
                             nested_blocksize: int, weight_shapes: list[int], dtype: torch.dtype) -> torch.Tensor:
     """The weights (shapes flattened: out_1, in, out_2, in, ...) as the rows of one [Σout, in] tensor."""
     return stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
-                   nested_blocksize, _pairs(weight_shapes), dtype)
+                   nested_blocksize, pairs(weight_shapes), dtype)
 
 
 @dequantize_4bit_stacked.register_fake
 def _(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize, nested_blocksize,
       weight_shapes, dtype):
-    shapes = _pairs(weight_shapes)
+    shapes = pairs(weight_shapes)
     return qweights[0].new_empty((sum(o for o, _ in shapes), shapes[0][1]), dtype=dtype)
 
 
-def _pairs(flat):
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+def pairs(flat):
+    """(out, in) shapes from their flattened list (an op schema's list[int])."""
+    return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 def stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize, nested_blocksize,

@@ -25,6 +25,7 @@ import torch
 
 from ..kernels import gptq
 from . import dequant
+from .dequant import pairs as _pairs
 from .registry import fused_op, register_fake
 
 
@@ -156,10 +157,6 @@ def _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, 
     """The siblings' dequantised weights as the rows of one [Σout, in] tensor."""
     return dequant.stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type,
                                   blocksize, nested_blocksize, shapes, cdt)
-
-
-def _pairs(flat):
-    return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 def _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes, name="lora_linear_4bit_siblings"):
@@ -300,16 +297,15 @@ lora_linear_4bit_siblings.register_autograd(_backward_4bit, setup_context=_setup
 
 # --- GPTQ bases: one stacked weight in GPTQ's [in, out] layout -----------------------------------
 
-def _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, cdt):
+def _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, shapes, cdt):
     """The siblings' dequantised weights side by side, [in, Σout] (kernels/gptq.py writes each at its
-    column offset), and their (out, in) shapes."""
-    dims = _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format)
-    w = torch.empty(dims[0][0], sum(o for _, o in dims), dtype=cdt, device=qweights[0].device)
+    column offset); `shapes`: their (out, in), as _gptq_shapes checked them."""
+    w = torch.empty(shapes[0][1], sum(o for o, _ in shapes), dtype=cdt, device=qweights[0].device)
     col = 0
-    for q, z, s, g, (_, o) in zip(qweights, qzeros, scales, g_idxs, dims):
+    for q, z, s, g, (o, _) in zip(qweights, qzeros, scales, g_idxs, shapes):
         gptq.dequantize(q, z, s, g, bits, cdt, zero_format, out=w, out_col=col)
         col += o
-    return w, [(o, i) for i, o in dims]
+    return w
 
 
 def _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format):
@@ -335,7 +331,7 @@ def lora_linear_gptq_siblings(x: torch.Tensor, qweights: list[torch.Tensor], qze
     """[y, t] as lora_linear_4bit_siblings, over GPTQ bases (ops/lora_gptq.py's tensors per sibling):
     the weights dequantised side by side into one [in, Σout] buffer, one GEMM each way."""
     shapes = _gptq_shapes(x, qweights, qzeros, scales, g_idxs, biases, lora_a, lora_b, scalings, bits, zero_format)
-    w, _ = _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, compute_dtype)
+    w = _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, shapes, compute_dtype)
     return _stacked_forward(x, w, biases, lora_a, lora_b, scalings, shapes, compute_dtype, out_dtype)
 
 
@@ -361,7 +357,7 @@ def lora_linear_gptq_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweigh
     shapes = [(o, i) for i, o in _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format)]
 
     def weight_in_out():
-        return _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, compute_dtype)[0]
+        return _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, shapes, compute_dtype)
     return _stacked_backward(dy, x, weight_in_out, lora_a, lora_b, t, scalings, shapes, compute_dtype, need_x)
 
 
