@@ -355,14 +355,14 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
     from foak_compile.ops import dequant
     parts = [_quantized(o, 70, torch.bfloat16, quant_type, nested, device=device) for o in (13, 22)]
     states = [(q, *_state_args(st)) for q, st, _ in parts]
-    single = [(q, absmax, na, nc, off, quant_type, st.blocksize, nbs, list(st.shape), torch.bfloat16)
+    single = [(q, absmax, na, nc, off, quant_type, st.blocksize, nbs, list(st.shape), torch.bfloat16, dequant.FORWARD)
               for (q, absmax, na, nc, off, nbs), (_, st, _) in zip(states, parts)]
     for args, (_, _, wref) in zip(single, parts):
         assert torch.equal(torch.ops.foak.dequantize_4bit(*args), wref)
         torch.library.opcheck(torch.ops.foak.dequantize_4bit.default, args,
                               test_utils=("test_schema", "test_faketensor"))
     lists = [list(col) for col in zip(*[a[:5] for a in single])]
-    stacked_args = (*lists, quant_type, single[0][6], single[0][7], [13, 70, 22, 70], torch.bfloat16)
+    stacked_args = (*lists, quant_type, single[0][6], single[0][7], [13, 70, 22, 70], torch.bfloat16, dequant.BACKWARD)
     assert torch.equal(torch.ops.foak.dequantize_4bit_stacked(*stacked_args), torch.cat([w for _, _, w in parts]))
     torch.library.opcheck(torch.ops.foak.dequantize_4bit_stacked.default, stacked_args,
                           test_utils=("test_schema", "test_faketensor"))
@@ -370,7 +370,8 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
     routes = []
     for opaque in (False, True):
         monkeypatch.setattr(dequant, "OPAQUE", opaque)
-        routes.append(dequant.stacked_weight(*lists, quant_type, single[0][6], single[0][7], shapes, torch.bfloat16))
+        routes.append(dequant.stacked_weight(*lists, quant_type, single[0][6], single[0][7], shapes, torch.bfloat16,
+                                             dequant.FORWARD))
     assert torch.equal(*routes)
     # the LoRA op through either route: the same bits, forward and backward
     q, absmax, na, nc, off, nbs = states[0]

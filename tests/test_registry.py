@@ -63,3 +63,47 @@ def test_other_libraries_kernels_are_not_cached():
     for _ in range(2):
         cached(kernel, {"X": torch.empty(3), "n": 3}, {})
     assert len(calls) == 2
+
+
+def _spy_wrap_triton(monkeypatch, module):
+    """Record, per launch in `module`, whether torch would route a wrap_triton launch through its
+    higher-order-op dispatch (the slow eager path)."""
+    from torch._library.triton import is_wrap_triton_enabled
+    seen = []
+    real = module.wrap_triton
+
+    def spy(kernel):
+        seen.append(is_wrap_triton_enabled())
+        return real(kernel)
+    monkeypatch.setattr(module, "wrap_triton", spy)
+    return seen
+
+
+def test_opaque_ops_launch_their_kernels_directly(monkeypatch):
+    """An opaque op's body (every fused op here, on the CPU; the opaque dequant everywhere) runs its
+    wrap_triton launches as plain launches: torch's higher-order-op path costs ~1 ms a launch."""
+    import foak_compile  # noqa: F401  (registers the ops)
+    from foak_compile.kernels import rms_norm as rms_kernel
+    if registry.is_inlined("foak::rms_norm"):
+        import pytest
+        pytest.skip("rms_norm is inlined here (a triton_op launches directly when called eagerly)")
+    seen = _spy_wrap_triton(monkeypatch, rms_kernel)
+    n, d = (int(v) for v in torch.randint(3, 70, (2,)))
+    torch.ops.foak.rms_norm(torch.randn(n, d), torch.randn(d), 1e-6, None, torch.float32)
+    assert seen == [False]
+
+
+def test_opaque_dequant_launches_directly(monkeypatch):
+    import pytest
+    bf = pytest.importorskip("bitsandbytes.functional")
+    from foak_compile.kernels import bnb4
+    from foak_compile.ops import dequant
+    seen = _spy_wrap_triton(monkeypatch, bnb4)
+    o, i = int(torch.randint(3, 40, ())), 64 * int(torch.randint(1, 4, ()))
+    q, st = bf.quantize_4bit(torch.randn(o, i), quant_type="nf4", compress_statistics=False)
+    args = (q, st.absmax, None, None, None, "nf4", st.blocksize, 256)
+    torch.ops.foak.dequantize_4bit(*args, [o, i], torch.float32, dequant.FORWARD)
+    torch.ops.foak.dequantize_4bit_stacked(*[[v] for v in args[:5]], *args[5:], [o, i], torch.float32, dequant.BACKWARD)
+    assert seen == [False, False]
+    from torch._library.triton import is_wrap_triton_enabled
+    assert is_wrap_triton_enabled()  # switched back after the call

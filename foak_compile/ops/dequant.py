@@ -9,7 +9,15 @@ dequant is one opaque node per weight (per sibling group: one for the stacked we
 inductor calls as an extern kernel. It costs a Python dispatch per call (~20 µs), which CUDA graphs
 hide. Measured (H200, NF4 1B step, session 6, untagged): first step 99.9 s against inductor's
 88.7 (1.13×; inlined launches 116.5 s, 1.31×) but 32.0k tokens/s against 51.3k inlined and 11.2 GiB
-against 9.39: off by default. The tag below is the first fix to measure (benchmarks/gpu/session9b.sh).
+against 9.39: off by default. Two causes found since, both fixed here (to be measured:
+benchmarks/gpu/session9b.sh):
+- the joint graph's CSE (torch/_functorch/compile_utils.fx_graph_cse) merged the forward's and the
+  backward's dequant of a weight, identical calls, into one node whose output the partitioner then
+  kept for backward (+1 weight per projection). `site` (0 forward, 1 backward) makes the calls
+  differ; a tag does not stop that pass (it skips only a fixed list of aten random ops);
+- a `wrap_triton` launch called eagerly, as inside an opaque op's body at run time, goes through
+  torch's higher-order-op dispatch (torch's own comment: ~1 ms) unless that is switched off: the
+  ops' bodies run under registry.direct_launches.
 """
 import os
 from typing import Optional
@@ -17,37 +25,37 @@ from typing import Optional
 import torch
 
 from ..kernels import bnb4
+from .registry import direct_launches
 
 OPAQUE = os.environ.get("FOAK_OPAQUE_DEQUANT", "0") == "1"
 
-
-# Tagged like the seeded ops so that no pass can deduplicate the forward's and the backward's dequant of
-# one weight into a single node whose output is then kept for backward: the suspected cause (not yet
-# checked) of the +1.8 GiB measured untagged in session 6, about the step's dequantised weights.
-_TAGS = (torch.Tag.nondeterministic_seeded,)
+FORWARD, BACKWARD = 0, 1  # the `site` of a call: not used by the kernel, it keeps the two calls apart
 
 
-@torch.library.custom_op("foak::dequantize_4bit", mutates_args=(), tags=_TAGS)
+@torch.library.custom_op("foak::dequantize_4bit", mutates_args=())
+@direct_launches
 def dequantize_4bit(qweight: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                     nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], quant_type: str,
                     blocksize: int, nested_blocksize: int, weight_shape: list[int],
-                    dtype: torch.dtype) -> torch.Tensor:
-    """kernels/bnb4.dequantize_4bit: the [out, in] weight in `dtype`."""
+                    dtype: torch.dtype, site: int) -> torch.Tensor:
+    """kernels/bnb4.dequantize_4bit: the [out, in] weight in `dtype`; `site`: FORWARD or BACKWARD."""
     return bnb4.dequantize_4bit(qweight, absmax, blocksize, quant_type, weight_shape, dtype, nested_absmax,
                                 nested_code, offset, nested_blocksize)
 
 
 @dequantize_4bit.register_fake
 def _(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, weight_shape,
-      dtype):
+      dtype, site):
     return qweight.new_empty(weight_shape, dtype=dtype)
 
 
-@torch.library.custom_op("foak::dequantize_4bit_stacked", mutates_args=(), tags=_TAGS)
+@torch.library.custom_op("foak::dequantize_4bit_stacked", mutates_args=())
+@direct_launches
 def dequantize_4bit_stacked(qweights: list[torch.Tensor], absmaxes: list[torch.Tensor],
                             nested_absmaxes: list[Optional[torch.Tensor]], nested_codes: list[Optional[torch.Tensor]],
                             offsets: list[Optional[torch.Tensor]], quant_type: str, blocksize: int,
-                            nested_blocksize: int, weight_shapes: list[int], dtype: torch.dtype) -> torch.Tensor:
+                            nested_blocksize: int, weight_shapes: list[int], dtype: torch.dtype,
+                            site: int) -> torch.Tensor:
     """The weights (shapes flattened: out_1, in, out_2, in, ...) as the rows of one [Σout, in] tensor."""
     return stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
                    nested_blocksize, pairs(weight_shapes), dtype)
@@ -55,7 +63,7 @@ def dequantize_4bit_stacked(qweights: list[torch.Tensor], absmaxes: list[torch.T
 
 @dequantize_4bit_stacked.register_fake
 def _(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize, nested_blocksize,
-      weight_shapes, dtype):
+      weight_shapes, dtype, site):
     shapes = pairs(weight_shapes)
     return qweights[0].new_empty((sum(o for o, _ in shapes), shapes[0][1]), dtype=dtype)
 
@@ -78,22 +86,22 @@ def stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_ty
 
 
 def weight(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-           weight_shape, dtype) -> torch.Tensor:
+           weight_shape, dtype, site: int) -> torch.Tensor:
     """What a 4-bit op calls: the kernel launch inline, or the opaque op (OPAQUE)."""
     if OPAQUE:
         return torch.ops.foak.dequantize_4bit(qweight, absmax, nested_absmax, nested_code, offset, quant_type,
-                                              blocksize, nested_blocksize, list(weight_shape), dtype)
+                                              blocksize, nested_blocksize, list(weight_shape), dtype, site)
     return bnb4.dequantize_4bit(qweight, absmax, blocksize, quant_type, weight_shape, dtype, nested_absmax,
                                 nested_code, offset, nested_blocksize)
 
 
 def stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
-                   nested_blocksize, shapes, dtype) -> torch.Tensor:
+                   nested_blocksize, shapes, dtype, site: int) -> torch.Tensor:
     """The stacked weight of a sibling group: launches inline, or one opaque op (OPAQUE)."""
     if OPAQUE:
         flat = [int(v) for shape in shapes for v in shape]
         return torch.ops.foak.dequantize_4bit_stacked(list(qweights), list(absmaxes), list(nested_absmaxes),
                                                       list(nested_codes), list(offsets), quant_type, blocksize,
-                                                      nested_blocksize, flat, dtype)
+                                                      nested_blocksize, flat, dtype, site)
     return stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
                    nested_blocksize, shapes, dtype)

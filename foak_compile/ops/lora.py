@@ -165,9 +165,9 @@ lora_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
 # --- bitsandbytes 4-bit base ---------------------------------------------------------------------
 
 def _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-             weight_shape, cdt):
+             weight_shape, cdt, site: int):
     return dequant.weight(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, weight_shape, cdt)
+                          nested_blocksize, weight_shape, cdt, site)
 
 
 @fused_op("foak::lora_linear_4bit", seeded=True)
@@ -181,7 +181,7 @@ def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tenso
     offset]) of shape weight_shape, dequantised to compute_dtype."""
     _check(x, lora_a, lora_b, weight_shape, dropout_p)
     w = _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-                 weight_shape, compute_dtype)
+                 weight_shape, compute_dtype, dequant.FORWARD)
     return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, compute_dtype, out_dtype)
 
 
@@ -206,7 +206,7 @@ def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.
     """(dx, dbias, dA, dB) of lora_linear_4bit; the weight is dequantised again, only for dx."""
     def weight():
         return _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                        nested_blocksize, weight_shape, compute_dtype)
+                        nested_blocksize, weight_shape, compute_dtype, dequant.BACKWARD)
     return _backward(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, compute_dtype,
                      need_x, need_bias, need_a, need_b)
 

@@ -153,10 +153,10 @@ lora_linear_siblings.register_autograd(_backward, setup_context=_setup)
 # --- bitsandbytes 4-bit bases: one stacked weight ----------------------------------------------
 
 def _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
-                    nested_blocksize, shapes, cdt):
+                    nested_blocksize, shapes, cdt, site: int):
     """The siblings' dequantised weights as the rows of one [Σout, in] tensor."""
     return dequant.stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type,
-                                  blocksize, nested_blocksize, shapes, cdt)
+                                  blocksize, nested_blocksize, shapes, cdt, site)
 
 
 def _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes, name="lora_linear_4bit_siblings"):
@@ -184,7 +184,7 @@ def lora_linear_4bit_siblings(x: torch.Tensor, qweights: list[torch.Tensor], abs
     weight_shapes: (out, in) of each sibling, flattened."""
     shapes, cdt = _check_4bit(x, qweights, biases, lora_a, lora_b, scalings, weight_shapes), compute_dtype
     w = _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
-                        nested_blocksize, shapes, cdt)
+                        nested_blocksize, shapes, cdt, dequant.FORWARD)
     return _stacked_forward(x, w.t(), biases, lora_a, lora_b, scalings, shapes, cdt, out_dtype)
 
 
@@ -231,7 +231,7 @@ def lora_linear_4bit_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweigh
 
     def weight_in_out():
         return _stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
-                               nested_blocksize, shapes, compute_dtype).t()
+                               nested_blocksize, shapes, compute_dtype, dequant.BACKWARD).t()
     return _stacked_backward(dy, x, weight_in_out, lora_a, lora_b, t, scalings, shapes, compute_dtype, need_x)
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..kernels import swiglu
+from . import dequant
 from .lora import _backward as _lora_backward
 from .lora import _check, _dequant, _fake_backward, _fake_forward, _forward, _no_base_grad
 from .registry import fused_op, register_fake
@@ -128,7 +129,7 @@ def lora_linear_4bit_swiglu(gate: torch.Tensor, up: torch.Tensor, qweight: torch
     """lora_linear_4bit (arguments as there) of silu(gate) * up."""
     _check_pair(gate, up, lora_a, lora_b, weight_shape, dropout_p)
     w = _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-                 weight_shape, compute_dtype)
+                 weight_shape, compute_dtype, dequant.FORWARD)
     return _forward(swiglu.swiglu(gate, up), w, bias, lora_a, lora_b, scaling, dropout_p, compute_dtype, out_dtype)
 
 
@@ -154,7 +155,7 @@ def lora_linear_4bit_swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: t
     """(dgate, dup, dbias, dA, dB) of lora_linear_4bit_swiglu; the weight is dequantised again, only for dh."""
     def weight():
         return _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                        nested_blocksize, weight_shape, compute_dtype)
+                        nested_blocksize, weight_shape, compute_dtype, dequant.BACKWARD)
     return _backward(dy, gate, up, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, compute_dtype,
                      need_gate, need_up, need_bias, need_a, need_b)
 

@@ -113,6 +113,27 @@ if INLINE:
     _memoize_access_analysis()
 
 
+try:
+    from torch._library.triton import set_wrap_triton_enabled as _wrap_triton_enabled
+except ImportError:  # older torch: wrap_triton launches directly when not tracing
+    _wrap_triton_enabled = None
+
+
+def direct_launches(fn):
+    """`fn` with its `wrap_triton` launches made as plain Triton launches. Called eagerly (the body
+    of an opaque op at run time), a `wrap_triton` launch otherwise goes through torch's
+    higher-order-op dispatch, ~1 ms per launch by torch's own comment, where a launch is ~20 µs;
+    triton_op does this for its eager calls, custom_op does not."""
+    if _wrap_triton_enabled is None:
+        return fn
+
+    @functools.wraps(fn)  # custom_op reads the schema from the wrapped signature
+    def direct(*args, **kwargs):
+        with _wrap_triton_enabled(False):
+            return fn(*args, **kwargs)
+    return direct
+
+
 def fused_op(name: str, seeded: bool = False, inline: bool = True):
     """Decorator registering `fn` as torch.ops.<name>. seeded: draws random numbers (the opaque
     op is tagged so it is never deduplicated or recomputed; inlined, its randint node says so).
@@ -124,7 +145,7 @@ def fused_op(name: str, seeded: bool = False, inline: bool = True):
             _inlined.add(name)
             return torch.library.triton_op(name, fn, mutates_args=())
         tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
-        return torch.library.custom_op(name, fn, mutates_args=(), tags=tags)
+        return torch.library.custom_op(name, direct_launches(fn), mutates_args=(), tags=tags)
     return register
 
 
