@@ -209,3 +209,24 @@ def test_an_in_place_flag_by_position_counts():
         torch.testing.assert_close(torch.compile(f, backend=be)(x, y), f(x, y))
     assert "linear_cross_entropy" not in be.reports[0].counts()
     assert any("writes a tensor in place" in m.reason for m in be.reports[0].near_misses)
+
+
+@pytest.mark.parametrize("mode,env,want", [("reduce-overhead", None, True), ("max-autotune-no-cudagraphs", None, False),
+                                           ("reduce-overhead", False, False), ("max-autotune-no-cudagraphs", True, True)])
+def test_opaque_dequant_follows_cuda_graphs(mode, env, want, monkeypatch):
+    """The 4-bit dequant is traced as an opaque op exactly when the backend compiles for CUDA graphs
+    (mode="reduce-overhead"), unless FOAK_OPAQUE_DEQUANT (here: dequant.OPAQUE) says always/never."""
+    import torch._inductor.compile_fx as cfx
+    from foak_compile.ops import dequant
+    monkeypatch.setattr(dequant, "OPAQUE", env)
+    seen = []
+
+    def spy(gm, example_inputs, config_patches=None):
+        seen.append(dequant.opaque())
+        return gm.forward
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x * 2 + 1, backend=foak_compile.backend(mode=mode))
+    x = torch.randn(int(torch.randint(2, 50, ())))
+    torch.testing.assert_close(fn(x), x * 2 + 1)
+    assert seen == [want] and not dequant._cuda_graphs

@@ -74,8 +74,9 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested, siblings):
 @pytest.mark.parametrize("siblings", [False, True])
 def test_opaque_dequant_under_inductor(siblings, monkeypatch):
     """FOAK_OPAQUE_DEQUANT: the inlined 4-bit ops call the dequant as an opaque op, which the
-    compiled step runs through Python (the inlined launch does not), as often in the backward as in
-    the forward (no dequantised weight kept between them); results equal eager's."""
+    compiled step runs through Python (the inlined launch does not), again in the backward for every
+    projection whose input gradient is needed (no dequantised weight kept between them; session 6's
+    merged calls dequantised nothing there); results equal eager's."""
     pytest.importorskip("bitsandbytes")
     from foak_compile.kernels import bnb4
     from foak_compile.ops import dequant
@@ -95,7 +96,9 @@ def test_opaque_dequant_under_inductor(siblings, monkeypatch):
     loss = step(**inputs).loss  # compiled already: only the opaque op's body calls the launcher
     forward = len(calls)
     loss.backward()
-    assert forward > 0 and len(calls) == 2 * forward, (forward, len(calls))
+    # layer 0's q/k/v (one group with siblings) have nothing trainable upstream: no dx, no dequant
+    skipped = 1 if siblings else 3
+    assert forward > skipped and len(calls) - forward == forward - skipped, (forward, len(calls))
 
 
 def test_linear_ce_compacts_on_cuda_only_after_a_call_that_ignored_many_rows(monkeypatch):

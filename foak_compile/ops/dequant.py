@@ -19,6 +19,7 @@ benchmarks/gpu/session9b.sh):
   torch's higher-order-op dispatch (torch's own comment: ~1 ms) unless that is switched off: the
   ops' bodies run under registry.direct_launches.
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -27,7 +28,27 @@ import torch
 from ..kernels import bnb4
 from .registry import direct_launches
 
-OPAQUE = os.environ.get("FOAK_OPAQUE_DEQUANT", "0") == "1"
+# FOAK_OPAQUE_DEQUANT=1 / 0: always / never. Unset (None): only while the backend compiles for CUDA graphs
+# (mode="reduce-overhead"), whose replays take the op's host cost away (session 7, NF4 1B step, H200:
+# first step 1.06x inductor's against 1.30x inlined at 54.5k vs 55.5k tokens/s; without CUDA graphs the
+# opaque op cost a third of the tokens/s).
+OPAQUE = {"1": True, "0": False}.get(os.environ.get("FOAK_OPAQUE_DEQUANT", ""))
+_cuda_graphs = False  # set by for_cuda_graphs() around a compile
+
+
+@contextlib.contextmanager
+def for_cuda_graphs():
+    """Within: the 4-bit ops being traced call the opaque dequant, unless FOAK_OPAQUE_DEQUANT says otherwise."""
+    global _cuda_graphs
+    saved, _cuda_graphs = _cuda_graphs, True
+    try:
+        yield
+    finally:
+        _cuda_graphs = saved
+
+
+def opaque() -> bool:
+    return _cuda_graphs if OPAQUE is None else OPAQUE
 
 FORWARD, BACKWARD = 0, 1  # the `site` of a call: not used by the kernel, it keeps the two calls apart
 
@@ -87,8 +108,8 @@ def stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_ty
 
 def weight(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
            weight_shape, dtype, site: int) -> torch.Tensor:
-    """What a 4-bit op calls: the kernel launch inline, or the opaque op (OPAQUE)."""
-    if OPAQUE:
+    """What a 4-bit op calls: the kernel launch inline, or the opaque op (opaque())."""
+    if opaque():
         return torch.ops.foak.dequantize_4bit(qweight, absmax, nested_absmax, nested_code, offset, quant_type,
                                               blocksize, nested_blocksize, list(weight_shape), dtype, site)
     return bnb4.dequantize_4bit(qweight, absmax, blocksize, quant_type, weight_shape, dtype, nested_absmax,
@@ -97,8 +118,8 @@ def weight(qweight, absmax, nested_absmax, nested_code, offset, quant_type, bloc
 
 def stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
                    nested_blocksize, shapes, dtype, site: int) -> torch.Tensor:
-    """The stacked weight of a sibling group: launches inline, or one opaque op (OPAQUE)."""
-    if OPAQUE:
+    """The stacked weight of a sibling group: launches inline, or one opaque op (opaque())."""
+    if opaque():
         flat = [int(v) for shape in shapes for v in shape]
         return torch.ops.foak.dequantize_4bit_stacked(list(qweights), list(absmaxes), list(nested_absmaxes),
                                                       list(nested_codes), list(offsets), quant_type, blocksize,
