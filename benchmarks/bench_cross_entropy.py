@@ -3,9 +3,10 @@
     eager     F.cross_entropy(F.linear(h, w).float(), y)   (what HF's causal-LM loss does)
     inductor  torch.compile of the same function
     liger     LigerFusedLinearCrossEntropyLoss, when liger_kernel is installed
-    foak      the same function through foak's backend: linear_cross_entropy → the chunked op
-    foak_online  (frozen lm_head only) the same, with the vocabulary-tiled online-softmax path
-              (kernels/cross_entropy_online.py, FOAK_LCE_ONLINE=1) instead of the chunked one
+    foak      the same function through foak's backend: linear_cross_entropy → the op, which picks
+              the token-chunked or (frozen lm_head, by size) the vocabulary-tiled online path
+    foak_chunked / foak_online  (frozen lm_head only) the same with the path forced
+              (FOAK_LCE_ONLINE=0 / 1; kernels/cross_entropy.py / cross_entropy_online.py)
 
 Both cases are run: gradients for the hidden states and the lm_head weight (full fine-tuning,
 "weight_grad": true) and for the hidden states only (LoRA: the lm_head is frozen). Peak memory
@@ -46,6 +47,7 @@ HIDDENS = (2048, 4096)
 IGNORED = 0.25          # share of labels that are -100 (prompt / padding)
 FIT_GB = 72             # leave headroom on an 80 GB card
 REPS = 5
+FORCED = ("foak_chunked", "foak_online")  # frozen lm_head: foak with its path forced
 
 
 SOFTCAP = 0.0  # --softcap
@@ -81,17 +83,19 @@ def _methods():
         return torch.compile(loss_fn, backend=be, dynamic=False)
     out["foak"] = foak
 
-    def foak_online():
-        compiled = foak()
+    def forced(flag):
+        def make():
+            compiled = foak()
 
-        def fn(h, w, y):
-            saved, online.ENABLED = online.ENABLED, True
-            try:
-                return compiled(h, w, y)
-            finally:
-                online.ENABLED = saved
-        return fn
-    out["foak_online"] = foak_online
+            def fn(h, w, y):
+                saved, online.ENABLED = online.ENABLED, flag
+                try:
+                    return compiled(h, w, y)
+                finally:
+                    online.ENABLED = saved
+            return fn
+        return make
+    out["foak_chunked"], out["foak_online"] = forced(False), forced(True)
     return out, backends
 
 
@@ -156,8 +160,8 @@ def run_case(n, v, hdim, frozen, total_gb):
         if isinstance(make, str):
             case[name] = make
             continue
-        if name == "foak_online" and not frozen:
-            continue  # it serves a frozen lm_head only
+        if name in FORCED and not frozen:
+            continue  # only a frozen lm_head has the choice
         if name == "eager" and eager_peak_gb(n, v, hdim) > min(FIT_GB, total_gb * 0.9):
             case[name] = "skipped: does not fit"
             continue
@@ -172,12 +176,12 @@ def run_case(n, v, hdim, frozen, total_gb):
             torch.cuda.empty_cache()
     if backends:
         case["foak_matches"] = foak_compile.total_counts(backends[-1].reports)
-    for name in ("inductor", "liger", "foak", "foak_online"):
+    for name in ("inductor", "liger", "foak") + FORCED:
         if isinstance(case.get(name), dict) and isinstance(case.get("eager"), dict):
             ours, eager = case[name], case["eager"]
             case[f"{name}_vs_eager"] = {"memory_x": round(eager["peak_gb"] / max(ours["peak_gb"], 1e-9), 2),
                                         "speedup_x": round(eager["ms"] / ours["ms"], 3)}
-    for ours in ("foak", "foak_online"):  # the targets: memory at or below liger's, time at or below inductor's
+    for ours in ("foak",) + FORCED:  # the targets: memory at or below liger's, time at or below inductor's
         foak = case.get(ours)
         if not isinstance(foak, dict):
             continue
@@ -322,7 +326,7 @@ def _save(path, data):
 
 def _summary(case):
     cols = [f"{case['tokens']}x{case['vocab']}x{case['hidden']} {'trained' if case['weight_grad'] else 'frozen '}"]
-    for name in ("eager", "inductor", "liger", "foak", "foak_online"):
+    for name in ("eager", "inductor", "liger", "foak") + FORCED:
         r = case.get(name)
         cols.append(f"{name} {r['ms']:.1f}ms/{r['peak_gb']:.2f}GB" if isinstance(r, dict) else f"{name} -")
     r = case.get("foak")

@@ -236,3 +236,27 @@ def test_lora_loss_only_step_through_the_online_path(family, small_tiles):
     model = _lora(tiny_model(family))
     be = _compare_loss_only(model, _batch(model))
     assert _counts(be) == {"linear_cross_entropy": 1} and calls
+
+
+def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
+    """Unset, the path follows the call's size (online from MIN_ROWS rows or MIN_HIDDEN hidden);
+    ENABLED True / False overrides it either way; every choice gives the same numbers."""
+    calls = _online_calls(monkeypatch)
+    n, h = (int(v) for v in torch.randint(9, 40, (2,)))
+    hidden, weight = _inputs(n, h, 131, torch.float32, device)
+    y = _labels(n, 131, device)
+    scale = torch.ones(1, device=device)
+    results = []
+    cases = [(None, n + 1, h + 1, 0), (None, n, h + 1, 1), (None, n + 1, h, 1),  # (switch, rows, hidden, online?)
+             (True, n + 1, h + 1, 1), (False, n, h, 0)]
+    for switch, min_rows, min_hidden, want in cases:
+        monkeypatch.setattr(online, "ENABLED", switch)
+        monkeypatch.setattr(online, "MIN_ROWS", min_rows)
+        monkeypatch.setattr(online, "MIN_HIDDEN", min_hidden)
+        before = len(calls)
+        results.append(kernel.linear_cross_entropy_forward_backward(
+            hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False))
+        assert len(calls) - before == want, (switch, min_rows, min_hidden)
+    for got in results[1:]:
+        torch.testing.assert_close(got[0], results[0][0], rtol=1e-5, atol=1e-5)
+        assert _rel(got[2], results[0][2]) < TOL[torch.float32]

@@ -34,10 +34,20 @@ import triton.language as tl
 from .common import cast, use_triton
 from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
-# Opt-in (FOAK_LCE_ONLINE=1, or ENABLED; one switch, no per-shape rule yet): measured at 4096 tokens it takes
-# 1/2-1/6 of the chunked path's memory for 3-28 % more time (README "Linear + cross-entropy"), so the
-# chunked path stays the default.
-ENABLED = os.environ.get("FOAK_LCE_ONLINE", "0") == "1"
+# FOAK_LCE_ONLINE=1 / 0 (or ENABLED True / False): always / never, where applicable. Unset (None): by shape,
+# from the case-level H200 run (session 7, frozen lm_head, bf16, 25 % of labels ignored, README "Linear +
+# cross-entropy"): at hidden >= 4096 or >= 8192 rows it took 0.96-1.03x the chunked path's time and 0.29-0.65x
+# its memory; at 4096 rows of hidden 2048 it took 1.24-1.77x the time, so the chunked path keeps those.
+ENABLED = {"1": True, "0": False}.get(os.environ.get("FOAK_LCE_ONLINE", ""))
+MIN_ROWS, MIN_HIDDEN = 8192, 4096
+
+
+def preferred(n_rows: int, n_hidden: int) -> bool:
+    """Whether a call of this size (rows before any are dropped) takes this path when it applies."""
+    if ENABLED is not None:
+        return ENABLED
+    return n_rows >= MIN_ROWS or n_hidden >= MIN_HIDDEN
+
 # Tiles, from the H200 sweep (bench_cross_entropy --online-sweep, 4096 tokens, frozen, bf16): wider pieces
 # are faster (fewer GEMM pairs and launches: 1024 rows × 2048 / 4096 / 8192 columns took 26.0 / 13.2 /
 # 8.1 ms at 128256 × 2048), more rows too (2048 × 8192: 6.0 ms), at more memory (0.031 / 0.035 / 0.043,
