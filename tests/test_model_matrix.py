@@ -97,14 +97,16 @@ def _train(model, call, ids, steps):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "mixtral"])
 def test_training_tracks_eager(family):
-    """30 AdamW steps, fixed seed: foak's loss curve stays within 1e-3 (relative) of eager's."""
+    """12 AdamW steps, fixed seed: foak's loss curve stays within 1e-3 (relative) of eager's. (12, not
+    30: each step runs the kernels in the interpreter, ~8 s; eager's loss falls to 0.45-0.60 of its
+    first value by then in every family, so a wrong gradient has room to show.)"""
     torch.manual_seed(0)
     model = build(family)
     ids = _corpus(model.config.vocab_size)
     eager = copy.deepcopy(model)
-    ref = _train(eager, eager, ids, 30)
-    got = _train(model, torch.compile(model, backend=foak_compile.backend(inner="aot_eager")), ids, 30)
-    assert ref[-1] < 0.6 * ref[0], "the corpus must be learnable for this test to mean anything"
+    ref = _train(eager, eager, ids, 12)
+    got = _train(model, torch.compile(model, backend=foak_compile.backend(inner="aot_eager")), ids, 12)
+    assert ref[-1] < 0.7 * ref[0], "the corpus must be learnable for this test to mean anything"
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
     assert worst < 1e-3, (worst, got, ref)
 

@@ -1,21 +1,21 @@
 """torch.ops.foak.dequantize_4bit / dequantize_4bit_stacked: the bitsandbytes 4-bit dequant as
-an opaque op, for the 4-bit LoRA ops to call when FOAK_OPAQUE_DEQUANT=1.
+an opaque op, which the 4-bit LoRA ops call while the backend compiles for CUDA graphs (or always /
+never: FOAK_OPAQUE_DEQUANT=1 / 0).
 
 Inlined (ops/registry.py), a 4-bit LoRA op's body launches the dequant kernel through
 `wrap_triton`, so AOTAutograd and inductor trace, functionalise, analyse and code-generate that
-launch for every projection, forward and backward: the NF4 step's first call took 1.37-1.50× of
+launch for every projection, forward and backward: the NF4 step's first call took 1.30-1.50× of
 inductor's where bf16's took ~0.95× (benchmarks/notes.md §7). Called through one of these ops the
 dequant is one opaque node per weight (per sibling group: one for the stacked weight) that
-inductor calls as an extern kernel. It costs a Python dispatch per call (~20 µs), which CUDA graphs
-hide. Measured (H200, NF4 1B step, session 6, untagged): first step 99.9 s against inductor's
-88.7 (1.13×; inlined launches 116.5 s, 1.31×) but 32.0k tokens/s against 51.3k inlined and 11.2 GiB
-against 9.39: off by default. Two causes found since, both fixed here (to be measured:
-benchmarks/gpu/session9b.sh):
+inductor calls as an extern kernel, at a host cost per call (~0.27 ms measured) that CUDA graphs'
+replays do not pay. Measured (H200, NF4 1B step, session 7): loss-only + CUDA graphs, first step
+1.06× inductor's against 1.30× inlined at 54.5k vs 55.5k tokens/s and the same 6.32 GiB; without
+CUDA graphs 35.7k vs 51.7k tokens/s, hence the rule. Session 6's first try had two faults, fixed:
 - the joint graph's CSE (torch/_functorch/compile_utils.fx_graph_cse) merged the forward's and the
   backward's dequant of a weight, identical calls, into one node whose output the partitioner then
-  kept for backward (+1 weight per projection). `site` (0 forward, 1 backward) makes the calls
-  differ; a tag does not stop that pass (it skips only a fixed list of aten random ops);
-- a `wrap_triton` launch called eagerly, as inside an opaque op's body at run time, goes through
+  kept for backward (+1.8 GiB). `site` (FORWARD, BACKWARD) makes the calls differ; a tag does not
+  stop that pass (it skips only a fixed list of aten random ops);
+- a `wrap_triton` launch called eagerly, as inside an opaque op's body at run time, went through
   torch's higher-order-op dispatch (torch's own comment: ~1 ms) unless that is switched off: the
   ops' bodies run under registry.direct_launches.
 """
@@ -49,6 +49,7 @@ def for_cuda_graphs():
 
 def opaque() -> bool:
     return _cuda_graphs if OPAQUE is None else OPAQUE
+
 
 FORWARD, BACKWARD = 0, 1  # the `site` of a call: not used by the kernel, it keeps the two calls apart
 
