@@ -87,6 +87,7 @@ LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile`)", "liger"
           "foak_sib": "foak + lora_siblings", "foak_loss_sib_cg": "foak + lora_siblings, loss-only + CUDA graphs",
           "foak_swiglu": "foak + lora_swiglu", "foak_loss_swiglu_cg": "foak + lora_swiglu, loss-only + CUDA graphs",
           "foak_opq": "foak, opaque 4-bit dequant", "foak_loss_opq_cg": "foak, opaque dequant, loss-only + CUDA graphs",
+          "foak_loss_inl_cg": "foak, inlined 4-bit dequant, loss-only + CUDA graphs",
           "foak_loss_lceonline_cg": "foak, online linear+CE, loss-only + CUDA graphs"}
 BASES = {"none": "bf16", "nf4": "NF4 (double quant)", "gptq": "GPTQ 4-bit g128"}
 
@@ -184,7 +185,15 @@ RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cr
 
 
 def main(names=None):
-    """Print the tables; with train_step.json present also draw train_step.png beside it."""
+    """Print the tables; with train_step.json present also draw train_step.png beside it. A name that
+    is a path to one train-step call's JSON (e.g. benchmarks/results/session7/ts_nf4_opq_cg.json)
+    prints that call's table."""
+    for path in [n for n in names or () if os.path.isfile(n)]:
+        print(train_step(json.load(open(path))))
+        print()
+    names = [n for n in names or () if not os.path.isfile(n)] if names else names
+    if names == []:
+        return
     ts = os.path.join(RESULTS, "train_step.json")
     if os.path.exists(ts) and (not names or "train_step.json" in names):
         train_step_chart(json.load(open(ts)), os.path.join(RESULTS, "train_step.png"))
