@@ -290,3 +290,38 @@ def test_fake_impls_match_real():
             torch.bfloat16)
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.foak.lora_linear_gptq.default, args, test_utils=checks)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_opaque_gptq_dequant_ops(bits, device, monkeypatch):
+    """torch.ops.foak.dequantize_gptq(_stacked), what the GPTQ LoRA ops call under CUDA graphs: the
+    kernel's bits, fake impls that match, and the LoRA op the same through either route."""
+    from foak_compile.ops import dequant
+    n_in = int(torch.randint(40, 130, ()))
+    outs = [int(v) for v in torch.randint(5, 70, (2,))]
+    layers = [_gptq_layer(n_in, o, bits, 32, act_order=bool(i), seed=int(torch.randint(0, 999, ())))
+              for i, o in enumerate(outs)]
+    layers = [tuple(t.to(device) for t in layer[:4]) for layer in layers]
+    for layer in layers:
+        args = (*layer, bits, 2, torch.bfloat16, dequant.FORWARD)
+        assert torch.equal(torch.ops.foak.dequantize_gptq(*args), gptq.dequantize(*layer, bits, torch.bfloat16, 2))
+        torch.library.opcheck(torch.ops.foak.dequantize_gptq.default, args, test_utils=("test_schema", "test_faketensor"))
+    cols = [list(c) for c in zip(*layers)]
+    stacked_args = (*cols, bits, 2, torch.bfloat16, dequant.BACKWARD)
+    want = torch.cat([gptq.dequantize(*layer, bits, torch.bfloat16, 2) for layer in layers], dim=1)
+    assert torch.equal(torch.ops.foak.dequantize_gptq_stacked(*stacked_args), want)
+    torch.library.opcheck(torch.ops.foak.dequantize_gptq_stacked.default, stacked_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    x = torch.randn(3, 5, n_in, dtype=torch.bfloat16, device=device)
+    a = torch.randn(4, n_in, dtype=torch.bfloat16, device=device) / 8
+    b = torch.randn(outs[0], 4, dtype=torch.bfloat16, device=device) / 8
+    results = []
+    for opaque in (False, True):
+        monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+        y = torch.ops.foak.lora_linear_gptq(xi, *layers[0], None, ai, bi, 0.5, 0.0, bits, 2, torch.bfloat16,
+                                            torch.bfloat16)[0]
+        y.backward(torch.ones_like(y))
+        results.append((y, xi.grad, ai.grad, bi.grad))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

@@ -1,6 +1,7 @@
-"""torch.ops.foak.dequantize_4bit / dequantize_4bit_stacked: the bitsandbytes 4-bit dequant as
-an opaque op, which the 4-bit LoRA ops call while the backend compiles for CUDA graphs (or always /
-never: FOAK_OPAQUE_DEQUANT=1 / 0).
+"""torch.ops.foak.dequantize_4bit / dequantize_4bit_stacked and dequantize_gptq / dequantize_gptq_stacked:
+the bitsandbytes 4-bit and the GPTQ dequant as opaque ops, which the quantised LoRA ops call while the
+backend compiles for CUDA graphs (or always / never: FOAK_OPAQUE_DEQUANT=1 / 0). GPTQ follows the
+rule NF4 was measured by; its own effect is not measured yet (benchmarks/gpu/PENDING.md).
 
 Inlined (ops/registry.py), a 4-bit LoRA op's body launches the dequant kernel through
 `wrap_triton`, so AOTAutograd and inductor trace, functionalise, analyse and code-generate that
@@ -25,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import bnb4
+from ..kernels import bnb4, gptq
 from .registry import direct_launches
 
 # FOAK_OPAQUE_DEQUANT=1 / 0: always / never. Unset (None): only while the backend compiles for CUDA graphs
@@ -127,3 +128,59 @@ def stacked_weight(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, q
                                                       nested_blocksize, flat, dtype, site)
     return stacked(qweights, absmaxes, nested_absmaxes, nested_codes, offsets, quant_type, blocksize,
                    nested_blocksize, shapes, dtype)
+
+
+# --- GPTQ: the weight in GPTQ's [in, out] layout (kernels/gptq.py) ------------------------------
+
+@torch.library.custom_op("foak::dequantize_gptq", mutates_args=())
+@direct_launches
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int, zero_format: int, dtype: torch.dtype, site: int) -> torch.Tensor:
+    """kernels/gptq.dequantize: the [in, out] weight in `dtype`; `site`: FORWARD or BACKWARD."""
+    return gptq.dequantize(qweight, qzeros, scales, g_idx, bits, dtype, zero_format)
+
+
+@dequantize_gptq.register_fake
+def _(qweight, qzeros, scales, g_idx, bits, zero_format, dtype, site):
+    return qweight.new_empty(gptq.check(qweight, qzeros, scales, g_idx, bits, zero_format), dtype=dtype)
+
+
+@torch.library.custom_op("foak::dequantize_gptq_stacked", mutates_args=())
+@direct_launches
+def dequantize_gptq_stacked(qweights: list[torch.Tensor], qzeros: list[torch.Tensor], scales: list[torch.Tensor],
+                            g_idxs: list[torch.Tensor], bits: int, zero_format: int, dtype: torch.dtype,
+                            site: int) -> torch.Tensor:
+    """The weights side by side as the columns of one [in, Σout] tensor."""
+    return gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, dtype)
+
+
+@dequantize_gptq_stacked.register_fake
+def _(qweights, qzeros, scales, g_idxs, bits, zero_format, dtype, site):
+    dims = [gptq.check(q, z, s, g, bits, zero_format) for q, z, s, g in zip(qweights, qzeros, scales, g_idxs)]
+    return qweights[0].new_empty((dims[0][0], sum(o for _, o in dims)), dtype=dtype)
+
+
+def gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, dtype) -> torch.Tensor:
+    """The siblings' dequantised weights side by side, [in, Σout]: each written at its column offset."""
+    dims = [(q.shape[1], g.shape[0]) for q, g in zip(qweights, g_idxs)]  # (out, in); each launch checks its set
+    w = torch.empty(dims[0][1], sum(o for o, _ in dims), dtype=dtype, device=qweights[0].device)
+    col = 0
+    for q, z, s, g, (o, _) in zip(qweights, qzeros, scales, g_idxs, dims):
+        gptq.dequantize(q, z, s, g, bits, dtype, zero_format, out=w, out_col=col)
+        col += o
+    return w
+
+
+def gptq_weight(qweight, qzeros, scales, g_idx, bits, zero_format, dtype, site: int) -> torch.Tensor:
+    """What a GPTQ op calls: [in, out], by the kernel launch inline or the opaque op (opaque())."""
+    if opaque():
+        return torch.ops.foak.dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_format, dtype, site)
+    return gptq.dequantize(qweight, qzeros, scales, g_idx, bits, dtype, zero_format)
+
+
+def gptq_stacked_weight(qweights, qzeros, scales, g_idxs, bits, zero_format, dtype, site: int) -> torch.Tensor:
+    """The stacked [in, Σout] weight of a GPTQ sibling group: launches inline, or one opaque op."""
+    if opaque():
+        return torch.ops.foak.dequantize_gptq_stacked(list(qweights), list(qzeros), list(scales), list(g_idxs),
+                                                      bits, zero_format, dtype, site)
+    return gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, dtype)

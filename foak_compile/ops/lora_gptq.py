@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernels import gptq
+from . import dequant
 from .lora import _backward, _check, _fake_backward, _fake_forward, _forward, _no_base_grad
 from .registry import fused_op, register_fake
 
@@ -23,9 +24,9 @@ def _shape(qweight, qzeros, scales, g_idx, bits, zero_format) -> list:
     return [n_out, n_in]
 
 
-def _weight(qweight, qzeros, scales, g_idx, bits, zero_format, cdt) -> torch.Tensor:
+def _weight(qweight, qzeros, scales, g_idx, bits, zero_format, cdt, site: int) -> torch.Tensor:
     """W [out, in] in cdt: a transposed view of the kernel's [in, out] output."""
-    return gptq.dequantize(qweight, qzeros, scales, g_idx, bits, cdt, zero_format).t()
+    return dequant.gptq_weight(qweight, qzeros, scales, g_idx, bits, zero_format, cdt, site).t()
 
 
 @fused_op("foak::lora_linear_gptq", seeded=True)
@@ -35,7 +36,7 @@ def lora_linear_gptq(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
                      out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, t, seed) of a LoRA layer whose base weight is GPTQ-packed; see the module doc."""
     _check(x, lora_a, lora_b, _shape(qweight, qzeros, scales, g_idx, bits, zero_format), dropout_p)
-    w = _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype)
+    w = _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype, dequant.FORWARD)
     return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, compute_dtype, out_dtype)
 
 
@@ -58,7 +59,7 @@ def lora_linear_gptq_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dbias, dA, dB) of lora_linear_gptq; the weight is dequantised again, only for dx."""
     def weight():
-        return _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype)
+        return _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype, dequant.BACKWARD)
     return _backward(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, compute_dtype,
                      need_x, need_bias, need_a, need_b)
 

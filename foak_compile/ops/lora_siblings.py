@@ -297,17 +297,6 @@ lora_linear_4bit_siblings.register_autograd(_backward_4bit, setup_context=_setup
 
 # --- GPTQ bases: one stacked weight in GPTQ's [in, out] layout -----------------------------------
 
-def _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, shapes, cdt):
-    """The siblings' dequantised weights side by side, [in, Σout] (kernels/gptq.py writes each at its
-    column offset); `shapes`: their (out, in), as _gptq_shapes checked them."""
-    w = torch.empty(shapes[0][1], sum(o for o, _ in shapes), dtype=cdt, device=qweights[0].device)
-    col = 0
-    for q, z, s, g, (o, _) in zip(qweights, qzeros, scales, g_idxs, shapes):
-        gptq.dequantize(q, z, s, g, bits, cdt, zero_format, out=w, out_col=col)
-        col += o
-    return w
-
-
 def _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format):
     """(in, out) of each sibling's GPTQ tensors (kernels/gptq.check), one set per sibling."""
     if not len(qweights) == len(qzeros) == len(scales) == len(g_idxs):
@@ -331,7 +320,8 @@ def lora_linear_gptq_siblings(x: torch.Tensor, qweights: list[torch.Tensor], qze
     """[y, t] as lora_linear_4bit_siblings, over GPTQ bases (ops/lora_gptq.py's tensors per sibling):
     the weights dequantised side by side into one [in, Σout] buffer, one GEMM each way."""
     shapes = _gptq_shapes(x, qweights, qzeros, scales, g_idxs, biases, lora_a, lora_b, scalings, bits, zero_format)
-    w = _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, shapes, compute_dtype)
+    w = dequant.gptq_stacked_weight(qweights, qzeros, scales, g_idxs, bits, zero_format, compute_dtype,
+                                    dequant.FORWARD)
     return _stacked_forward(x, w, biases, lora_a, lora_b, scalings, shapes, compute_dtype, out_dtype)
 
 
@@ -357,7 +347,8 @@ def lora_linear_gptq_siblings_backward(dy: torch.Tensor, x: torch.Tensor, qweigh
     shapes = [(o, i) for i, o in _gptq_dims(qweights, qzeros, scales, g_idxs, bits, zero_format)]
 
     def weight_in_out():
-        return _gptq_stacked(qweights, qzeros, scales, g_idxs, bits, zero_format, shapes, compute_dtype)
+        return dequant.gptq_stacked_weight(qweights, qzeros, scales, g_idxs, bits, zero_format, compute_dtype,
+                                           dequant.BACKWARD)
     return _stacked_backward(dy, x, weight_in_out, lora_a, lora_b, t, scalings, shapes, compute_dtype, need_x)
 
 
