@@ -2,13 +2,12 @@
 against float64 torch and against the chunked path, on many row blocks and vocabulary pieces."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import foak_compile  # noqa: F401
 from foak_compile.kernels import cross_entropy as kernel
 from foak_compile.kernels import cross_entropy_online as online
 
-from tests.test_cross_entropy_kernel import EPILOGUES, TOL, _check_linear_ce, _epilogue_f64, _labels, _rel
+from tests.test_cross_entropy_kernel import EPILOGUES, TOL, _check_linear_ce, _labels, _rel
 
 
 @pytest.fixture
