@@ -58,7 +58,7 @@ class FoakBackend:
         if self.mode is not None:  # e.g. "reduce-overhead": CUDA graphs take the launch cost off the host
             from torch._inductor.compile_fx import compile_fx
             options = torch._inductor.list_mode_options(self.mode)
-            # replayed graphs hide an opaque op's host cost: the 4-bit dequant goes opaque (compile time)
+            # replayed graphs hide an opaque op's host cost: the quantised bases' dequant goes opaque (compile time)
             with dequant.for_cuda_graphs() if options.get("triton.cudagraphs") else contextlib.nullcontext():
                 return compile_fx(gm, example_inputs, config_patches=options)
         return lookup_backend(self.inner)(gm, example_inputs)

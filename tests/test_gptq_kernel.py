@@ -305,7 +305,8 @@ def test_opaque_gptq_dequant_ops(bits, device, monkeypatch):
     for layer in layers:
         args = (*layer, bits, 2, torch.bfloat16, dequant.FORWARD)
         assert torch.equal(torch.ops.foak.dequantize_gptq(*args), gptq.dequantize(*layer, bits, torch.bfloat16, 2))
-        torch.library.opcheck(torch.ops.foak.dequantize_gptq.default, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.foak.dequantize_gptq.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
     cols = [list(c) for c in zip(*layers)]
     stacked_args = (*cols, bits, 2, torch.bfloat16, dequant.BACKWARD)
     want = torch.cat([gptq.dequantize(*layer, bits, torch.bfloat16, 2) for layer in layers], dim=1)

@@ -39,7 +39,7 @@ _cuda_graphs = False  # set by for_cuda_graphs() around a compile
 
 @contextlib.contextmanager
 def for_cuda_graphs():
-    """Within: the 4-bit ops being traced call the opaque dequant, unless FOAK_OPAQUE_DEQUANT says otherwise."""
+    """Within: quantised LoRA ops being traced call the opaque dequant, unless FOAK_OPAQUE_DEQUANT says otherwise."""
     global _cuda_graphs
     saved, _cuda_graphs = _cuda_graphs, True
     try:
