@@ -26,7 +26,7 @@ VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss",
 # *_nosib*: without lora_siblings (every LoRA layer its own op); *_swiglu*: plus opt-in lora_swiglu;
 # *_opq* / *_inl*: the 4-bit dequant always / never an opaque op (FOAK_OPAQUE_DEQUANT=1 / 0; by default
 # it is opaque only in the *_cg variants); *_lceonline*: the frozen-lm_head vocabulary-tiled linear + CE
-# (FOAK_LCE_ONLINE, opt-in)
+# forced on (cross_entropy_online.ENABLED = True; by default it is chosen by size)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

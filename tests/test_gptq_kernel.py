@@ -316,13 +316,25 @@ def test_opaque_gptq_dequant_ops(bits, device, monkeypatch):
     x = torch.randn(3, 5, n_in, dtype=torch.bfloat16, device=device)
     a = torch.randn(4, n_in, dtype=torch.bfloat16, device=device) / 8
     b = torch.randn(outs[0], 4, dtype=torch.bfloat16, device=device) / 8
+    opaque_calls = []
+    for name in ("dequantize_gptq", "dequantize_gptq_stacked"):  # looked up on torch.ops.foak per call
+        real = getattr(torch.ops.foak, name)
+        monkeypatch.setattr(torch.ops.foak, name,
+                            lambda *args, _real=real, _name=name: opaque_calls.append(_name) or _real(*args))
     results = []
     for opaque in (False, True):
         monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        del opaque_calls[:]
         xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
         y = torch.ops.foak.lora_linear_gptq(xi, *layers[0], None, ai, bi, 0.5, 0.0, bits, 2, torch.bfloat16,
                                             torch.bfloat16)[0]
         y.backward(torch.ones_like(y))
-        results.append((y, xi.grad, ai.grad, bi.grad))
+        ys = torch.ops.foak.lora_linear_gptq_siblings(xi.detach(), *cols, [None] * 2, [ai.detach()] * 2,
+                                                      [bi.detach(), torch.zeros(outs[1], 4, dtype=torch.bfloat16,
+                                                                                device=device)],
+                                                      [0.5, 0.5], bits, 2, torch.bfloat16, torch.bfloat16)[0]
+        results.append((y, xi.grad, ai.grad, bi.grad, ys))
+        # forward and backward of the single layer, forward of the group: through the opaque ops or not at all
+        assert opaque_calls == (["dequantize_gptq"] * 2 + ["dequantize_gptq_stacked"] if opaque else []), opaque_calls
     for got, want in zip(*results):
         assert torch.equal(got, want)

@@ -379,12 +379,17 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
     _, _, a, b = _layer(13, 70, 4, torch.bfloat16, device)
     x = torch.randn(5, 70, dtype=torch.bfloat16, device=device)
     outs = []
+    opaque_calls = []
+    real = torch.ops.foak.dequantize_4bit  # looked up on torch.ops.foak per call
+    monkeypatch.setattr(torch.ops.foak, "dequantize_4bit", lambda *args: opaque_calls.append(args[-1]) or real(*args))
     for opaque in (False, True):
         monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        del opaque_calls[:]
         xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
         y = torch.ops.foak.lora_linear_4bit(xi, q, absmax, na, nc, off, None, ai, bi, 0.5, 0.0, quant_type,
                                             st.blocksize, nbs, list(st.shape), torch.bfloat16, torch.bfloat16)[0]
         y.backward(torch.ones_like(y))
         outs.append((y, xi.grad, ai.grad, bi.grad))
+        assert opaque_calls == ([dequant.FORWARD, dequant.BACKWARD] if opaque else []), opaque_calls
     for got, want in zip(*outs):
         assert torch.equal(got, want)

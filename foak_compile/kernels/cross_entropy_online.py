@@ -35,9 +35,11 @@ from .common import cast, use_triton
 from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
 # FOAK_LCE_ONLINE=1 / 0 (or ENABLED True / False): always / never, where applicable. Unset (None): by shape,
-# from the case-level H200 run (session 7, frozen lm_head, bf16, 25 % of labels ignored, README "Linear +
-# cross-entropy"): at hidden >= 4096 or >= 8192 rows it took 0.93-1.03x the chunked path's time and 0.25-0.66x
-# its memory; at 4096 rows of hidden 2048 it took 1.24-1.77x the time, so the chunked path keeps those.
+# from the case-level H200 run (session 7, frozen lm_head, bf16, 25 % of labels ignored, vocab 128256 and
+# 256000, 4096 and 16384 rows; README "Linear + cross-entropy"): at hidden 4096 or 16384 rows it took
+# 0.93-1.03x the chunked path's time at 0.25-0.66x its memory; at 4096 rows of hidden 2048 1.24-1.77x the
+# time, so the chunked path keeps those. 8192 rows is a threshold between the two measured counts, and
+# smaller vocabularies were not measured.
 ENABLED = {"1": True, "0": False}.get(os.environ.get("FOAK_LCE_ONLINE", ""))
 MIN_ROWS, MIN_HIDDEN = 8192, 4096
 

@@ -30,9 +30,9 @@ from ..kernels import bnb4, gptq
 from .registry import direct_launches
 
 # FOAK_OPAQUE_DEQUANT=1 / 0: always / never. Unset (None): only while the backend compiles for CUDA graphs
-# (mode="reduce-overhead"), whose replays take the op's host cost away (session 7, NF4 1B step, H200:
-# first step 1.06x inductor's against 1.30x inlined at 54.5k vs 55.5k tokens/s; without CUDA graphs the
-# opaque op cost a third of the tokens/s).
+# (a mode with triton.cudagraphs: "reduce-overhead", "max-autotune"), whose replays take the op's host cost
+# away (session 7, NF4 1B step, H200, "reduce-overhead": first step 1.06x inductor's against 1.30x inlined at
+# 54.5k vs 55.5k tokens/s; without CUDA graphs the opaque op cost a third of the tokens/s).
 OPAQUE = {"1": True, "0": False}.get(os.environ.get("FOAK_OPAQUE_DEQUANT", ""))
 _cuda_graphs = False  # set by for_cuda_graphs() around a compile
 

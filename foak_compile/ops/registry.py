@@ -137,7 +137,8 @@ def direct_launches(fn):
 
 def fused_op(name: str, seeded: bool = False, inline: bool = True):
     """Decorator registering `fn` as torch.ops.<name>. seeded: draws random numbers (the opaque
-    op is tagged so it is never deduplicated or recomputed; inlined, its randint node says so).
+    op is tagged nondeterministic_seeded so the partitioner never recomputes it — the joint graph's CSE
+    is not stopped by a tag, ops/dequant.py; inlined, its randint node says so).
     inline=False keeps an op opaque everywhere (its body is not traceable yet)."""
     def register(fn):
         short = name.split("::")[-1]
