@@ -137,8 +137,9 @@ def direct_launches(fn):
 
 def fused_op(name: str, seeded: bool = False, inline: bool = True):
     """Decorator registering `fn` as torch.ops.<name>. seeded: draws random numbers (the opaque
-    op is tagged nondeterministic_seeded so the partitioner never recomputes it — the joint graph's CSE
-    is not stopped by a tag, ops/dequant.py; inlined, its randint node says so).
+    op is tagged nondeterministic_seeded: torch treats it as advancing the RNG, so fake tensors do not
+    constant-fold it and it counts as impure; the joint graph's CSE does not read the tag, see
+    ops/dequant.py; inlined, its randint node says so).
     inline=False keeps an op opaque everywhere (its body is not traceable yet)."""
     def register(fn):
         short = name.split("::")[-1]
