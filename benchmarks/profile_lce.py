@@ -29,7 +29,7 @@ from .bench_cross_entropy import _inputs, _kernel_ms_and_peak, _step, loss_fn
 from .common import bench_ms, environment, write_json
 
 SHAPES = [(4096, v, h) for h in (2048, 4096) for v in (128256, 256000)]
-ONLINE_TILES = [(r, c) for r in (512, 768, 1024, 1536, 2048) for c in (4096, 8192, 16384)]
+ONLINE_TILES = [(r, c) for r in (512, 768, 1024, 1536, 2048) for c in (4096, 8192, 12288, 16384)]
 CHUNK_ROWS = (256, 384, 512, 768, 1024)
 
 
