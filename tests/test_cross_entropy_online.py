@@ -255,3 +255,35 @@ def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
     for got in results[1:]:
         torch.testing.assert_close(got[0], results[0][0], rtol=1e-5, atol=1e-5)
         assert _rel(got[2], results[0][2]) < TOL[torch.float32]
+
+
+def test_block_rows_fill_the_budget_in_equal_whole_tiles():
+    """Rows per block by BUDGET: the fewest blocks, equal, rounded up to 64-row tiles within the bound."""
+    per_row = online._bytes_per_row(128256, 2048, 2, True, None)
+    assert per_row == 8192 * 2 + 2048 * 4 + 20 + 2048 * 2 + 32
+    assert online.BUDGET // per_row == 1131  # bf16, hidden 2048, rows gathered
+    assert online.block_rows(3080, 128256, 2048, 2) == 1088     # 3 blocks (1088, 1088, 904), not 4
+    assert online.block_rows(3060, 128256, 2048, 2) == 1024     # 1024, 1024, 1012
+    assert online.block_rows(12288, 128256, 2048, 2) == 1024    # 12 blocks of 1024, not 11 of 1118
+    assert online.block_rows(1200, 128256, 2048, 2) == 640      # 2 blocks: 600 rounded up to a tile
+    assert online.block_rows(40, 128256, 2048, 2) == 40
+    assert online.BUDGET // online._bytes_per_row(128256, 4096, 2, True, None) == 792
+    assert online.block_rows(3080, 128256, 4096, 2) == 640      # 5 blocks: 3080 > 4 × 768
+    assert online.block_rows(50, 131, 24, 4, rows=7) == 7        # a fixed bound under a tile: equal blocks
+    assert online.block_rows(50, 131, 24, 4, rows=20) == 17
+    for n in (3080, 12288, 999):
+        assert online.peak_bytes(n, 128256, 2048, 2) <= online.BUDGET
+
+
+def test_default_blocks_vs_float64(monkeypatch, device):
+    """The default (budget) blocks, several of them in whole 64-row tiles and a short last one."""
+    monkeypatch.setattr(online, "ENABLED", True)
+    monkeypatch.setattr(online, "COLS", 37)
+    n, h, vocab = 200, 8, 131
+    monkeypatch.setattr(online, "BUDGET", 70 * online._bytes_per_row(vocab, h, 4, True, None))
+    calls = _online_calls(monkeypatch)
+    hidden, weight = _inputs(n, h, vocab, torch.float32, device)
+    y = _labels(n, vocab, device)
+    assert 64 < (y != -100).sum() and online.block_rows(int((y != -100).sum()), vocab, h, 4) == 64
+    _check_linear_ce(hidden, weight, None, y, reduction="mean", out_dtype=torch.float32)
+    assert calls

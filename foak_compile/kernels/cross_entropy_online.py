@@ -50,13 +50,16 @@ def preferred(n_rows: int, n_hidden: int) -> bool:
         return ENABLED
     return n_rows >= MIN_ROWS or n_hidden >= MIN_HIDDEN
 
-# Tiles, from the H200 sweep (bench_cross_entropy --online-sweep, 4096 tokens, frozen, bf16): wider pieces
-# are faster (fewer GEMM pairs and launches: 1024 rows × 2048 / 4096 / 8192 columns took 26.0 / 13.2 /
-# 8.1 ms at 128256 × 2048), more rows too (2048 × 8192: 6.0 ms), at more memory (0.031 / 0.035 / 0.043,
-# 0.070 GB, dh included). 1024 × 8192: under Liger's peak in three of the four measured shapes, and faster
-# than inductor in three (both in the two at vocab 256000).
-ROWS = 1024    # rows per block: M of both GEMMs, and the fp32 accumulator's height
-COLS = 8192    # vocabulary columns per piece: N of the logits GEMM, K of the dh GEMM
+# Tiles. Pieces of COLS vocabulary columns: wider pieces mean fewer GEMM pairs and launches per block, and
+# the host's time per piece (~0.1 ms: two GEMM calls and a Triton launch) is what bounds a block at hidden
+# 2048 (GPU busy 5.4 of 7.4 ms at 4096 x 128256 x 2048; benchmarks/results/session8/). Rows per block: as
+# many as fit in BUDGET bytes of working memory (piece, fp32 accumulator, gathered rows: peak_bytes), so the
+# memory is the same whatever the token count. 31 MiB (1131 rows at hidden 2048, 792 at hidden 4096, bf16)
+# keeps the peak, dh included, under Liger's at 4096 tokens in the four measured shapes (its 128-row chunk
+# of logits: 0.046 / 0.062 / 0.092 GiB at vocab 128256 x hidden 2048 / 128256 x 4096 / 256000 x 4096).
+ROWS: Optional[int] = None  # a fixed number of rows per block instead (tests, sweeps)
+COLS = 8192
+BUDGET = 31 * 2**20
 # How far a piece's max may exceed the reference before it moves: exp(TAU) must fit the piece's dtype
 # (P is stored there; the sums L and acc are fp32): e^20 ≈ 5e8 for bf16/fp32, e^8 ≈ 3e3 < 65504 for fp16.
 TAU = {torch.float32: 20.0, torch.bfloat16: 20.0, torch.float16: 8.0}
@@ -74,15 +77,25 @@ def _linear_factor(epi: Epilogue) -> float:
     return epi.scale / epi.divisor
 
 
+# Per-row state, [rows, 5] fp32: the reference m, the sum l, the target's exp e_y, value v_y and derivative dv_y.
+_M, _L, _EY, _VY, _DVY = 0, 1, 2, 3, 4
+
+
 @triton.jit
-def _piece(S, Y, M, L, EY, VY, DVY, ACC, stride_s, stride_acc, width, col0, n_hidden, ignore_index, tau,
-           mul, div, cap, cdiv, lin, EPI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One row of a logits piece S[:, :width] (vocabulary columns col0...): update the row's
-    reference M, sum L, target exp EY / value VY / derivative DVY, rescale its accumulator row
-    when M moved (before the piece's GEMM adds to it: same stream; no launch of its own), and
-    overwrite the piece with P = exp(v - M)·dv/lin (0 at the target and in ignored rows)."""
+def _piece(S, Y, STATE, ACC, EPI_ARGS, width, col0, n_hidden, ignore_index, EPI: tl.constexpr, TAU: tl.constexpr,
+           BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One row of a logits piece S[:, :width] (contiguous; vocabulary columns col0...): update the row's
+    STATE, rescale its accumulator row (ACC: contiguous [rows, n_hidden]) when the reference moved (before
+    the piece's GEMM adds to it: same stream; no launch of its own), and overwrite the piece with
+    P = exp(v - m)·dv/lin (0 at the target and in ignored rows). EPI_ARGS (fp32: mul, div, cap, cdiv,
+    lin) is read only with an epilogue. Few arguments: the host's time per launch grows with them."""
     row = tl.program_id(0).to(tl.int64)
-    s_row = S + row * stride_s
+    s_row = S + row * width
+    st = STATE + row * 5
+    mul, div, cap, cdiv, lin = 1.0, 1.0, 0.0, 1.0, 1.0
+    if EPI != 0:
+        mul, div = tl.load(EPI_ARGS), tl.load(EPI_ARGS + 1)
+        cap, cdiv, lin = tl.load(EPI_ARGS + 2), tl.load(EPI_ARGS + 3), tl.load(EPI_ARGS + 4)
     y = tl.load(Y + row)
     keep = y != ignore_index
     limit = tl.where(keep, width, 0)  # ignored rows read nothing
@@ -96,8 +109,8 @@ def _piece(S, Y, M, L, EY, VY, DVY, ACC, stride_s, stride_acc, width, col0, n_hi
             x = tl.where(mask, _epilogue(x, mul, div, cap, cdiv, EPI, S.dtype.element_ty)[0], float("-inf"))
         top = tl.maximum(top, x, propagate_nan=tl.PropagateNan.ALL)
     top_row = tl.max(top, axis=0)
-    m_old = tl.load(M + row)
-    moves = (m_old == float("-inf")) | (top_row > m_old + tau)
+    m_old = tl.load(st + 0)
+    moves = (m_old == float("-inf")) | (top_row > m_old + TAU)
     m_new = tl.where(moves, tl.maximum(top_row, m_old), m_old)
     base = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: exp(-inf - 0) = 0
     # 1 where nothing was summed yet (and in ignored rows): no rescale work for those rows
@@ -124,42 +137,43 @@ def _piece(S, Y, M, L, EY, VY, DVY, ACC, stride_s, stride_acc, width, col0, n_hi
         if EPI != 0:
             p = p * (d / lin)
         tl.store(s_row + cols, cast(p, S.dtype.element_ty), mask=cols < width)
-    tl.store(M + row, m_new)
-    tl.store(L + row, tl.load(L + row) * alpha + tl.sum(l_acc, axis=0))
-    tl.store(EY + row, tl.load(EY + row) * alpha + tl.where(has_y, e_y, 0.0))
-    tl.store(VY + row, tl.where(has_y, x_y, tl.load(VY + row)))
-    tl.store(DVY + row, tl.where(has_y, d_y, tl.load(DVY + row)))
+    tl.store(st + 0, m_new)
+    tl.store(st + 1, tl.load(st + 1) * alpha + tl.sum(l_acc, axis=0))
+    tl.store(st + 2, tl.load(st + 2) * alpha + tl.where(has_y, e_y, 0.0))
+    tl.store(st + 3, tl.where(has_y, x_y, tl.load(st + 3)))
+    tl.store(st + 4, tl.where(has_y, d_y, tl.load(st + 4)))
     if alpha != 1.0:  # only rows whose reference moved (never in the first piece: alpha is 1 there)
         for start in range(0, n_hidden, BLOCK_H):
             hcols = start + tl.arange(0, BLOCK_H)
-            a = tl.load(ACC + row * stride_acc + hcols, mask=hcols < n_hidden)
-            tl.store(ACC + row * stride_acc + hcols, a * alpha, mask=hcols < n_hidden)
+            a = tl.load(ACC + row * n_hidden + hcols, mask=hcols < n_hidden)
+            tl.store(ACC + row * n_hidden + hcols, a * alpha, mask=hcols < n_hidden)
 
 
 @triton.jit
-def _finish(ACC, W, Y, M, L, EY, VY, DVY, SCALE, DH, LOSS, LSE, stride_acc, stride_w, stride_dh,
-            n_hidden, n_cols, ignore_index, lin, BLOCK: tl.constexpr):
-    """Per row: lse = M + log L, loss = lse - v_y, dh = scale·(lin·acc/L + (EY/L - 1)·dv_y·W_y)."""
+def _finish(ACC, W, Y, STATE, SCALE, DH, LOSS, LSE, stride_w, stride_dh, n_hidden, n_cols, ignore_index, lin,
+            BLOCK: tl.constexpr):
+    """Per row: lse = m + log l, loss = lse - v_y, dh = scale·(lin·acc/l + (e_y/l - 1)·dv_y·W_y)."""
     row = tl.program_id(0).to(tl.int64)
+    st = STATE + row * 5
     y = tl.load(Y + row)
     keep = y != ignore_index
     in_range = (y >= 0) & (y < n_cols)
-    m = tl.load(M + row)
-    l = tl.where(keep, tl.load(L + row), 1.0)
+    m = tl.load(st + 0)
+    l = tl.where(keep, tl.load(st + 1), 1.0)
     lse = tl.where(keep, tl.where(m == float("-inf"), 0.0, m), 0.0) + tl.log(l)
-    loss = tl.where(in_range, lse - tl.load(VY + row), float("nan"))
+    loss = tl.where(in_range, lse - tl.load(st + 3), float("nan"))
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     tl.store(LSE + row, lse)
     scale = tl.load(SCALE)
     inv_l = 1.0 / l
-    g_y = (tl.load(EY + row) * inv_l - 1.0) * tl.load(DVY + row)
+    g_y = (tl.load(st + 2) * inv_l - 1.0) * tl.load(st + 4)
     y_safe = tl.where(keep & in_range, y, 0).to(tl.int64)
     acc_limit = tl.where(keep, n_hidden, 0)  # ignored rows read nothing (their acc is not summed)
     w_limit = tl.where(keep & in_range, n_hidden, 0)
     for start in range(0, n_hidden, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_hidden
-        a = tl.load(ACC + row * stride_acc + cols, mask=cols < acc_limit, other=0.0)
+        a = tl.load(ACC + row * n_hidden + cols, mask=cols < acc_limit, other=0.0)
         w_y = tl.load(W + y_safe * stride_w + cols, mask=cols < w_limit, other=0.0).to(tl.float32)
         g = (a * (lin * inv_l) + g_y * w_y) * scale
         tl.store(DH + row * stride_dh + cols, cast(tl.where(keep, g, 0.0), DH.dtype.element_ty), mask=mask)
@@ -170,9 +184,9 @@ def _accumulate(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, first: bool
     if p.dtype == torch.float32:
         torch.mm(p, w, out=acc) if first else acc.addmm_(p, w)
     elif p.is_cuda and first and _MM_FP32_OUT:  # cuBLAS: half inputs, fp32 output
-        torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
+        _mm_fp32(p, w, acc)
     elif p.is_cuda and _ADDMM_FP32_ACC:  # ... and an fp32 accumulator added in the GEMM
-        torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
+        _addmm_fp32(acc, p, w)
     elif p.is_cuda and _MM_FP32_OUT:  # torch < 2.10: addmm.dtype takes no fp32 self with half matrices
         acc.add_(torch.ops.aten.mm.dtype(p, w, torch.float32))
     elif p.is_cuda:  # no out_dtype GEMMs at all: the piece's product rounded once, then added
@@ -185,17 +199,64 @@ def _torch_at_least(major: int, minor: int) -> bool:
     return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
 
 
+def _public_out_dtype() -> bool:
+    """Whether torch.mm / torch.addmm take out_dtype (bound in C++: a few µs less per call than going
+    through torch.ops' Python overloads, once per piece). Probed on meta tensors."""
+    a = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+    c = torch.empty(2, 2, dtype=torch.float32, device="meta")
+    try:
+        torch.mm(a, a, out_dtype=torch.float32, out=c)
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+if _public_out_dtype():
+    def _mm_fp32(p, w, acc):
+        torch.mm(p, w, out_dtype=torch.float32, out=acc)
+
+    def _addmm_fp32(acc, p, w):
+        torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
+else:
+    def _mm_fp32(p, w, acc):
+        torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
+
+    def _addmm_fp32(acc, p, w):
+        torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
+
+
 _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype_out")
 _ADDMM_FP32_ACC = hasattr(torch.ops.aten.addmm, "dtype_out") and _torch_at_least(2, 10)
 
 
-def block_rows(n_work: int, rows: Optional[int] = None) -> int:
-    """Rows per block for n_work rows: ROWS, or up to 1/16 more where that saves a block (3080 kept rows
-    make 3 blocks of 1027, not 3 of 1024 and one of 8: each block costs a pass of launches over the
-    whole vocabulary, whatever its rows), the blocks then of equal size."""
-    r = rows or ROWS
-    blocks = max(1, -(-n_work // (r + r // 16)))
-    return min(n_work, -(-n_work // blocks))
+def _device_values(values, device) -> torch.Tensor:
+    """fp32 values on the device by fills: no host-to-device copy (which would wait for the stream, and
+    is not allowed while a CUDA graph is captured)."""
+    t = torch.empty(len(values), dtype=torch.float32, device=device)
+    for i, v in enumerate(values):
+        t[i] = v
+    return t
+
+
+def _bytes_per_row(n_cols: int, n_hidden: int, itemsize: int, gather: bool, cols: Optional[int]) -> int:
+    """Working memory per row of a block: its piece of logits, fp32 accumulator and state, and when
+    ignored rows are dropped its gathered hidden state and the few bytes of its indices and results."""
+    held = min(n_cols, cols or COLS) * itemsize + n_hidden * 4 + 5 * 4
+    return held + (n_hidden * itemsize + 32 if gather else 0)
+
+
+def block_rows(n_work: int, n_cols: int, n_hidden: int, itemsize: int, gather: bool = True,
+               rows: Optional[int] = None, cols: Optional[int] = None) -> int:
+    """Rows per block for n_work rows: at most `rows` (or ROWS), by default as many as BUDGET holds, in whole
+    64-row GEMM tiles; then the fewest blocks, made equal up to a tile (3080 kept rows at a bound of 1131,
+    i.e. 1088: 3 blocks of 1088, 1088 and 904, not 1088 × 2 and 904 by chance of the count, nor 4 of 770).
+    Each block costs a pass of launches over the whole vocabulary, whatever its rows."""
+    cap = rows or ROWS or max(1, BUDGET // _bytes_per_row(n_cols, n_hidden, itemsize, gather, cols))
+    cap = min(cap, n_work)
+    tile_cap = cap - cap % 64 if cap >= 64 else cap
+    even = -(-n_work // -(-n_work // tile_cap))
+    return min(tile_cap, -(-even // 64) * 64) if tile_cap >= 64 else even
 
 
 def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -213,15 +274,17 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     dh = new(hidden.shape, dtype=hidden.dtype, device=device)
     if n_work == 0:
         return loss, lse, dh
-    r_max = block_rows(n_work, rows)
+    r_max = block_rows(n_work, n_cols, n_hidden, hidden.element_size(), idx is not None, rows, cols)
     width = min(n_cols, cols or COLS)
     piece_buf = hidden.new_empty(r_max * width)  # each piece viewed contiguous at its own width
     acc_buf = torch.empty(r_max * n_hidden, dtype=torch.float32, device=device)
-    state = torch.empty(5, r_max, dtype=torch.float32, device=device)
+    state = torch.empty(r_max, 5, dtype=torch.float32, device=device)
+    init = _device_values([float("-inf"), 0.0, 0.0, 0.0, 1.0], device)  # m, l, e_y, v_y, dv_y
     h_buf = hidden.new_empty((r_max, n_hidden)) if idx is not None else None
     tau = TAU[hidden.dtype]
     lin = _linear_factor(epi)
     epi_args, epi_flags = epi.kernel_args(hidden), epi.flags(hidden)
+    epi_vals = _device_values([*epi_args, lin], device) if epi_flags else init
     block = min(4096 if hidden.is_cuda else 16384, triton.next_power_of_2(width))
     block_h = min(4096, triton.next_power_of_2(n_hidden))
     warps = 8 if block >= 2048 else 4
@@ -241,11 +304,8 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
             rows_i = idx[s:e]
             h = torch.index_select(hidden, 0, rows_i, out=h_buf[:r])
             y = labels.index_select(0, rows_i)
-        st = state[:, :r]
-        st[0].fill_(float("-inf"))  # the reference m
-        st[1:4].zero_()             # l, e_y, v_y
-        st[4].fill_(1.0)            # dv_y
-        m, l, ey, vy, dvy = st
+        st = state[:r]
+        st.copy_(init.expand(r, 5))
         acc = acc_buf[: r * n_hidden].view(r, n_hidden)
         views = {}  # the piece buffer viewed [r, width] (at most two widths: the last piece may be short)
         for j, (c0, c1) in enumerate(spans):
@@ -256,9 +316,8 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
                 torch.mm(h, w_pieces_t[j], out=piece)
             else:
                 torch.addmm(b_pieces[j], h, w_pieces_t[j], out=piece)
-            _piece[(r,)](piece, y, m, l, ey, vy, dvy, acc, piece.stride(0), acc.stride(0), c1 - c0, c0, n_hidden,
-                         ignore_index, tau, *epi_args, lin, EPI=epi_flags, BLOCK=block, BLOCK_H=block_h,
-                         num_warps=warps)
+            _piece[(r,)](piece, y, st, acc, epi_vals, c1 - c0, c0, n_hidden, ignore_index, EPI=epi_flags, TAU=tau,
+                         BLOCK=block, BLOCK_H=block_h, num_warps=warps)
             _accumulate(acc, piece, w_pieces[j], first=j == 0)
         if idx is None:
             loss_c, lse_c, dh_c = loss[s:e], lse[s:e], dh[s:e]
@@ -266,8 +325,8 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
             loss_c = torch.empty(r, dtype=torch.float32, device=device)
             lse_c = torch.empty_like(loss_c)
             dh_c = h_buf[:r]  # h is read by nothing after the last piece's GEMM
-        _finish[(r,)](acc, w, y, m, l, ey, vy, dvy, scale, dh_c, loss_c, lse_c, acc.stride(0), w.stride(0),
-                      dh_c.stride(0), n_hidden, n_cols, ignore_index, lin, BLOCK=block_h)
+        _finish[(r,)](acc, w, y, st, scale, dh_c, loss_c, lse_c, w.stride(0), dh_c.stride(0), n_hidden, n_cols,
+                      ignore_index, lin, BLOCK=block_h)
         if idx is not None:
             loss.index_copy_(0, rows_i, loss_c)
             lse.index_copy_(0, rows_i, lse_c)
@@ -277,10 +336,7 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 def peak_bytes(n_rows: int, n_cols: int, n_hidden: int, itemsize: int, gather: bool = True,
                rows: Optional[int] = None, cols: Optional[int] = None) -> int:
-    """What forward_backward holds beyond its outputs (loss, lse, dh): the piece, the accumulator,
-    the row state and, when ignored rows are dropped (`gather`), the gathered rows (and per block
-    the indices and per-row results of the gathered rows, a few bytes per row)."""
-    r = block_rows(n_rows, rows)
-    held = r * min(n_cols, cols or COLS) * itemsize + r * n_hidden * 4 + 5 * 4 * r
-    return held + (r * n_hidden * itemsize + 32 * r if gather else 0)
-
+    """What forward_backward holds beyond its outputs (loss, lse, dh) for n_rows rows to run: one block's
+    working memory (_bytes_per_row), at most BUDGET by default."""
+    r = block_rows(n_rows, n_cols, n_hidden, itemsize, gather, rows, cols)
+    return r * _bytes_per_row(n_cols, n_hidden, itemsize, gather, cols)
