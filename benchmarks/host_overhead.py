@@ -41,18 +41,18 @@ def per_op():
     piece = torch.empty(r, width, device="cuda", dtype=dt)
     acc = torch.zeros(r, hdim, device="cuda")
     y = torch.randint(0, width, (r,), device="cuda")
-    state = torch.zeros(5, r, device="cuda")
-    m, l, ey, vy, dvy = state
-    args = dict(EPI=0, BLOCK=256, BLOCK_H=64, num_warps=4)
-    epi = online.NO_EPILOGUE.kernel_args(h)
+    state = torch.zeros(r, 5, device="cuda")
+    epi_vals = torch.ones(5, device="cuda")
+    args = dict(EPI=0, TAU=20.0, BLOCK=256, BLOCK_H=64, num_warps=4)
     out = {
         "mm_out": host_us(lambda: torch.mm(h, wpt, out=piece)),
         "mm_out_slicing_each_call": host_us(lambda: torch.mm(h, w[0:width].t(), out=piece)),
         "piece_kernel": host_us(lambda: online._piece[(r,)](
-            piece, y, m, l, ey, vy, dvy, acc, piece.stride(0), acc.stride(0), width, 0, hdim, -100, 20.0,
-            *epi, 1.0, **args)),
-        "addmm_dtype_out": host_us(lambda: torch.ops.aten.addmm.dtype_out(acc, piece, wp, torch.float32, out=acc)),
-        "mm_dtype_out": host_us(lambda: torch.ops.aten.mm.dtype_out(piece, wp, torch.float32, out=acc)),
+            piece, y, state, acc, epi_vals, width, 0, hdim, -100, **args)),
+        "addmm_dtype_out": host_us(lambda: online._addmm_fp32_ops(acc, piece, wp)),
+        "mm_dtype_out": host_us(lambda: online._mm_fp32_ops(piece, wp, acc)),
+        "addmm_out_dtype_public": host_us(lambda: online._addmm_fp32_public(acc, piece, wp)),
+        "mm_out_dtype_public": host_us(lambda: online._mm_fp32_public(piece, wp, acc)),
         "accumulate": host_us(lambda: online._accumulate(acc, piece, wp, first=False)),
         "empty_kernel_baseline_fill": host_us(lambda: acc.fill_(0.0)),
     }

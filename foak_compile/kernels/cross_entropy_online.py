@@ -212,18 +212,24 @@ def _public_out_dtype() -> bool:
         return False
 
 
-if _public_out_dtype():
-    def _mm_fp32(p, w, acc):
-        torch.mm(p, w, out_dtype=torch.float32, out=acc)
+def _mm_fp32_ops(p, w, acc):
+    torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
 
-    def _addmm_fp32(acc, p, w):
-        torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
-else:
-    def _mm_fp32(p, w, acc):
-        torch.ops.aten.mm.dtype_out(p, w, torch.float32, out=acc)
 
-    def _addmm_fp32(acc, p, w):
-        torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
+def _addmm_fp32_ops(acc, p, w):
+    torch.ops.aten.addmm.dtype_out(acc, p, w, torch.float32, out=acc)
+
+
+def _mm_fp32_public(p, w, acc):
+    torch.mm(p, w, out_dtype=torch.float32, out=acc)
+
+
+def _addmm_fp32_public(acc, p, w):
+    torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
+
+
+PUBLIC_OUT_DTYPE = _public_out_dtype()
+_mm_fp32, _addmm_fp32 = (_mm_fp32_public, _addmm_fp32_public) if PUBLIC_OUT_DTYPE else (_mm_fp32_ops, _addmm_fp32_ops)
 
 
 _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype_out")
