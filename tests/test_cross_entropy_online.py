@@ -207,6 +207,8 @@ def test_live_memory_is_what_peak_bytes_says(dtype):
         y = _labels(n_rows, n_cols, "cuda", p_ignore=0.3)
         idx = (y != -100).nonzero().view(-1)
         outputs = n_rows * (8 + n_hidden * hidden.element_size())  # loss, lse (fp32), dh
+        # once before: what a process allocates once (cuBLAS's workspace for a new GEMM kind) is not the op's
+        online.forward_backward(hidden, weight, None, y, -100, scale, idx)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -234,7 +236,7 @@ def test_lora_loss_only_step_through_the_online_path(family, small_tiles):
 
 
 def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
-    """Unset, the path follows the call's size (online from MIN_ROWS rows or MIN_HIDDEN hidden);
+    """Unset, the path follows the call's size (online from MIN_LOGITS rows × vocabulary or MIN_HIDDEN hidden);
     ENABLED True / False overrides it either way; every choice gives the same numbers."""
     calls = _online_calls(monkeypatch)
     n, h = (int(v) for v in torch.randint(9, 40, (2,)))
@@ -242,16 +244,17 @@ def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
     y = _labels(n, 131, device)
     scale = torch.ones(1, device=device)
     results = []
-    cases = [(None, n + 1, h + 1, 0), (None, n, h + 1, 1), (None, n + 1, h, 1),  # (switch, rows, hidden, online?)
-             (True, n + 1, h + 1, 1), (False, n, h, 0)]
-    for switch, min_rows, min_hidden, want in cases:
+    logits = n * 131
+    cases = [(None, logits + 1, h + 1, 0), (None, logits, h + 1, 1), (None, logits + 1, h, 1),  # (switch,
+             (True, logits + 1, h + 1, 1), (False, logits, h, 0)]                             # thresholds, online?)
+    for switch, min_logits, min_hidden, want in cases:
         monkeypatch.setattr(online, "ENABLED", switch)
-        monkeypatch.setattr(online, "MIN_ROWS", min_rows)
+        monkeypatch.setattr(online, "MIN_LOGITS", min_logits)
         monkeypatch.setattr(online, "MIN_HIDDEN", min_hidden)
         before = len(calls)
         results.append(kernel.linear_cross_entropy_forward_backward(
             hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False))
-        assert len(calls) - before == want, (switch, min_rows, min_hidden)
+        assert len(calls) - before == want, (switch, min_logits, min_hidden)
     for got in results[1:]:
         torch.testing.assert_close(got[0], results[0][0], rtol=1e-5, atol=1e-5)
         assert _rel(got[2], results[0][2]) < TOL[torch.float32]

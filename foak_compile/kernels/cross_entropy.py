@@ -586,7 +586,7 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
     `online` (default: cross_entropy_online.preferred, by size): a frozen lm_head's dh by the
     vocabulary-tiled online softmax of cross_entropy_online.py, where it applies."""
     check_labels(labels, weight.shape[0], ignore_index)
-    wanted = online_path.preferred(*hidden.shape) if online is None else online
+    wanted = online_path.preferred(*hidden.shape, weight.shape[0]) if online is None else online
     if wanted and need_hidden and online_path.applicable(
             hidden, weight, label_smoothing, need_weight, need_bias and bias is not None, epi):
         labels = labels.contiguous()

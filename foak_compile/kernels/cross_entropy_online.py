@@ -34,21 +34,22 @@ import triton.language as tl
 from .common import cast, use_triton
 from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
-# FOAK_LCE_ONLINE=1 / 0 (or ENABLED True / False): always / never, where applicable. Unset (None): by shape,
-# from the case-level H200 run (session 7, frozen lm_head, bf16, 25 % of labels ignored, vocab 128256 and
-# 256000, 4096 and 16384 rows; README "Linear + cross-entropy"): at hidden 4096 or 16384 rows it took
-# 0.93-1.03x the chunked path's time at 0.25-0.66x its memory; at 4096 rows of hidden 2048 1.24-1.77x the
-# time, so the chunked path keeps those. 8192 rows is a threshold between the two measured counts, and
-# smaller vocabularies were not measured.
+# FOAK_LCE_ONLINE=1 / 0 (or ENABLED True / False): always / never, where applicable. Unset (None): by size,
+# from the case-level H200 runs (sessions 7 and 8, frozen lm_head, bf16, 25 % of labels ignored, vocab 128256
+# and 256000, 4096 and 16384 rows; README "Linear + cross-entropy"). The path is host-bound where its GEMMs
+# are small (hidden 2048): each call costs ~1 ms of host time beyond the chunked path's and each piece
+# ~0.1 ms, which the work hides from 4096 x 256000 logits on (0.91x inductor's time, session 8) but not at
+# 4096 x 128256 (1.12x; the chunked path: 0.92x, at 3x Liger's memory). So: from hidden 4096, or from
+# MIN_LOGITS rows x vocabulary (between those two; smaller vocabularies were not measured).
 ENABLED = {"1": True, "0": False}.get(os.environ.get("FOAK_LCE_ONLINE", ""))
-MIN_ROWS, MIN_HIDDEN = 8192, 4096
+MIN_LOGITS, MIN_HIDDEN = 800_000_000, 4096
 
 
-def preferred(n_rows: int, n_hidden: int) -> bool:
+def preferred(n_rows: int, n_hidden: int, n_cols: int) -> bool:
     """Whether a call of this size (rows before any are dropped) takes this path when it applies."""
     if ENABLED is not None:
         return ENABLED
-    return n_rows >= MIN_ROWS or n_hidden >= MIN_HIDDEN
+    return n_rows * n_cols >= MIN_LOGITS or n_hidden >= MIN_HIDDEN
 
 # Tiles. Pieces of COLS vocabulary columns: wider pieces mean fewer GEMM pairs and launches per block, and
 # the host's time per piece (~0.1 ms: two GEMM calls and a Triton launch) is what bounds a block at hidden
