@@ -41,18 +41,25 @@ def rope(d):
 
 def cross_entropy(d):
     env = d["env"]
+    forced = any(isinstance(c.get("foak_online"), dict) for c in d["cases"])
     out = [f"Linear + cross-entropy loss and backward, {d['dtype']}, {env['gpu']}, torch {env['torch']}; "
            f"{int(100 * d['ignored_label_share'])}% of labels ignored; ms / peak GB above the inputs. "
-           "Targets: time ≤ inductor, peak ≤ Liger.", "",
-           "| tokens × vocab × hidden | lm_head | eager | inductor | Liger | foak | foak time ÷ inductor | foak peak ÷ Liger |",
-           "|---|---|---|---|---|---|---|---|"]
+           "Targets: time ≤ inductor, peak ≤ Liger" + ("; foak_online: the online path forced (frozen lm_head)"
+                                                     if forced else "") + ".", "",
+           "| tokens × vocab × hidden | lm_head | eager | inductor | Liger | foak | foak time ÷ inductor | foak peak ÷ Liger |"
+           + (" foak_online |" if forced else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if forced else "")]
     for c in d["cases"]:
-        cell = lambda m: f"{c[m]['ms']:.1f} / {c[m]['peak_gb']:.2f}" if m in c and "ms" in c[m] else "—"
+        cell = lambda m: f"{c[m]['ms']:.1f} / {c[m]['peak_gb']:.3f}" if m in c and "ms" in c[m] else "—"
         mark = lambda ok: " ✓" if ok else ""
         t, m = c["foak_vs_inductor"]["time_ratio"], c["foak_vs_liger"]["peak_ratio"]
-        out.append(f"| {c['tokens']}×{c['vocab']}×{c['hidden']} | {'trained' if c['weight_grad'] else 'frozen'} | "
-                   f"{cell('eager')} | {cell('inductor')} | {cell('liger')} | {cell('foak')} | "
-                   f"{t:.2f}{mark(c['targets_met']['time_le_inductor'])} | {m:.2f}{mark(c['targets_met']['memory_le_liger'])} |")
+        row = (f"| {c['tokens']}×{c['vocab']}×{c['hidden']} | {'trained' if c['weight_grad'] else 'frozen'} | "
+               f"{cell('eager')} | {cell('inductor')} | {cell('liger')} | {cell('foak')} | "
+               f"{t:.2f}{mark(c['targets_met']['time_le_inductor'])} | {m:.2f}{mark(c['targets_met']['memory_le_liger'])} |")
+        if forced:
+            met = c.get("foak_online_targets_met") or {}
+            row += f" {cell('foak_online')}{' ✓✓' if met and all(met.values()) else ''} |"
+        out.append(row)
     return "\n".join(out)
 
 
@@ -186,10 +193,13 @@ RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cr
 
 def main(names=None):
     """Print the tables; with train_step.json present also draw train_step.png beside it. A name that
-    is a path to one train-step call's JSON (e.g. benchmarks/results/session7/ts_nf4_opq_cg.json)
-    prints that call's table."""
+    is a path to one train-step or linear + cross-entropy call's JSON (e.g.
+    benchmarks/results/session7/ts_nf4_opq_cg.json) prints that call's table."""
     for path in [n for n in names or () if os.path.isfile(n)]:
-        print(train_step(json.load(open(path))))
+        d = json.load(open(path))
+        cases = d.get("cases")
+        is_ce = isinstance(cases, list) and cases and "weight_grad" in cases[0]
+        print(cross_entropy(d) if is_ce else train_step(d))
         print()
     names = [n for n in names or () if not os.path.isfile(n)] if names else names
     if names == []:
