@@ -37,10 +37,11 @@ from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 # FOAK_LCE_ONLINE=1 / 0 (or ENABLED True / False): always / never, where applicable. Unset (None): by size,
 # from the case-level H200 runs (sessions 7 and 8, frozen lm_head, bf16, 25 % of labels ignored, vocab 128256
 # and 256000, 4096 and 16384 rows; README "Linear + cross-entropy"). The path is host-bound where its GEMMs
-# are small (hidden 2048): each call costs ~1 ms of host time beyond the chunked path's and each piece
-# ~0.1 ms, which the work hides from 4096 x 256000 logits on (0.91x inductor's time, session 8) but not at
-# 4096 x 128256 (1.12x; the chunked path: 0.92x, at 3x Liger's memory). So: from hidden 4096, or from
-# MIN_LOGITS rows x vocabulary (between those two; smaller vocabularies were not measured).
+# are small (hidden 2048): ~0.7 ms of host time per call and ~0.1 ms per piece (host_overhead.json), which
+# the work hides from 4096 x 256000 logits on (0.91x inductor's time, session 8) but not reliably at
+# 4096 x 128256 (1.12x in one call, 0.96x in another; the chunked path: 0.92-0.97x, at 3x Liger's memory).
+# So: from hidden 4096, or from MIN_LOGITS rows x vocabulary (between those two; smaller vocabularies were
+# not measured).
 ENABLED = {"1": True, "0": False}.get(os.environ.get("FOAK_LCE_ONLINE", ""))
 MIN_LOGITS, MIN_HIDDEN = 800_000_000, 4096
 
@@ -78,8 +79,8 @@ def _linear_factor(epi: Epilogue) -> float:
     return epi.scale / epi.divisor
 
 
-# Per-row state, [rows, 5] fp32: the reference m, the sum l, the target's exp e_y, value v_y and derivative dv_y.
-_M, _L, _EY, _VY, _DVY = 0, 1, 2, 3, 4
+# Per-row state, [rows, 5] fp32 (the kernels' st + 0 ... st + 4): the reference m, the sum l, the target's
+# exp e_y, value v_y and derivative dv_y.
 
 
 @triton.jit
@@ -256,9 +257,9 @@ def _bytes_per_row(n_cols: int, n_hidden: int, itemsize: int, gather: bool, cols
 def block_rows(n_work: int, n_cols: int, n_hidden: int, itemsize: int, gather: bool = True,
                rows: Optional[int] = None, cols: Optional[int] = None) -> int:
     """Rows per block for n_work rows: at most `rows` (or ROWS), by default as many as BUDGET holds, in whole
-    64-row GEMM tiles; then the fewest blocks, made equal up to a tile (3080 kept rows at a bound of 1131,
-    i.e. 1088: 3 blocks of 1088, 1088 and 904, not 1088 × 2 and 904 by chance of the count, nor 4 of 770).
-    Each block costs a pass of launches over the whole vocabulary, whatever its rows."""
+    64-row GEMM tiles; then the fewest blocks, made equal up to a tile (3080 kept rows, bound 1131, so
+    1088: blocks of 1088, 1088 and 904 rather than 4 of 770). Each block costs a pass of launches over the
+    whole vocabulary, whatever its rows."""
     cap = rows or ROWS or max(1, BUDGET // _bytes_per_row(n_cols, n_hidden, itemsize, gather, cols))
     cap = min(cap, n_work)
     tile_cap = cap - cap % 64 if cap >= 64 else cap
