@@ -230,8 +230,8 @@ def _addmm_fp32_public(acc, p, w):
     torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
 
 
-PUBLIC_OUT_DTYPE = _public_out_dtype()
-_mm_fp32, _addmm_fp32 = (_mm_fp32_public, _addmm_fp32_public) if PUBLIC_OUT_DTYPE else (_mm_fp32_ops, _addmm_fp32_ops)
+_mm_fp32, _addmm_fp32 = ((_mm_fp32_public, _addmm_fp32_public) if _public_out_dtype()
+                          else (_mm_fp32_ops, _addmm_fp32_ops))
 
 
 _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype_out")
