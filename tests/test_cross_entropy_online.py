@@ -221,6 +221,35 @@ def test_live_memory_is_what_peak_bytes_says(dtype):
     assert max(peaks) <= online.BUDGET * 1.05 + 2**20 and peaks[1] > peaks[0]  # 2 blocks under the bound, then full ones
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+@pytest.mark.parametrize("epilogue", ["none", "softcap"])
+def test_captured_in_a_cuda_graph(epilogue):
+    """The path runs inside a CUDA graph capture (what mode='reduce-overhead' does around the op: no
+    host-to-device copy, no sync) and the graph's replay on new hidden states gives the eager results."""
+    n_rows, n_hidden, n_cols = 1000, 192, 32001
+    dtype = torch.bfloat16
+    weight = torch.randn(n_cols, n_hidden, device="cuda", dtype=dtype) / n_hidden ** 0.5
+    hidden = torch.randn(n_rows, n_hidden, device="cuda", dtype=dtype)
+    y = _labels(n_rows, n_cols, "cuda", p_ignore=0.3)
+    idx = (y != -100).nonzero().view(-1)
+    scale = torch.full((1,), 1.0 / idx.numel(), device="cuda")
+    epi = kernel.Epilogue(1.0, 1.0, 30.0, False) if epilogue == "softcap" else kernel.NO_EPILOGUE
+    run = lambda: online.forward_backward(hidden, weight, None, y, -100, scale, idx, epi, rows=384, cols=4096)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch's docs ask before a capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    hidden.copy_(torch.randn_like(hidden))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, run()):
+        torch.testing.assert_close(got, want)  # a stale output (the capture-time inputs) would differ wholly
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny models run on the CPU, where a GPU box has no "
                                                     "Triton interpreter: the op takes its torch path")
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -239,11 +239,12 @@ _ADDMM_FP32_ACC = hasattr(torch.ops.aten.addmm, "dtype_out") and _torch_at_least
 
 
 def _device_values(values, device) -> torch.Tensor:
-    """fp32 values on the device by fills: no host-to-device copy (which would wait for the stream, and
-    is not allowed while a CUDA graph is captured)."""
+    """fp32 values on the device by fill kernels (the value is a launch argument): no host-to-device
+    copy, which would wait for the stream and is refused while a CUDA graph is captured. (`t[i] = v`
+    is such a copy: the train step under CUDA graphs failed on it, session 9.)"""
     t = torch.empty(len(values), dtype=torch.float32, device=device)
     for i, v in enumerate(values):
-        t[i] = v
+        t[i : i + 1].fill_(v)
     return t
 
 
