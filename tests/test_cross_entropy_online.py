@@ -250,6 +250,35 @@ def test_captured_in_a_cuda_graph(epilogue):
         torch.testing.assert_close(got, want)  # a stale output (the capture-time inputs) would differ wholly
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+def test_a_captured_call_takes_the_online_path(monkeypatch):
+    """The size rule would send this small call to the chunked path; recorded into a CUDA graph it goes online."""
+    calls = _online_calls(monkeypatch)
+    monkeypatch.setattr(online, "ENABLED", None)
+    hidden, weight = _inputs(300, 128, 5003, torch.bfloat16, "cuda")
+    y = _labels(300, 5003, "cuda")
+    scale = torch.ones(1, device="cuda")
+    run = lambda: kernel.linear_cross_entropy_forward_backward(hidden.detach(), weight, None, y, -100, 0.0, scale,
+                                                               True, False, False)
+    run()
+    assert not calls  # eager: by size, chunked
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    assert len(calls) == 1
+    graph.replay()
+    torch.cuda.synchronize()
+    want = run()
+    torch.testing.assert_close(captured[0], want[0])
+    assert _rel(captured[2], want[2]) < TOL[torch.bfloat16]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny models run on the CPU, where a GPU box has no "
                                                     "Triton interpreter: the op takes its torch path")
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -287,6 +316,13 @@ def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
     for got in results[1:]:
         torch.testing.assert_close(got[0], results[0][0], rtol=1e-5, atol=1e-5)
         assert _rel(got[2], results[0][2]) < TOL[torch.float32]
+    # recorded into a CUDA graph (no host time on replay): online whatever the size, unless switched off
+    monkeypatch.setattr(online, "ENABLED", None)
+    monkeypatch.setattr(online, "MIN_LOGITS", logits + 1)
+    monkeypatch.setattr(online, "MIN_HIDDEN", h + 1)
+    assert online.preferred(n, h, 131, captured=True) and not online.preferred(n, h, 131)
+    monkeypatch.setattr(online, "ENABLED", False)
+    assert not online.preferred(n, h, 131, captured=True)
 
 
 def test_block_rows_fill_the_budget_in_equal_whole_tiles():

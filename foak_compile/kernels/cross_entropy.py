@@ -583,10 +583,11 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
                                           online: Optional[bool] = None):
     """(loss, lse, dhidden, dweight, dbias): the forward's per-row loss and lse, and the gradients
     asked for (else None) of Σ_r scale·loss_r, scale being one fp32 value ([1]) for all rows.
-    `online` (default: cross_entropy_online.preferred, by size): a frozen lm_head's dh by the
-    vocabulary-tiled online softmax of cross_entropy_online.py, where it applies."""
+    `online` (default: cross_entropy_online.preferred, by size, or always inside a CUDA graph capture): a
+    frozen lm_head's dh by the vocabulary-tiled online softmax of cross_entropy_online.py, where it applies."""
     check_labels(labels, weight.shape[0], ignore_index)
-    wanted = online_path.preferred(*hidden.shape, weight.shape[0]) if online is None else online
+    captured = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+    wanted = online_path.preferred(*hidden.shape, weight.shape[0], captured) if online is None else online
     if wanted and need_hidden and online_path.applicable(
             hidden, weight, label_smoothing, need_weight, need_bias and bias is not None, epi):
         labels = labels.contiguous()
