@@ -221,6 +221,20 @@ def test_live_memory_is_what_peak_bytes_says(dtype):
     assert max(peaks) <= online.BUDGET * 1.05 + 2**20 and peaks[1] > peaks[0]  # 2 blocks under the bound, then full ones
 
 
+def _captured(run):
+    """(graph, outputs) of `run` recorded into a CUDA graph, after a warm-up off the default stream (as
+    torch's docs ask before a capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    return graph, outputs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
 @pytest.mark.parametrize("epilogue", ["none", "softcap"])
 def test_captured_in_a_cuda_graph(epilogue):
@@ -235,20 +249,12 @@ def test_captured_in_a_cuda_graph(epilogue):
     scale = torch.full((1,), 1.0 / idx.numel(), device="cuda")
     epi = kernel.Epilogue(1.0, 1.0, 30.0, False) if epilogue == "softcap" else kernel.NO_EPILOGUE
     run = lambda: online.forward_backward(hidden, weight, None, y, -100, scale, idx, epi, rows=384, cols=4096)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as torch's docs ask before a capture
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = _captured(run)
     hidden.copy_(torch.randn_like(hidden))
     graph.replay()
     torch.cuda.synchronize()
     for got, want in zip(captured, run()):
         torch.testing.assert_close(got, want)  # a stale output (the capture-time inputs) would differ wholly
-
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
@@ -263,15 +269,8 @@ def test_a_captured_call_takes_the_online_path(monkeypatch):
                                                                True, False, False)
     run()
     assert not calls  # eager: by size, chunked
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
-    assert len(calls) == 1
+    graph, captured = _captured(run)
+    assert len(calls) == 1  # the captured call only: the warm-up before it is not captured, so chunked
     graph.replay()
     torch.cuda.synchronize()
     want = run()
