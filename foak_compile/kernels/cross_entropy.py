@@ -460,11 +460,16 @@ _IGNORED = _IgnoredFraction()
 COMPACT_MIN_IGNORED = 0.1  # on a device: compact when the last counted call ignored at least this share
 
 
+def _captured(t: torch.Tensor) -> bool:
+    """Whether work on t's device is being recorded into a CUDA graph (no host syncs; replays have no host time)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _kept_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
     """Indices of the rows whose label is not ignore_index, or None to run every row: when
     none is ignored, when COMPACT is off, while a CUDA graph is captured (the count needs
     a host sync), or on a device when recent calls ignored few rows (_IgnoredFraction)."""
-    if not COMPACT or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not COMPACT or _captured(labels):
         return None
     keep = labels != ignore_index
     if labels.is_cuda and not torch.are_deterministic_algorithms_enabled():
@@ -586,8 +591,7 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
     `online` (default: cross_entropy_online.preferred, by size, or always inside a CUDA graph capture): a
     frozen lm_head's dh by the vocabulary-tiled online softmax of cross_entropy_online.py, where it applies."""
     check_labels(labels, weight.shape[0], ignore_index)
-    captured = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
-    wanted = online_path.preferred(*hidden.shape, weight.shape[0], captured) if online is None else online
+    wanted = online_path.preferred(*hidden.shape, weight.shape[0], _captured(hidden)) if online is None else online
     if wanted and need_hidden and online_path.applicable(
             hidden, weight, label_smoothing, need_weight, need_bias and bias is not None, epi):
         labels = labels.contiguous()
