@@ -283,7 +283,9 @@ def chunk_sweep():
     return out
 
 
+# (rows per block, columns per piece); rows None: as many as online.BUDGET holds at those columns
 ONLINE_SWEEP = [(r, c) for r in (1024, 2048, 4096) for c in (2048, 4096, 8192)]
+ONLINE_SWEEP += [(None, c) for c in (8192, 16384, 32768, 65536)]
 
 
 def online_sweep(tokens, vocabs, hiddens):
@@ -298,17 +300,18 @@ def online_sweep(tokens, vocabs, hiddens):
                     h, w, y = _inputs(n, v, hdim, frozen=True)
                     h = h.detach()
                     scale = (1.0 / (y != -100).sum()).float().reshape(1)
-                    for rows, cols in [(None, None)] + ONLINE_SWEEP:
-                        if rows is not None:
+                    for path, rows, cols in [("chunked", None, None)] + [("online", *t) for t in ONLINE_SWEEP]:
+                        if path == "online":
                             online.ROWS, online.COLS = rows, cols
 
                         def fn():
                             return kernel.linear_cross_entropy_forward_backward(
-                                h, w, None, y, -100, 0.0, scale, True, False, False, online=rows is not None)
+                                h, w, None, y, -100, 0.0, scale, True, False, False, online=path == "online")
                         ms, peak = _kernel_ms_and_peak(fn)
-                        out.append({"tokens": n, "vocab": v, "hidden": hdim,
-                                    "path": "chunked" if rows is None else "online", "rows": rows, "cols": cols,
-                                    "ms": round(ms, 2), "peak_gb": round(peak / 2**30, 3)})
+                        if path == "online" and rows is None:  # the budget's rows, as the path picked them
+                            rows = f"budget:{online.block_rows(int((y != -100).sum()), v, hdim, h.element_size())}"
+                        out.append({"tokens": n, "vocab": v, "hidden": hdim, "path": path, "rows": rows,
+                                    "cols": cols, "ms": round(ms, 2), "peak_gb": round(peak / 2**30, 3)})
                         print(out[-1], flush=True)
                     del h, w, y
                     gc.collect()
@@ -339,11 +342,13 @@ def _summary(case):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/cross_entropy.json")
-    p.add_argument("--modes", nargs="+", choices=("trained", "frozen"), default=["trained", "frozen"],
-                   help="trained: weight and hidden grads; frozen (LoRA): hidden grads only")
+    p.add_argument("--modes", nargs="*", choices=("trained", "frozen"), default=["trained", "frozen"],
+                   help="trained: weight and hidden grads; frozen (LoRA): hidden grads only; none given: no cases (sweeps only)")
     p.add_argument("--frozen", action="store_true", help="only the frozen case (= --modes frozen)")
     p.add_argument("--sweep", action="store_true", help="also the kernel and chunk-size sweeps")
     p.add_argument("--online-sweep", action="store_true", help="also the online path's rows × columns sweep")
+    p.add_argument("--online-cols", type=int, default=None,
+                   help="vocabulary columns per piece of the online path (online.COLS) for the whole run")
     p.add_argument("--softcap", type=float, default=0.0, help="Gemma 2's final-logit softcap between lm_head and loss")
     p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     p.add_argument("--vocabs", type=int, nargs="+", default=VOCABS)
@@ -352,9 +357,12 @@ def main():
     global SOFTCAP
     SOFTCAP = args.softcap
     modes = ["frozen"] if args.frozen else args.modes
+    if args.online_cols:
+        online.COLS = args.online_cols
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     res = {"env": environment(), "dtype": "bfloat16", "ignored_label_share": IGNORED, "softcap": SOFTCAP,
            "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1), "foak_chunk_rows_min_max": [kernel.CHUNK_ROWS_MIN, kernel.CHUNK_ROWS_MAX],
+           "online_cols": online.COLS,
            "cases": []}
     t0 = time.time()
     if args.sweep:
