@@ -19,14 +19,15 @@ import time
 
 VARIANTS = ["eager", "inductor", "liger", "liger_inductor", "foak", "foak_loss", "inductor_cg", "foak_cg",
             "foak_loss_cg", "foak_sib", "foak_loss_sib_cg", "foak_nosib", "foak_loss_nosib_cg", "foak_swiglu",
-            "foak_loss_swiglu_cg", "foak_opq", "foak_loss_opq_cg", "foak_loss_inl_cg", "foak_loss_lceonline_cg"]
+            "foak_loss_swiglu_cg", "foak_opq", "foak_loss_opq_cg", "foak_loss_inl_cg", "foak_loss_lceonline_cg",
+            "foak_loss_lcechunked", "foak_loss_lcechunked_cg"]
 # *_cg: mode="reduce-overhead" (CUDA graphs), for inductor as for foak; foak_loss*: the loss alone
 # is compiled (the logits are dead, so linear + cross-entropy fuse). Pattern sets: foak* = the
 # default (lora_siblings in it since session 4; *_sib* name it explicitly, as earlier runs did);
 # *_nosib*: without lora_siblings (every LoRA layer its own op); *_swiglu*: plus opt-in lora_swiglu;
 # *_opq* / *_inl*: the 4-bit dequant always / never an opaque op (FOAK_OPAQUE_DEQUANT=1 / 0; by default
 # it is opaque only in the *_cg variants); *_lceonline*: the frozen-lm_head vocabulary-tiled linear + CE
-# forced on (cross_entropy_online.ENABLED = True; by default it is chosen by size)
+# forced on (cross_entropy_online.ENABLED = True; by default it is chosen by size); *_lcechunked*: forced off
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -121,6 +122,9 @@ def run_one(args):
         if "_lceonline" in args.variant:
             from foak_compile.kernels import cross_entropy_online
             cross_entropy_online.ENABLED = True
+        if "_lcechunked" in args.variant:
+            from foak_compile.kernels import cross_entropy_online
+            cross_entropy_online.ENABLED = False
         be = foak_compile.backend(patterns=patterns, mode="reduce-overhead" if cudagraphs else None)
         # foak_loss compiles the loss alone, so the logits are dead and linear+CE can fuse
         loss_only = args.variant.startswith("foak_loss")
