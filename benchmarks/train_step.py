@@ -119,12 +119,9 @@ def run_one(args):
         if "_opq" in args.variant or "_inl" in args.variant:
             from foak_compile.ops import dequant
             dequant.OPAQUE = "_opq" in args.variant
-        if "_lceonline" in args.variant:
+        if "_lceonline" in args.variant or "_lcechunked" in args.variant:
             from foak_compile.kernels import cross_entropy_online
-            cross_entropy_online.ENABLED = True
-        if "_lcechunked" in args.variant:
-            from foak_compile.kernels import cross_entropy_online
-            cross_entropy_online.ENABLED = False
+            cross_entropy_online.ENABLED = "_lceonline" in args.variant
         be = foak_compile.backend(patterns=patterns, mode="reduce-overhead" if cudagraphs else None)
         # foak_loss compiles the loss alone, so the logits are dead and linear+CE can fuse
         loss_only = args.variant.startswith("foak_loss")
