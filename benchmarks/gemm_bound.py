@@ -15,7 +15,7 @@ GEMMs it must run, so this times only those, on the same host as inductor's whol
 
 No softmax is computed: G is just a bf16 buffer, so every row is a lower bound on its design.
 
-    python -m benchmarks.gemm_bound --out $OUT/gemm_bound.json
+    python -m benchmarks.gemm_bound --out $OUT/gemm_bound.json [--shapes 16384x256000x2048 ...]
 """
 import argparse
 
@@ -73,9 +73,12 @@ def gemm_rows(n, v, hdim, kept):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/gemm_bound.json")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="TOKENSxVOCABxHIDDEN",
+                   help="instead of SHAPES, e.g. 16384x256000x2048")
     args = p.parse_args()
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     rows = []
-    for n, v, hdim in SHAPES:
+    for n, v, hdim in shapes:
         h, w, y = ce._inputs(n, v, hdim, frozen=False)
         kept = int((y != -100).sum())
         inductor = ce._methods()[0]["inductor"]()
