@@ -243,6 +243,13 @@ def test_bad_shapes_raise(device):
         torch.ops.foak.rope_one(make(HQ, 15, torch.float32, device, 1), cos[..., :15], sin[..., :15], 1)
     with pytest.raises(ValueError):
         torch.ops.foak.rope_one(q[0], cos, sin, 1)  # not 4-D
+    # q and k of different batch sizes, each valid with a batch-1 cos/sin (eager broadcasts): one launch
+    # would walk q's tokens for k as well
+    k = make(HK, 16, torch.float32, device, 1)
+    with pytest.raises(ValueError, match="same batch"):
+        torch.ops.foak.rope(q[:1], k, cos[:1], sin[:1], 1)
+    with pytest.raises(ValueError, match="same batch"):
+        torch.ops.foak.rope(q, k[:1], cos[:1], sin[:1], 1)
 
 
 def test_cos_sin_grad_is_refused(device):

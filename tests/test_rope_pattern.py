@@ -150,6 +150,19 @@ def other_direction(q, k, cos, sin):
     return q * cos + r * sin, k
 
 
+def q_of_one_sequence(q, k, cos, sin):
+    """q of batch 1 against k of batch 2 on one batch-1 cos/sin (eager broadcasts both): two single rotations."""
+    q, k = q[:1].transpose(1, 2), k.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def k_of_one_sequence(q, k, cos, sin):
+    q, k = q.transpose(1, 2), k[:1].transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
 def _inputs(cos_batch=2, s=7, d=16, dtype=torch.float32, positions=None):
     pos = positions if positions is not None else torch.randint(0, 100, (cos_batch, s))
     inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
@@ -193,6 +206,11 @@ def test_layouts_and_operand_orders(fn, variant, dtype):
 
 def test_cos_sin_shared_by_the_batch():
     assert run(hf_bhsd, cos_batch=1) == (["q+k, unsqueeze_dim=1"], [])
+
+
+@pytest.mark.parametrize("fn", [q_of_one_sequence, k_of_one_sequence])
+def test_q_and_k_of_different_batch_sizes_are_rotated_apart(fn):
+    assert run(fn, cos_batch=1) == (["single, unsqueeze_dim=1"] * 2, [])
 
 
 def test_x_cos_plus_x_sin_without_a_rotation_is_no_candidate():

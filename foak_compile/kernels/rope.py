@@ -114,6 +114,11 @@ def check_shapes(xs, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -
                 or cos.shape[0] not in (1, v[0]):
             raise ValueError(f"cannot rotate {tuple(x.shape)} (unsqueeze_dim={unsqueeze_dim}) "
                              f"with cos/sin {tuple(cos.shape)}")
+    if len(xs) == 2:  # one launch walks the first tensor's tokens for both
+        (b1, s1, _, d1), (b2, s2, _, d2) = (_bshd(x, unsqueeze_dim)[0] for x in xs)
+        if (b1, s1, d1) != (b2, s2, d2):
+            raise ValueError(f"tensors rotated together must have the same batch, sequence and head_dim: "
+                             f"{tuple(xs[0].shape)} and {tuple(xs[1].shape)} (unsqueeze_dim={unsqueeze_dim})")
 
 
 def kernel_supported(*ts: torch.Tensor) -> bool:

@@ -220,12 +220,19 @@ def _adapter(up: Node) -> Optional[_Adapter]:
             raise
         return None  # some other model's low-rank product: not ours to report
     user = _sole_user(out)
-    if _float_cast(user):  # peft's 4-bit layer casts the adapter output to the result dtype
+    cast = _float_cast(user)
+    if cast:  # peft's 4-bit layer casts the adapter output to the result dtype
         nodes.append(user)
         out = user
-    add = canon(_sole_user(out))
+    add_node = _sole_user(out)
+    add = canon(add_node)
     if add is None or add.kind != "add" or out not in add.args[:2]:
         return None  # a low-rank chain that is not added to a base result: not a LoRA layer
+    if cast and canon(out).kwargs["dtype"] != value(add_node).dtype:
+        # the op rounds the adapter's term only to the result dtype: another cast's rounding (or
+        # overflow) would be dropped
+        raise Reject(f"adapter output cast to {canon(out).kwargs['dtype']}, not to the result dtype "
+                     f"{value(add_node).dtype}")
     if downo.arg(2, "bias") is not None:
         raise Reject("lora_A has a bias")
     if upo.arg(2, "bias") is not None:

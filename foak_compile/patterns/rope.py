@@ -280,6 +280,14 @@ def _check_values(x: Node, cos: Node, sin: Node, dim: int, out: Node) -> None:
         raise Reject("cos/sin require grad (learned rotary); the op has no cos/sin gradient")
 
 
+def _same_tokens(a, b) -> bool:
+    """Whether two applications rotate the same [B, S] tokens with the same head_dim: one launch walks
+    q's tokens for both (a k of another batch size broadcasts in eager against a batch-1 cos/sin)."""
+    av, bv = value(a.x).shape, value(b.x).shape
+    seq = 2 if a.dim == 1 else 1
+    return all(_same_size(av[i], bv[i]) for i in (0, seq, 3))
+
+
 def _products(out: Node):
     """(x·cos, r·sin) operand pairs of the add, in either order, where r is built from x."""
     op = canon(out)
@@ -373,7 +381,7 @@ class RopePattern(Pattern):
                     continue
                 if (other is None or other.out is app.out or other.x is app.x
                         or (other.cos, other.sin, other.dim) != (app.cos, app.sin, app.dim)
-                        or outside_users(other.nodes, [other.out])):
+                        or not _same_tokens(app, other) or outside_users(other.nodes, [other.out])):
                     continue
                 first_out = min(order[app.out], order[other.out])
                 if max(order[app.x], order[other.x], order[app.cos], order[app.sin]) < first_out:
