@@ -232,6 +232,22 @@ def test_bias_and_half_precision():
     assert _run(fn, h, w, b, y, rtol=2e-2, atol=2e-3) == ({"linear_cross_entropy": 1}, [])
 
 
+def test_a_broadcast_bias_is_a_near_miss():
+    """F.linear broadcasts a [1] bias; the kernels would read one per vocabulary column. The softcap
+    makes its gradient (summed over the vocabulary) more than rounding."""
+    h, w, y = _inputs()
+    b = torch.randn(1)
+    fn = lambda h, w, b, y: F.cross_entropy(torch.tanh(F.linear(h, w, b) / 2.0) * 2.0, y)  # noqa: E731
+    assert _run(fn, h, w, b, y) == ({"cross_entropy": 1}, [
+        ("linear_cross_entropy", "lm_head bias (1,) is not a [vocab] tensor of the weight's dtype")])
+
+
+def test_the_op_refuses_a_bias_of_another_length():
+    h, w, y = _inputs()
+    with pytest.raises(ValueError, match="is not \\[vocab\\]"):
+        torch.ops.foak.linear_cross_entropy(h, w, torch.zeros(1), y, -100, 0.0, "mean", torch.float32)
+
+
 LOSS_ONLY = {
     "upcast": lambda x, y: F.cross_entropy(x.float(), y),
     "3d view": lambda x, y: F.cross_entropy(x.view(1, -1, V).float().view(-1, V), y),

@@ -47,6 +47,8 @@ def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     # only matches that)
     if bias is not None and bias.dtype != weight.dtype:
         raise RuntimeError(f"foak linear_cross_entropy: bias is {bias.dtype} but the weight is {weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"foak linear_cross_entropy: bias {tuple(bias.shape)} is not [vocab] = [{weight.shape[0]}]")
     if epi.scale == 0.0 or epi.divisor == 0.0 or epi.softcap < 0.0 or not all(map(math.isfinite, epi[:3])):
         raise ValueError(f"foak linear_cross_entropy: logit scale {epi.scale}, divisor {epi.divisor}, softcap "
                          f"{epi.softcap}: scale and divisor must be finite and nonzero, softcap finite and ≥ 0")

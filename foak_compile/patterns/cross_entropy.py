@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
@@ -380,8 +381,11 @@ class LinearCrossEntropyPattern(_LossPattern):
         if wv is None or ov is None or wv.dim() != 2 or wv.shape[0] != ov.shape[-1]:
             raise Reject("lm_head weight is not [vocab, hidden]")
         bv = value(bias) if bias is not None else None
-        if bias is not None and (bv is None or bv.dim() != 1 or bv.dtype != wv.dtype):
-            raise Reject("lm_head bias is not a [vocab] tensor of the weight's dtype")
+        if bias is not None and (bv is None or bv.dim() != 1 or bv.dtype != wv.dtype
+                                 or not statically_known_true(bv.shape[0] == wv.shape[0])):
+            # F.linear also broadcasts a [1] bias; the kernels read one per vocabulary column
+            raise Reject(f"lm_head bias {tuple(bv.shape) if bv is not None else '?'} is not a [vocab] "
+                         f"tensor of the weight's dtype")
         if not hv.dtype == wv.dtype == ov.dtype:
             raise Reject(f"lm_head gives {ov.dtype} from {hv.dtype} × {wv.dtype} (autocast?)")
         if head.step_dtypes and head.step_dtypes[0] not in (ov.dtype, torch.float32):
