@@ -105,6 +105,7 @@ def _splice(gm: GraphModule, cand: Candidate) -> Node:
             new = cand.replace(graph)
             takers = _unpack(graph, new, outs) if isinstance(cand.output, list) else [new]
         _check_order(graph, before)
+        _check_reads(graph, before, set(cand.nodes))
     except Exception:
         for n in reversed([n for n in graph.nodes if n not in before]):
             graph.erase_node(n)
@@ -124,6 +125,16 @@ def _unpack(graph: Graph, new: Node, outs: list[Node]) -> list[Node]:
     new.meta.update({k: v for k, v in outs[0].meta.items() if k not in new.meta and k not in ("example_value", "val")})
     new.meta.setdefault("example_value", vals)
     return [graph.call_function(operator.getitem, (new, i)) for i in range(len(outs))]
+
+
+def _check_reads(graph: Graph, before: set, doomed: set) -> None:
+    """The replacement may not read a node the match removes (e.g. a norm's output taken as its own
+    weight): found after the splice, the graph would be left half rewritten."""
+    for n in graph.nodes:
+        if n not in before:
+            read = [a.name for a in n.all_input_nodes if a in doomed]
+            if read:
+                raise ValueError(f"{n.name} would read {', '.join(read)}, which the rewrite removes")
 
 
 def _check_order(graph: Graph, before: set) -> None:

@@ -114,6 +114,33 @@ def test_a_failing_rewrite_is_contained():
     torch.testing.assert_close(gm(x), torch.sin(x) * 2)
 
 
+def test_a_replacement_reading_a_removed_node_is_contained():
+    """A replacement that reads a node of its own match (a 1-D `n * n` looked like a norm times a weight [H]
+    whose weight is the norm itself) is refused before the graph changes, not after its uses moved."""
+    from foak_compile.engine import Candidate, Pattern, run_patterns
+    from foak_compile.report import GraphReport
+
+    class ReadsItself(Pattern):
+        name = "reads_itself"
+
+        def seeds(self, graph):
+            return [n for n in graph.nodes if n.op == "call_function" and n.target is torch.mul]
+
+        def match(self, seed):
+            inner = seed.args[0]
+            return Candidate([inner, seed], seed, lambda g: g.call_function(torch.square, (inner,)))
+
+    gm = torch.fx.symbolic_trace(lambda x: torch.mul(torch.sin(x), 3.0))
+    code = gm.code
+    report = GraphReport("t")
+    run_patterns(gm, [ReadsItself()], report)
+    assert gm.code == code and report.matches == []
+    assert [m.reason for m in report.near_misses] == [
+        "rewrite failed: ValueError('square would read sin, which the rewrite removes')"]
+    x = torch.randn(5)
+    torch.testing.assert_close(gm(x), torch.sin(x) * 3.0)
+
+
 def test_cpu_without_triton_interpreter_falls_back_to_torch():
     """No GPU and no TRITON_INTERPRET: the ops take their torch path; results still match eager."""
     code = ("import copy, torch, foak_compile\n"
