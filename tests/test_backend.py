@@ -215,7 +215,7 @@ def test_the_span_rule_reads_only_the_span():
     args = (torch.randn(3, 16), torch.randn(2), torch.randn(5, 7), torch.randint(0, 7, (5,)), torch.rand(5) > 0.3)
     got = torch.compile(f, backend=be)(*[a.clone() for a in args])
     for a, b in zip(got, f(*[a.clone() for a in args])):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, equal_nan=True)  # every label ignored (keep all False, p=0.3**5): NaN, as torch
     assert be.reports[0].counts() == {"rms_norm": 1, "cross_entropy": 1}, be.reports[0].to_text()
 
 
