@@ -78,17 +78,22 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+def _bf16_adapters(model):
+    """A copy of the model with its LoRA weights rounded to bf16: eager's program of what the op computes."""
+    half = copy.deepcopy(model)
+    for n, p in half.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(torch.bfloat16)
+    return half
+
+
 def compare_half_with_eager(model, inputs, patterns=("lora",)):
     """Half precision with peft's fp32 adapters: the op multiplies them in bf16 (as autocast
     would), so it is held to what eager gets with bf16 adapters: the loss and every gradient
     no further (relative to its largest element) from eager's fp32-adapter numbers."""
     eager = copy.deepcopy(model)
     ref_loss, ref_grads = loss_and_grads(eager, inputs)
-    half = copy.deepcopy(model)
-    for n, p in half.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.to(torch.bfloat16)
-    half_loss, half_grads = loss_and_grads(half, inputs)
+    half_loss, half_grads = loss_and_grads(_bf16_adapters(model), inputs)
     be = foak_compile.backend(patterns=list(patterns), inner="aot_eager")
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     assert grads.keys() == ref_grads.keys() and grads
@@ -113,13 +118,9 @@ def test_half_precision_model_with_fp32_adapters():
     # 0.1-0.4 (of their largest element) off float64 in either program. Held to one of them as the reference,
     # the op exceeded twice the other's distance + 0.04 in 5 of 28 seeds; with this bound its largest excess
     # over 60 seeds was 0.09. A wrong scaling or a missing term is off by O(1).
-    rounded = copy.deepcopy(model)
-    for n, p in rounded.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.to(torch.bfloat16)
     be = foak_compile.backend(patterns=["lora"], inner="aot_eager")
     compare_half_with_float64(model, batch(model), lambda m: torch.compile(m, backend=be), slack=0.12,
-                              others=[rounded])
+                              others=[_bf16_adapters(model)])
     assert lora_counts(be) == 2 * len(PROJECTIONS)
     assert "float32 adapter run in bfloat16" in be.reports[0].matches[0].variant
 
