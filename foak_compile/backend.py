@@ -14,10 +14,11 @@ import torch
 import torch._inductor
 from torch._dynamo.backends.registry import lookup_backend
 
+from .checkpointing import new_region_breaks, side_effects_allowed
 from .engine import run_patterns
 from .ops import dequant
 from .patterns import DEFAULT, PATTERNS
-from .report import GraphReport, record
+from .report import GraphReport, NearMiss, record
 
 log = logging.getLogger("foak_compile")
 INNER = ("inductor", "aot_eager", "eager")
@@ -46,6 +47,8 @@ class FoakBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         report = GraphReport(graph_id=_graph_id(), code_before=gm.code)
         _run_nested(gm, [PATTERNS[n]() for n in self.pattern_names], report)
+        for reason in new_region_breaks():  # layers Dynamo left out of every graph: say why, once
+            report.near_misses.append(NearMiss("checkpoint", _region_break_reason(reason)))
         report.code_after = gm.code
         dump_dir = self.dump_dir or os.environ.get("FOAK_DUMP_DIR")
         if dump_dir:
@@ -91,6 +94,19 @@ def _run_nested(gm: torch.fx.GraphModule, patterns, report: GraphReport) -> None
                 ph.meta["grapharg"] = arg.meta["grapharg"]
         _run_nested(body, patterns, report)
     run_patterns(gm, patterns, report)
+
+
+def _region_break_reason(reason: str) -> str:
+    try:
+        import transformers
+        versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    except ImportError:
+        versions = f"torch {torch.__version__}"
+    return (f"a checkpoint region (gradient checkpointing) fell back to eager before this graph, so the "
+            f"layers inside it are not fused ({versions}): {reason}"
+            + ("" if side_effects_allowed() else
+               "; Dynamo's skip_fwd_side_effects_in_bwd_under_checkpoint is off (FOAK_CHECKPOINT_SIDE_EFFECTS=0,"
+               " or a torch without it)"))
 
 
 def _graph_id() -> str:
