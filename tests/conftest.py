@@ -15,6 +15,18 @@ import pytest  # noqa: E402
 import foak_compile  # noqa: E402
 
 
+def pytest_report_header(config):
+    # a failure on other releases than constraints.txt names them (bash scripts/test.sh --latest)
+    from importlib.metadata import PackageNotFoundError, version
+    found = []
+    for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "gptqmodel"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            found.append(f"{dist} -")
+    return "foak-compile against: " + ", ".join(found)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_compile_state():
     torch._dynamo.reset()

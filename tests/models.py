@@ -4,6 +4,7 @@ import copy
 import torch
 
 import foak_compile
+from tests.helpers import rel_err
 
 # Odd sizes on purpose: hidden and intermediate sizes that are not powers of two.
 TINY = dict(hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
@@ -56,10 +57,6 @@ def compare_with_eager(model, inputs, inner="aot_eager", patterns=None, rtol=1e-
     return be
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
 def compare_half_with_float64(model, inputs, compile_call, slack=4e-2, reference_dtype=torch.float64, others=()):
     """A half-precision model: loss and every gradient of `compile_call(model)` no further from the
     float64 model's than twice eager's own error, plus `slack`. Element by element against eager is
@@ -75,13 +72,13 @@ def compare_half_with_float64(model, inputs, compile_call, slack=4e-2, reference
     extra = [loss_and_grads(m, inputs) for m in others]
     loss, grads = loss_and_grads(model, inputs, call=compile_call(model))
     floor = 2.0**-9
-    eager_err = max(_rel(e, ref_loss) for e in [eager_loss] + [x[0] for x in extra])
-    assert _rel(loss, ref_loss) <= 2 * max(eager_err, floor) + 1e-3
+    eager_err = max(rel_err(e, ref_loss) for e in [eager_loss] + [x[0] for x in extra])
+    assert rel_err(loss, ref_loss) <= 2 * max(eager_err, floor) + 1e-3
     assert grads.keys() == ref_grads.keys() and grads
     for n in ref_grads:
         assert grads[n].dtype == eager_grads[n].dtype
-        noise = max(_rel(g[n], ref_grads[n]) for g in [eager_grads] + [x[1] for x in extra])
-        assert _rel(grads[n], ref_grads[n]) <= 2 * max(noise, floor) + slack, n
+        noise = max(rel_err(g[n], ref_grads[n]) for g in [eager_grads] + [x[1] for x in extra])
+        assert rel_err(grads[n], ref_grads[n]) <= 2 * max(noise, floor) + slack, n
 
 
 def inference_matches_eager(model, inputs, patterns=("lora",), context=None):

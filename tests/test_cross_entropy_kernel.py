@@ -6,14 +6,10 @@ import torch.nn.functional as F
 import foak_compile  # noqa: F401
 from foak_compile.kernels import cross_entropy as kernel
 from foak_compile.kernels.common import use_triton
+from tests.helpers import rel_err
 
 # gradients are stored in the logits' dtype: one rounding of values up to ~1
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def _labels(n, vocab, device, ignore_index=-100, p_ignore=0.3):
@@ -42,9 +38,9 @@ def _check_ce(x, y, ignore_index=-100, reduction="mean", label_smoothing=0.0, ou
     loss.backward(g.to(out_dtype))
     ref.backward(g)
     loss_tol = 2e-6 if out_dtype == torch.float32 else TOL[out_dtype]
-    assert _rel(loss, ref) < loss_tol
+    assert rel_err(loss, ref) < loss_tol
     assert xr.grad.dtype == x.dtype and xr.grad.shape == x.shape
-    assert _rel(xr.grad, xd.grad) < TOL[x.dtype]
+    assert rel_err(xr.grad, xd.grad) < TOL[x.dtype]
     return loss, xr.grad
 
 
@@ -117,14 +113,14 @@ def test_many_vocab_blocks_and_minus_inf(block_v, device):
     y[7] = -100
     loss, lse = kernel.cross_entropy_forward(x, y, -100, 0.0, block_v=block_v)
     ref = F.cross_entropy(x.double(), y, reduction="none")
-    assert _rel(loss, ref) < 2e-6
+    assert rel_err(loss, ref) < 2e-6
     keep = y != -100
-    assert _rel(lse[keep], torch.logsumexp(x.double(), -1)[keep]) < 2e-6
+    assert rel_err(lse[keep], torch.logsumexp(x.double(), -1)[keep]) < 2e-6
     scale = torch.rand(11, device=device)
     dx = kernel.cross_entropy_backward(x, y, lse, scale, -100, 0.0, block_v=block_v)
     xd = x.double().requires_grad_()
     F.cross_entropy(xd, y, reduction="none").backward(scale.double())
-    assert _rel(dx, xd.grad) < 2e-6 and (dx[:, :40] == 0).all()
+    assert rel_err(dx, xd.grad) < 2e-6 and (dx[:, :40] == 0).all()
 
 
 @pytest.mark.parametrize("programs", [1, 4])
@@ -196,10 +192,10 @@ def _check_linear_ce(hidden, weight, bias, y, reduction="mean", label_smoothing=
         e = F.cross_entropy(_epilogue_f64(F.linear(*eager_args), epi).float().view(-1, weight.shape[0]), y.view(-1),
                             ignore_index=-100, reduction=reduction, label_smoothing=label_smoothing)
         (e.view(y.shape) if reduction == "none" else e).backward(g.float())
-        eager_tols = [max(3 * tol, 2 * _rel(a.grad, b.grad)) for a, b in zip(eager_args, ref_args)
+        eager_tols = [max(3 * tol, 2 * rel_err(a.grad, b.grad)) for a, b in zip(eager_args, ref_args)
                       if b is not None and b.requires_grad]
         grad_tol = None
-    assert loss.dtype == out_dtype and _rel(loss, ref) < (1e-5 if hidden.dtype == torch.float32 else 1e-2)
+    assert loss.dtype == out_dtype and rel_err(loss, ref) < (1e-5 if hidden.dtype == torch.float32 else 1e-2)
     errors = []
     for ours, theirs in zip(args, ref_args):
         if theirs is None:
@@ -208,7 +204,7 @@ def _check_linear_ce(hidden, weight, bias, y, reduction="mean", label_smoothing=
             assert ours.grad is None
             continue
         assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape
-        errors.append(_rel(ours.grad, theirs.grad))
+        errors.append(rel_err(ours.grad, theirs.grad))
         limit = eager_tols[len(errors) - 1] if eager_tols else (grad_tol or 2 * tol)
         assert errors[-1] < limit, (errors, limit, reduction, label_smoothing)
     return errors
@@ -268,10 +264,10 @@ def test_epilogue_rounds_like_eager_in_bf16(device):
     eager = F.cross_entropy((torch.tanh(F.linear(hidden, weight) / 1.7 / 3.0) * 3.0).float(), y, reduction="sum")
     epi = kernel.Epilogue(divisor=1.7, softcap=3.0, rounded=True)
     ours, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "sum", torch.float32, *epi)
-    assert _rel(ours, eager) < 1e-6
+    assert rel_err(ours, eager) < 1e-6
     exact, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "sum", torch.float32,
                                                    *epi._replace(rounded=False))
-    assert _rel(exact, eager) > 1e-5
+    assert rel_err(exact, eager) > 1e-5
 
 
 def test_epilogue_divides_as_torch_does_on_cuda(device, monkeypatch):

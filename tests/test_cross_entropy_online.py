@@ -7,7 +7,8 @@ import foak_compile  # noqa: F401
 from foak_compile.kernels import cross_entropy as kernel
 from foak_compile.kernels import cross_entropy_online as online
 
-from tests.test_cross_entropy_kernel import EPILOGUES, TOL, _check_linear_ce, _labels, _rel
+from tests.helpers import rel_err
+from tests.test_cross_entropy_kernel import EPILOGUES, TOL, _check_linear_ce, _labels
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def test_confident_target_keeps_its_precision(device):
             mp.setattr(online, "COLS", cols or online.COLS)
             dh = kernel.linear_cross_entropy_forward_backward(hidden, weight, None, y, -100, 0.0, scale, True,
                                                               False, False, online=use_online)[2]
-        errors.append(_rel(dh, ref))
+        errors.append(rel_err(dh, ref))
     assert errors[0] < max(2 * errors[1], 1e-3) and errors[0] < 1e-2
 
 
@@ -190,7 +191,7 @@ def test_one_block_one_piece_and_explicit_switch(monkeypatch, device):
     assert len(calls) == 1 and dw is None and db is None
     torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref[1], rtol=1e-5, atol=1e-5)
-    assert _rel(dh, ref[2]) < TOL[torch.bfloat16]
+    assert rel_err(dh, ref[2]) < TOL[torch.bfloat16]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the allocator's peak)")
@@ -275,7 +276,7 @@ def test_a_captured_call_takes_the_online_path(monkeypatch):
     torch.cuda.synchronize()
     want = run()
     torch.testing.assert_close(captured[0], want[0])
-    assert _rel(captured[2], want[2]) < TOL[torch.bfloat16]
+    assert rel_err(captured[2], want[2]) < TOL[torch.bfloat16]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny models run on the CPU, where a GPU box has no "
@@ -314,7 +315,7 @@ def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
         assert len(calls) - before == want, (switch, min_logits, min_hidden)
     for got in results[1:]:
         torch.testing.assert_close(got[0], results[0][0], rtol=1e-5, atol=1e-5)
-        assert _rel(got[2], results[0][2]) < TOL[torch.float32]
+        assert rel_err(got[2], results[0][2]) < TOL[torch.float32]
     # recorded into a CUDA graph (no host time on replay): online whatever the size, unless switched off
     monkeypatch.setattr(online, "ENABLED", None)
     monkeypatch.setattr(online, "MIN_LOGITS", logits + 1)

@@ -12,13 +12,10 @@ import foak_compile  # noqa: F401
 from foak_compile.kernels import gptq
 from foak_compile.kernels import lora as lora_kernel
 from foak_compile.kernels.common import use_triton
+from tests.helpers import rel_err
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 # --- a GPTQ layer from integer codes (independent of any GPTQ library) ---------------------------
@@ -190,12 +187,12 @@ def _check(y, dy, x, w, bias, a, b, s, keep=None, p=0.0, tol=2e-5):
     xd, bd, ad, bbd = leaves
     yd = _reference(xd, w.double(), bd, ad, bbd, s, keep, p)
     yd.backward(dy.double())
-    assert _rel(y, yd) < tol
+    assert rel_err(y, yd) < tol
     for got, want, src, what in ((x.grad, xd.grad, x, "dx"), (a.grad, ad.grad, a, "dA"), (b.grad, bbd.grad, b, "dB")):
         assert got is not None and got.dtype == src.dtype, what
-        assert _rel(got, want) < tol, (what, _rel(got, want))
+        assert rel_err(got, want) < tol, (what, rel_err(got, want))
     if bias is not None:
-        assert _rel(bias.grad, bd.grad) < tol
+        assert rel_err(bias.grad, bd.grad) < tol
 
 
 def _quant_args(n_in, n_out, bits, group_size, act_order, scale_dtype, device, zero_format=2):

@@ -11,6 +11,7 @@ import torch._inductor.config as inductor_config
 
 import foak_compile
 from tests.models import batch, compare_with_eager, inference_matches_eager, loss_and_grads, tiny_model
+from tests.helpers import rel_err
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # gptqmodel's packer wants in/out features divisible by 32
@@ -64,10 +65,6 @@ def lora_misses(be):
     return [m.reason for r in be.reports for m in r.near_misses if m.pattern == "lora"]
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
 def test_gptq_llama_4bit_act_order_is_fused_and_exact():
     model = with_lora(quantized())
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "GPTQLoraLinear"
@@ -92,11 +89,11 @@ def compare_in_half_precision(model, inputs, half):
     half_loss, half_grads = loss_and_grads(cast, inputs)
     be = foak_compile.backend(patterns=["lora"], inner="aot_eager")
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
-    assert _rel(loss, ref_loss) <= 2 * _rel(half_loss, ref_loss) + 1e-3
+    assert rel_err(loss, ref_loss) <= 2 * rel_err(half_loss, ref_loss) + 1e-3
     assert grads.keys() == ref_grads.keys() and grads
     for name in ref_grads:
         assert grads[name].dtype == ref_grads[name].dtype, name
-        assert _rel(grads[name], ref_grads[name]) <= 2 * _rel(half_grads[name], ref_grads[name]) + 2e-2, name
+        assert rel_err(grads[name], ref_grads[name]) <= 2 * rel_err(half_grads[name], ref_grads[name]) + 2e-2, name
     return be
 
 

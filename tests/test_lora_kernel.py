@@ -7,13 +7,10 @@ import foak_compile  # noqa: F401
 from foak_compile.kernels import bnb4
 from foak_compile.kernels import lora as kernel
 from foak_compile.kernels.common import use_triton
+from tests.helpers import rel_err
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 def _layer(out_f, in_f, r, dtype, device, bias=False, adapter_dtype=None):
@@ -40,12 +37,12 @@ def _check_against_reference(y, dy, x, w, bias, a, b, s, keep=None, p=0.0, tol=2
     xd, bd, ad, bbd = _leaves(x, bias, a, b)
     yd = _reference(xd, w, bd, ad, bbd, s, keep, p)
     yd.backward(dy.double())
-    assert _rel(y, yd) < tol
+    assert rel_err(y, yd) < tol
     for got, want, what in ((x.grad, xd.grad, "dx"), (a.grad, ad.grad, "dA"), (b.grad, bbd.grad, "dB")):
         assert got is not None and got.dtype == {"dx": x, "dA": a, "dB": b}[what].dtype, what
-        assert _rel(got, want) < tol, (what, _rel(got, want))
+        assert rel_err(got, want) < tol, (what, rel_err(got, want))
     if bias is not None:
-        assert _rel(bias.grad, bd.grad) < tol
+        assert rel_err(bias.grad, bd.grad) < tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -205,7 +202,7 @@ def test_4bit_compute_dtype_and_output_dtype_differ_from_input(device):
     y.sum().backward()
     assert x.grad.dtype == torch.float32
     want = _reference(x.detach().bfloat16().double(), wref, None, a.bfloat16().double(), b.bfloat16().double(), 2.0)
-    assert _rel(y, want) < 2e-2
+    assert rel_err(y, want) < 2e-2
 
 
 def test_mixed_precision_adapter(device):
@@ -393,3 +390,24 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
         assert opaque_calls == ([dequant.FORWARD, dequant.BACKWARD] if opaque else []), opaque_calls
     for got, want in zip(*outs):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,r,col0,extra", [(37, 53, 16, 0, 0), (70, 130, 5, 11, 9), (3, 200, 80, 7, 0)])
+def test_low_rank_add_vs_float64(dtype, m, n, r, col0, extra, device):
+    """y[:, col0:col0+n] += alpha·u·vᵀ in place, one rounding: within half an ulp of float64 (plus the
+    fp32 accumulation's error), the columns outside untouched; u a column slice, v a transposed view
+    (as the backward passes A), r beyond one 64-wide step."""
+    y = torch.randn(m, col0 + n + extra, dtype=dtype, device=device)
+    u = torch.randn(m, r + 3, dtype=dtype, device=device)[:, 2:2 + r]
+    v = torch.randn(r, n, dtype=dtype, device=device).t()
+    alpha = float(torch.empty(()).uniform_(0.3, 3.0))
+    want = y.double()
+    want[:, col0:col0 + n] += alpha * (u.double() @ v.double().t())
+    before = y.clone()
+    out = kernel.low_rank_add_(y, u, v, alpha, col0=col0)
+    assert out is y
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    err = (y.double() - want).abs()
+    assert (err <= 0.5 * ulp * want.abs() + 1e-5 * (r ** 0.5) * alpha).all(), err.max()
+    assert torch.equal(y[:, :col0], before[:, :col0]) and torch.equal(y[:, col0 + n:], before[:, col0 + n:])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import foak_compile
 from tests.models import (batch, compare_half_with_float64, compare_with_eager, inference_matches_eager,
                           loss_and_grads, tiny_model)
+from tests.helpers import rel_err
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,10 +75,6 @@ def test_every_adapted_projection_is_fused_and_exact(r, alpha, rslora):
     assert "torch.ops.foak.lora_linear" in be.reports[0].code_after
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
 def _bf16_adapters(model):
     """A copy of the model with its LoRA weights rounded to bf16: eager's program of what the op computes."""
     half = copy.deepcopy(model)
@@ -102,10 +99,10 @@ def compare_half_with_eager(model, inputs, patterns=("lora",)):
     # 1-layer NF4 model the op's excess over twice eager's error reached 0.026 (per-layer and grouped ops
     # alike), and 2e-2 failed 1 of 16 test runs; a wrong scaling or a missing term is off by O(1).
     floor = 2.0**-9
-    assert _rel(loss, ref_loss) <= 2 * max(_rel(half_loss, ref_loss), floor) + 1e-3
+    assert rel_err(loss, ref_loss) <= 2 * max(rel_err(half_loss, ref_loss), floor) + 1e-3
     for n in ref_grads:
         assert grads[n].dtype == ref_grads[n].dtype
-        assert _rel(grads[n], ref_grads[n]) <= 2 * max(_rel(half_grads[n], ref_grads[n]), floor) + 4e-2, n
+        assert rel_err(grads[n], ref_grads[n]) <= 2 * max(rel_err(half_grads[n], ref_grads[n]), floor) + 4e-2, n
     return be
 
 

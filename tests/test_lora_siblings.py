@@ -8,12 +8,9 @@ import foak_compile
 from foak_compile.patterns import DEFAULT
 from tests.models import batch, compare_half_with_float64, compare_with_eager
 from tests.test_lora_pattern import PROJECTIONS, compare_half_with_eager, peft_llama
+from tests.helpers import rel_err
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -39,13 +36,13 @@ def _check_vs_float64(ys, x, weights64, bias, a, b, s, dtype):
     ref = [F.linear(x64, wi, None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
            for wi, bi, ai, bj, si in zip(weights64, bias, a64, b64, s)]
     for y, r in zip(ys, ref):
-        assert y.dtype == dtype and _rel(y, r) < TOL[dtype]
+        assert y.dtype == dtype and rel_err(y, r) < TOL[dtype]
     dys = [torch.randn_like(r) for r in ref]
     got = torch.autograd.grad(ys, [x] + a + b, [g.to(dtype) for g in dys])
     want = torch.autograd.grad(ref, [x64] + a64 + b64, dys)
     for name, g, r, like in zip(["x"] + ["A"] * len(a) + ["B"] * len(b), got, want, [x] + a + b):
         assert g.dtype == like.dtype, name
-        assert _rel(g, r) < TOL[dtype], (name, _rel(g, r))
+        assert rel_err(g, r) < TOL[dtype], (name, rel_err(g, r))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -15,13 +15,10 @@ from foak_compile.patterns import DEFAULT, OPT_IN
 from tests.models import batch, compare_with_eager, tiny_model
 from tests.test_lora_pattern import PROJECTIONS, compare_half_with_eager, peft_llama
 from tests.test_lora_siblings import _grads_vs_eager
+from tests.helpers import rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 def _randn(*shape, dtype, device, scale=1.0, seed=0):
@@ -67,7 +64,7 @@ def test_backward_kernel_vs_float64(dtype, device):
     g64, u64 = (t.double().requires_grad_() for t in (g, u))
     (F.silu(g64) * u64).backward(dh.double())
     assert dg.dtype == du.dtype == dtype
-    assert _rel(dg, g64.grad) < TOL[dtype] / 4 and _rel(du, u64.grad) < TOL[dtype] / 4
+    assert rel_err(dg, g64.grad) < TOL[dtype] / 4 and rel_err(du, u64.grad) < TOL[dtype] / 4
     if dtype == torch.bfloat16:  # du as eager's mul gradient: dh times the rounded silu, rounded once
         assert torch.equal(du, (dh.float() * F.silu(g).float()).to(dtype))
     only_g, no_u = swiglu.swiglu_backward(dh, g, u, True, False)
@@ -100,11 +97,11 @@ def test_op_forward_backward_vs_float64(dtype, p, device):
     h = F.silu(g64) * u64
     ref = h @ w.double().t() + bias64 + s * ((h * keep / (1.0 - p)) @ a64.t()) @ b64.t()
     ref.backward(dy.double())
-    assert _rel(y, ref) < TOL[dtype]
+    assert rel_err(y, ref) < TOL[dtype]
     for name, got, want in (("gate", gate, g64), ("up", up, u64), ("bias", bias, bias64), ("A", a, a64),
                             ("B", b, b64)):
         assert got.grad.dtype == dtype, name
-        assert _rel(got.grad, want.grad) < TOL[dtype], (name, _rel(got.grad, want.grad))
+        assert rel_err(got.grad, want.grad) < TOL[dtype], (name, rel_err(got.grad, want.grad))
 
 
 def test_op_saves_gate_and_up_not_the_product():

@@ -9,10 +9,7 @@ import torch
 import foak_compile
 from tests.matrix import FAMILIES, build, expected_counts, record
 from tests.models import compare_half_with_float64, loss_and_grads
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+from tests.helpers import rel_err
 
 
 def _inputs(model, seq=11):
@@ -46,7 +43,7 @@ def test_family_counts_and_parity(family, variant):
 
     counts = foak_compile.total_counts(be.reports)
     misses = _near_misses(be.reports)
-    errs = [_rel(loss, ref_loss)] + [_rel(grads[n], ref_grads[n]) for n in ref_grads]
+    errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in ref_grads]
     record(family, variant, {"counts": counts, "near_misses": misses, "max_rel_err": max(errs)})
 
     for pattern, n in expected.items():
@@ -131,7 +128,7 @@ def test_nf4_base_lora_parity(family):
     ref_loss, ref_grads = loss_and_grads(eager, inputs)
     be = foak_compile.backend(inner="aot_eager")
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
-    errs = [_rel(loss, ref_loss)] + [_rel(grads[n], ref_grads[n]) for n in ref_grads]
+    errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in ref_grads]
     assert grads.keys() == ref_grads.keys() and grads
     assert max(errs) < 1e-4, max(errs)
     layers = sum(isinstance(m, LoraLayer) for m in model.modules())
@@ -158,5 +155,5 @@ def test_loss_only_compile_fuses_lm_head_and_loss(family):
     assert {p: counts.get(p, 0) for p in expected} == expected, (counts, _near_misses(be.reports))
     assert "cross_entropy" not in counts and not [m for r in be.reports for m in r.near_misses
                                                   if m.pattern == "linear_cross_entropy"]
-    errs = [_rel(loss, ref_loss)] + [_rel(grads[n], ref_grads[n]) for n in ref_grads]
+    errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in ref_grads]
     assert grads.keys() == ref_grads.keys() and max(errs) < 1e-4, max(errs)

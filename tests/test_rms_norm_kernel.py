@@ -5,6 +5,7 @@ import torch
 import foak_compile  # noqa: F401
 from foak_compile.kernels import rms_norm as kernel
 from foak_compile.kernels.common import use_triton
+from tests.helpers import rel_err
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -17,10 +18,6 @@ def reference(x, w, eps, mid, out):
         n = n.to(mid).double()
     y = n if w is None else n * w.double()
     return y.to(out) if out is not None else y
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -39,9 +36,9 @@ def test_forward_backward_vs_float64(dtype, shape, device):
     yd = reference(xd, wd, 1e-6, None, None)
     yd.backward(dy.double())
     tol = TOL[dtype]
-    assert _rel(y, yd) < tol
-    assert _rel(xr.grad, xd.grad) < tol
-    assert _rel(wr.grad, wd.grad) < tol
+    assert rel_err(y, yd) < tol
+    assert rel_err(xr.grad, xd.grad) < tol
+    assert rel_err(wr.grad, wd.grad) < tol
     assert xr.grad.dtype == dtype and wr.grad.dtype == dtype
 
 
@@ -64,10 +61,10 @@ def test_no_weight_and_mixed_dtypes(device):
     x = torch.randn(5, 7, 40, dtype=torch.bfloat16, device=device)
     y = torch.ops.foak.rms_norm(x, None, 1e-6, None, torch.float32)
     assert y.dtype == torch.float32
-    assert _rel(y, reference(x, None, 1e-6, None, None)) < 1e-6
+    assert rel_err(y, reference(x, None, 1e-6, None, None)) < 1e-6
     w = torch.randn(40, dtype=torch.float32, device=device, requires_grad=True)
     y = torch.ops.foak.rms_norm(x, w, 1e-6, torch.bfloat16, torch.float32)
-    assert _rel(y, reference(x, w.detach(), 1e-6, torch.bfloat16, None)) < 1e-2  # one bf16 ulp of n
+    assert rel_err(y, reference(x, w.detach(), 1e-6, torch.bfloat16, None)) < 1e-2  # one bf16 ulp of n
     y.sum().backward()
     assert w.grad.dtype == torch.float32
 
@@ -84,7 +81,7 @@ def test_non_contiguous_input(device):
     y.backward(dy)
     xd = x.double().requires_grad_()
     reference(xd, w, 1e-6, None, None).backward(dy.double())
-    assert _rel(xr.grad, xd.grad) < 2e-5
+    assert rel_err(xr.grad, xd.grad) < 2e-5
 
 
 def test_grads_only_where_needed(device):
@@ -105,7 +102,7 @@ def test_torch_path_agrees_with_kernel(device):
     dy = torch.randn_like(x)
     for a, b in zip(kernel.rms_norm_torch_backward(dy, x, w, 1e-6, torch.bfloat16, True, True),
                     kernel.rms_norm_backward(dy, x, w, 1e-6, torch.bfloat16, True, True)):
-        assert _rel(a, b) < 1e-2
+        assert rel_err(a, b) < 1e-2
 
 
 def test_fake_impl_matches_real():

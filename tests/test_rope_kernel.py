@@ -5,6 +5,7 @@ import torch
 import foak_compile  # noqa: F401
 from foak_compile.kernels import rope as kernel
 from foak_compile.kernels.common import use_triton
+from tests.helpers import rel_err
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 B, S, HQ, HK = 2, 13, 4, 2
@@ -39,10 +40,6 @@ def random_positions(device):
     return torch.randint(0, 500, (B, S), device=device)
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
 def check_pair(q, k, cos, sin, dim, out_dtype=None):
     """Forward and backward of foak.rope against float64, and bit-for-bit against eager for fp32/half."""
     assert use_triton(q), "kernel path must be exercised (CUDA or TRITON_INTERPRET=1)"
@@ -60,7 +57,7 @@ def check_pair(q, k, cos, sin, dim, out_dtype=None):
     torch.autograd.backward((rq, rk), (gq.double(), gk.double()))
     tol = max(TOL[q.dtype], TOL[cos.dtype])
     for got, want in ((qe, rq), (ke, rk), (qr.grad, qd.grad), (kr.grad, kd.grad)):
-        assert _rel(got, want) < tol
+        assert rel_err(got, want) < tol
 
     # eager in the inputs' own dtypes rounds each product; the kernel reproduces that exactly
     qx, kx = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
