@@ -1,4 +1,17 @@
 #!/usr/bin/env bash
 # The test suite (CPU: real Triton kernels under TRITON_INTERPRET=1).
+#   bash scripts/test.sh              the fast tier: everything not marked slow (the developer loop)
+#   bash scripts/test.sh --all        every tier (what CI runs)
+#   bash scripts/test.sh --latest     the same against the newest dependency releases (own venv, .venv-latest)
+# Other arguments go to pytest, e.g. `-k rms_norm`, `-m gpu`.
+tier=(-m "not slow")
+args=()
+for a in "$@"; do
+    case "$a" in
+        --all) tier=() ;;
+        --latest) export FOAK_LATEST=1 ;;
+        *) args+=("$a") ;;
+    esac
+done
 . "$(dirname "$0")/env.sh"
-exec "$PY" -m pytest -q tests "$@"
+exec "$PY" -m pytest -q tests "${tier[@]}" "${args[@]}"
