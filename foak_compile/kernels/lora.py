@@ -6,7 +6,13 @@ mask nor the dropped activations are saved.
     drop(x)  = keep ? x · 1/(1−p) : 0      (fp32 math, one rounding)
 
 `dropout_add_` applies the same mask to a gradient and adds it to another one in place:
-dx += drop(g), the adapter's share of dX. The torch path (devices without Triton) draws its
+dx += drop(g), the adapter's share of dX.
+
+`low_rank_add_` adds the adapter's rank-r product into the base GEMM's output in place,
+y += alpha · u·vᵀ (u [M, r], v [N, r]), one rounding, reading and writing y once. cuBLAS's
+in-place addmm does the same, but an inlined op is functionalised (ops/registry.py) and the
+addmm becomes out-of-place: a copy of y, then a GEMM that reads the copy. A Triton launch that
+mutates y is reinplaced by inductor instead. The torch path (devices without Triton) draws its
 mask from a hash of (seed, index) in torch ops: a different mask than the kernel's, but the
 same one in forward and backward, which is all autograd needs.
 """
@@ -14,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPE, cast, grid_2d, rows_2d, use_triton, wrap_triton
+from .common import INTERPRET, TL_DTYPE, cast, grid_2d, rows_2d, use_triton, wrap_triton
+
+_DOT_IN_FP32 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -37,6 +45,47 @@ def _dropout(X, OUT, n_rows, n_cols, stride_x, stride_out, SEED, p, scale,
     if ACCUMULATE:
         y += tl.load(OUT + r64 * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + r64 * stride_out + cols[None, :], cast(y, OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _low_rank_add(Y, U, V, M, N, R, col0, stride_y, stride_um, stride_ur, stride_vn, stride_vr, alpha,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y[:, col0:col0+N] += alpha · U·Vᵀ over one [BLOCK_M, BLOCK_N] tile, accumulated in fp32."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, R, BLOCK_R):
+        ks = k0 + tl.arange(0, BLOCK_R)
+        u = tl.load(U + r64[:, None] * stride_um + ks[None, :] * stride_ur,
+                    mask=(rows < M)[:, None] & (ks < R)[None, :], other=0.0)
+        v = tl.load(V + c64[None, :] * stride_vn + ks[:, None] * stride_vr,
+                    mask=(cols < N)[None, :] & (ks < R)[:, None], other=0.0)
+        if _DOT_IN_FP32:  # the interpreter has no half-precision dot; the products are exact in fp32 anyway
+            u, v = u.to(tl.float32), v.to(tl.float32)
+        acc += tl.dot(u, v, input_precision=PRECISION)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    ptr = Y + r64[:, None] * stride_y + (col0 + c64)[None, :]
+    y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) + alpha * acc
+    tl.store(ptr, cast(y, Y.dtype.element_ty), mask=mask)
+
+
+def low_rank_add_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: float, col0: int = 0) -> torch.Tensor:
+    """y[:, col0:col0+N] += alpha · u·vᵀ in place; y [M, ≥col0+N] with unit column stride, u [M, r],
+    v [N, r] (any strides), all of one dtype. Returns y."""
+    (m, r), n = u.shape, v.shape[0]
+    assert y.dim() == 2 and y.stride(1) == 1 and y.shape[0] == m and col0 + n <= y.shape[1] and v.shape[1] == r
+    if not (use_triton(y) and y.dtype in TL_DTYPE and u.dtype == v.dtype == y.dtype):
+        y[:, col0:col0 + n].addmm_(u, v.t(), alpha=alpha)
+        return y
+    if m and n and r:
+        block_r = min(64, max(16, triton.next_power_of_2(r)))
+        grid = (triton.cdiv(m, 64), triton.cdiv(n, 128))
+        wrap_triton(_low_rank_add)[grid](y, u, v, m, n, r, col0, y.stride(0), u.stride(0), u.stride(1),
+                                         v.stride(0), v.stride(1), alpha,
+                                         PRECISION="ieee" if y.dtype == torch.float32 or INTERPRET else "tf32",
+                                         BLOCK_M=64, BLOCK_N=128, BLOCK_R=block_r, num_warps=4)
+    return y
 
 
 def _check_p(p: float) -> None:

@@ -11,8 +11,8 @@ neither is differentiable.
 Precision: every GEMM runs in the base's compute dtype (W's dtype, or the 4-bit layer's
 compute dtype) with the adapter weights cast to it, as under torch.autocast; peft's default
 fp32 adapters on a bf16 base are therefore multiplied in bf16, where eager peft would
-multiply in fp32. The adapter's update is added into the base GEMM's output (addmm), one
-rounding for the sum. Gradients come back in each input's dtype; the frozen base gets none
+multiply in fp32. The adapter's update is added into the base GEMM's output in place
+(kernels/lora.low_rank_add_), one rounding for the sum. Gradients come back in each input's dtype; the frozen base gets none
 (the base weight must not require grad). dropout_p may be 0 (no mask, no seed used).
 
 Work: forward = base GEMM + two rank-r GEMMs; backward = dX (one GEMM + rank-r update,
@@ -55,7 +55,7 @@ def _forward(x, weight: torch.Tensor, bias, a, b, scaling: float, p: float, cdt,
     seed = _new_seed(p, x.device)
     xd = kernel.dropout(x2, seed, p, cdt) if p > 0 else x2
     t = torch.mm(xd, a.to(cdt).t())
-    y.addmm_(t, b.to(cdt).t(), alpha=scaling)
+    kernel.low_rank_add_(y, t, b.to(cdt), scaling)
     lead = x.shape[:-1]
     return y.view(*lead, y.shape[-1]).to(out_dtype), t.view(*lead, t.shape[-1]), seed
 
@@ -86,7 +86,7 @@ def _backward(dy, x, get_weight: Callable[[], torch.Tensor], bias, a, b, t, seed
             if p > 0:  # the adapter's share passes back through the forward's mask
                 kernel.dropout_add_(dx2, torch.mm(dt, a.to(cdt)), seed, p)
             else:
-                dx2.addmm_(dt, a.to(cdt))
+                kernel.low_rank_add_(dx2, dt, a.to(cdt).t(), 1.0)
             dx = dx2.view(x.shape).to(x.dtype)
     return dx, dbias, da, db
 

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ..kernels import gptq
+from ..kernels import lora as lora_kernel
 from . import dequant
 from .dequant import pairs as _pairs
 from .registry import fused_op, register_fake
@@ -55,7 +56,7 @@ def lora_linear_siblings(x: torch.Tensor, weights: list[torch.Tensor], biases: l
     for w, bias, a, b, s in zip(weights, biases, lora_a, lora_b, scalings):
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(cdt), x2, w.t())
         r = a.shape[0]
-        y.addmm_(t[:, start:start + r], b.to(cdt).t(), alpha=s)
+        lora_kernel.low_rank_add_(y, t[:, start:start + r], b.to(cdt), s)
         start += r
         ys.append(y.view(*lead, y.shape[-1]).to(out_dtype))
     return ys + [t.view(*lead, t.shape[-1])]
@@ -82,9 +83,10 @@ def lora_linear_siblings_backward(dys: list[torch.Tensor], x: torch.Tensor, weig
     dt, das, dbs = _adapter_grads(dy2, x2, t, lora_a, lora_b, scalings, cdt)
     dx = x.new_empty(0)
     if need_x:
-        dx2 = torch.mm(dt, torch.cat([a.to(cdt) for a in lora_a]))
-        for dy, w in zip(dy2, weights):  # accumulated in place: no per-layer dx to add up
+        dx2 = torch.mm(dy2[0], weights[0])
+        for dy, w in zip(dy2[1:], weights[1:]):  # accumulated in place: no per-layer dx to add up
             dx2.addmm_(dy, w)
+        lora_kernel.low_rank_add_(dx2, dt, torch.cat([a.to(cdt) for a in lora_a]).t(), 1.0)
         dx = dx2.view(x.shape).to(x.dtype)
     return [dx] + das + dbs
 
@@ -202,7 +204,7 @@ def _stacked_forward(x, w_in_out, biases, lora_a, lora_b, scalings, shapes, cdt,
     start, rs = 0, 0
     for (o, _), a, b, s in zip(shapes, lora_a, lora_b, scalings):
         r = a.shape[0]
-        y[:, start:start + o].addmm_(t[:, rs:rs + r], b.to(cdt).t(), alpha=s)
+        lora_kernel.low_rank_add_(y, t[:, rs:rs + r], b.to(cdt), s, col0=start)
         start, rs = start + o, rs + r
     return [y.view(*lead, y.shape[-1]).to(out_dtype), t.view(*lead, t.shape[-1])]
 
@@ -244,8 +246,8 @@ def _stacked_backward(dy, x, weight_in_out, lora_a, lora_b, t, scalings, shapes,
     dt, das, dbs = _adapter_grads(pieces, x2, t, lora_a, lora_b, scalings, cdt)
     dx = x.new_empty(0)
     if need_x:
-        dx2 = torch.mm(dt, torch.cat([a.to(cdt) for a in lora_a]))
-        dx2.addmm_(dy2, weight_in_out().t())  # every base's share in one GEMM against the stacked weight
+        dx2 = torch.mm(dy2, weight_in_out().t())  # every base's share in one GEMM against the stacked weight
+        lora_kernel.low_rank_add_(dx2, dt, torch.cat([a.to(cdt) for a in lora_a]).t(), 1.0)
         dx = dx2.view(x.shape).to(x.dtype)
     return [dx] + das + dbs
 
