@@ -191,6 +191,53 @@ RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cr
           "train_step.json": train_step, "train_step_siblings.json": train_step, "lora.json": lora}
 
 
+DEFAULT_PATH = os.path.join(RESULTS, "default_path")
+README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
+MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
+
+
+def default_path(d, name):
+    """The README's table: one train-step call of the path users take, ratios against its inductor rows."""
+    env = d["env"]
+    out = [f"LoRA train step, Llama-3.2-1B shape (16 layers, hidden 2048, vocab 128256), LoRA r16 on all seven "
+           f"projections, bs {d['rows'][0]['bs']} × {d['rows'][0]['seq']}, AdamW; `torch.compile(model, backend=...)`, "
+           f"model called with labels, logits returned, no `mode`. {env['gpu']}, torch {env['torch']}, triton "
+           f"{env['triton']}, transformers {env.get('transformers', '?')}; MFU against the measured bf16 matmul "
+           f"ceiling ({d['matmul_tflops']} TFLOP/s); peak = allocated. `benchmarks/results/default_path/{name}`.", "",
+           "| base | compiled with | tokens/s | vs inductor | MFU | peak GiB | vs inductor | first step s | vs inductor |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if "error" in r:
+            continue
+        v = r.get("vs_inductor", {})
+        ratio = lambda k: f"{v[k]:.2f}×" if k in v else "—"
+        out.append(f"| {BASES.get(r['quant'], r['quant'])} | {LABELS.get(r['variant'], r['variant'])} | "
+                   f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {r['mfu_pct']}% | {r['mem_gib']:.2f} | "
+                   f"{ratio('peak_mem')} | {r['first_step_s']:.0f} | {ratio('first_step')} |")
+    notes = [f"{BASES.get(r['quant'], r['quant'])} {r['variant']}: {r['note']}" for r in d["rows"] if "note" in r]
+    return "\n".join(out + ([""] + [f"Note: {n}." for n in notes] if notes else []))
+
+
+def readme(chart=True):
+    """Rewrite README.md's results block from the latest JSON per device in results/default_path/."""
+    parts = []
+    for name in sorted(f for f in os.listdir(DEFAULT_PATH) if f.endswith(".json")):
+        d = json.load(open(os.path.join(DEFAULT_PATH, name)))
+        parts.append(default_path(d, name))
+        png = name.removesuffix(".json") + ".png"
+        if chart:
+            train_step_chart(d, os.path.join(DEFAULT_PATH, png))
+        if os.path.exists(os.path.join(DEFAULT_PATH, png)):
+            parts.append(f"![tokens/s and peak memory](benchmarks/results/default_path/{png})")
+    text = open(README).read()
+    head, rest = text.split(MARKERS[0], 1)
+    tail = rest.split(MARKERS[1], 1)[1]
+    new = head + MARKERS[0] + "\n" + "\n\n".join(parts) + "\n" + MARKERS[1] + tail
+    with open(README, "w") as f:
+        f.write(new)
+    return new
+
+
 def main(names=None):
     """Print the tables; with train_step.json present also draw train_step.png beside it. A name that
     is a path to one train-step or linear + cross-entropy call's JSON (e.g.
@@ -215,4 +262,7 @@ def main(names=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--readme"]:
+        readme()
+    else:
+        main(sys.argv[1:])

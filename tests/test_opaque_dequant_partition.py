@@ -1,6 +1,6 @@
 """FOAK_OPAQUE_DEQUANT with inlined 4-bit LoRA ops (as on CUDA): the min-cut partitioner, CSE
 included, must leave one dequant in the forward and one in the backward and keep no dequantised
-weight between them (session 6 measured +1.8 GiB when the two calls were merged into one node).
+weight between them (merged into one node, the dequantised weight was kept: +1.8 GiB on the 1B step).
 
 The inlined (triton_op) bodies are traced here on the CPU: without dropout and with the dequant
 opaque, no Triton launch is left in them. INLINE is read at import, so the check runs in a fresh

@@ -35,11 +35,11 @@ from .common import cast, use_triton
 from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
 # FOAK_LCE_ONLINE=1 / 0 (or ENABLED True / False): always / never, where applicable. Unset (None): by size,
-# from the case-level H200 runs (sessions 7 and 8, frozen lm_head, bf16, 25 % of labels ignored, vocab 128256
-# and 256000, 4096 and 16384 rows; README "Linear + cross-entropy"). The path is host-bound where its GEMMs
-# are small (hidden 2048): ~0.7 ms of host time per call and ~0.1 ms per piece (host_overhead.json), which
-# the work hides from 4096 x 256000 logits on (0.91x inductor's time, session 8) but not reliably at
-# 4096 x 128256 (1.12x in one call, 0.96x in another; the chunked path: 0.92-0.97x, at 3x Liger's memory).
+# from case-level runs (frozen lm_head, bf16, 25 % of labels ignored, vocab 128256 and 256000, 4096 and 16384
+# rows; docs/results.md "Linear + cross-entropy"). The path is host-bound where its GEMMs are small (hidden
+# 2048): ~0.7 ms of host time per call and ~0.1 ms per piece (host_overhead.json), which the work hides from
+# 4096 x 256000 logits on (0.91x inductor's time) but not reliably at 4096 x 128256 (0.96-1.12x; the chunked
+# path: 0.92-0.97x, at 3x Liger's memory).
 # So: from hidden 4096, or from MIN_LOGITS rows x vocabulary (between those two; smaller vocabularies were
 # not measured).
 ENABLED = {"1": True, "0": False}.get(os.environ.get("FOAK_LCE_ONLINE", ""))
@@ -49,15 +49,15 @@ MIN_LOGITS, MIN_HIDDEN = 800_000_000, 4096
 def preferred(n_rows: int, n_hidden: int, n_cols: int, captured: bool = False) -> bool:
     """Whether a call of this size (rows before any are dropped) takes this path when it applies.
     `captured`: the call is being recorded into a CUDA graph, whose replays have none of the host time
-    the size rule is about; then always (session 9, bf16 1B loss-only step with graphs: 63.96 ms online
-    vs 64.23 chunked in one call, and the smaller peak)."""
+    the size rule is about; then always (bf16 1B loss-only step with graphs: as fast as the chunked
+    path, with the smaller peak)."""
     if ENABLED is not None:
         return ENABLED
     return captured or n_rows * n_cols >= MIN_LOGITS or n_hidden >= MIN_HIDDEN
 
 # Tiles. Pieces of COLS vocabulary columns: wider pieces mean fewer GEMM pairs and launches per block, and
 # the host's time per piece (~0.1 ms: two GEMM calls and a Triton launch) is what bounds a block at hidden
-# 2048 (GPU busy 5.4 of 7.4 ms at 4096 x 128256 x 2048; benchmarks/results/session8/). Rows per block: as
+# 2048 (GPU busy 5.4 of 7.4 ms at 4096 x 128256 x 2048). Rows per block: as
 # many as fit in BUDGET bytes of working memory (piece, fp32 accumulator, gathered rows: peak_bytes), so the
 # memory is the same whatever the token count. 31 MiB (1131 rows at hidden 2048, 792 at hidden 4096, bf16)
 # keeps the peak, dh included, under Liger's at 4096 tokens in the four measured shapes (its 128-row chunk
@@ -244,7 +244,7 @@ _ADDMM_FP32_ACC = hasattr(torch.ops.aten.addmm, "dtype_out") and _torch_at_least
 def _device_values(values, device) -> torch.Tensor:
     """fp32 values on the device by fill kernels (the value is a launch argument): no host-to-device
     copy, which would wait for the stream and is refused while a CUDA graph is captured. (`t[i] = v`
-    is such a copy: the train step under CUDA graphs failed on it, session 9.)"""
+    is such a copy: the train step under CUDA graphs failed on it.)"""
     t = torch.empty(len(values), dtype=torch.float32, device=device)
     for i, v in enumerate(values):
         t[i : i + 1].fill_(v)

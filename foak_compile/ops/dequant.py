@@ -1,17 +1,16 @@
 """torch.ops.foak.dequantize_4bit / dequantize_4bit_stacked and dequantize_gptq / dequantize_gptq_stacked:
 the bitsandbytes 4-bit and the GPTQ dequant as opaque ops, which the quantised LoRA ops call while the
 backend compiles for CUDA graphs (or always / never: FOAK_OPAQUE_DEQUANT=1 / 0). GPTQ follows the
-rule NF4 was measured by; its own effect is not measured yet (benchmarks/gpu/PENDING.md).
+rule NF4 was measured by; its own effect is not measured yet.
 
 Inlined (ops/registry.py), a 4-bit LoRA op's body launches the dequant kernel through
 `wrap_triton`, so AOTAutograd and inductor trace, functionalise, analyse and code-generate that
 launch for every projection, forward and backward: the NF4 step's first call took 1.30-1.50× of
-inductor's where bf16's took ~0.95× (benchmarks/notes.md §7). Called through one of these ops the
+inductor's where bf16's took ~0.95× (docs/decisions.md). Called through one of these ops the
 dequant is one opaque node per weight (per sibling group: one for the stacked weight) that
-inductor calls as an extern kernel, at a host cost per call (~0.27 ms measured) that CUDA graphs'
-replays do not pay. Measured (H200, NF4 1B step, session 7): loss-only + CUDA graphs, first step
-1.06× inductor's against 1.30× inlined at 54.5k vs 55.5k tokens/s and the same 6.32 GiB; without
-CUDA graphs 35.7k vs 51.7k tokens/s, hence the rule. Session 6's first try had two faults, fixed:
+inductor calls as an extern kernel, at a host cost per call (~0.27 ms) that CUDA graphs' replays
+do not pay: with CUDA graphs the opaque dequant compiles faster at the same speed and memory,
+without them it costs a third of the tokens/s, hence the rule. Two traps, both handled:
 - the joint graph's CSE (torch/_functorch/compile_utils.fx_graph_cse) merged the forward's and the
   backward's dequant of a weight, identical calls, into one node whose output the partitioner then
   kept for backward (+1.8 GiB). `site` (FORWARD, BACKWARD) makes the calls differ; a tag does not
@@ -31,8 +30,7 @@ from .registry import direct_launches
 
 # FOAK_OPAQUE_DEQUANT=1 / 0: always / never. Unset (None): only while the backend compiles for CUDA graphs
 # (a mode with triton.cudagraphs: "reduce-overhead", "max-autotune"), whose replays take the op's host cost
-# away (session 7, NF4 1B step, H200, "reduce-overhead": first step 1.06x inductor's against 1.30x inlined at
-# 54.5k vs 55.5k tokens/s; without CUDA graphs the opaque op cost a third of the tokens/s).
+# away (see the module docstring).
 OPAQUE = {"1": True, "0": False}.get(os.environ.get("FOAK_OPAQUE_DEQUANT", ""))
 _cuda_graphs = False  # set by for_cuda_graphs() around a compile
 

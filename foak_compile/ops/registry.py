@@ -4,7 +4,7 @@ Where Triton runs natively (CUDA, no interpreter) an op is a `torch.library.trit
 `torch.ops.foak.<name>` with its autograd formula, but AOTAutograd traces its body, so inductor
 sees the aten ops and Triton kernels inside (launched with `wrap_triton`) and calls them from its
 generated code. An opaque custom op cost ~100-300 µs of Python dispatch per call, which made the
-1B LoRA train step host-bound (GPU busy 36 % of the step, benchmarks/notes.md); that was measured
+1B LoRA train step host-bound (GPU busy 36 % of the step, docs/decisions.md); that was measured
 before `direct_launches` (below) took its launches off torch's higher-order-op path, not since.
 
 Under the Triton interpreter (CI) or without CUDA an op is an opaque `torch.library.custom_op`

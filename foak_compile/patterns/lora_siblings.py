@@ -8,8 +8,7 @@ and the kind of base (dense of one dtype; 4-bit of one quant type, block sizes, 
 quantisation and compute dtype; GPTQ of one bit width, zero format, scales and compute dtype),
 the output dtype, and have no LoRA dropout (each layer draws its own mask) and no trained base
 bias. A 4-bit or GPTQ group becomes one stacked-weight op whose output the graph splits per
-layer. In the default set since its H100 measurement (1B LoRA step, bf16: +2.8-4.4 % tokens/s,
-same memory; README "Sibling LoRA layers").
+layer. In the default set: it made the 1B LoRA step faster at the same memory (docs/decisions.md).
 """
 import operator
 from typing import Optional
