@@ -22,6 +22,7 @@ from .report import GraphReport, NearMiss, record
 
 log = logging.getLogger("foak_compile")
 INNER = ("inductor", "aot_eager", "eager")
+FOAK_OPTIONS = ("patterns", "inner", "dump_dir")  # torch.compile(options={"foak.patterns": [...], ...})
 _graph_ids = itertools.count()
 
 
@@ -29,22 +30,52 @@ class FoakBackend:
     """A configured backend; pass an instance to torch.compile(backend=...)."""
 
     def __init__(self, patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
-                 dump_dir: Optional[str] = None, mode: Optional[str] = None):
+                 dump_dir: Optional[str] = None, mode: Optional[str] = None, options: Optional[dict] = None):
         names = list(DEFAULT) if patterns is None else list(patterns)
         unknown = [n for n in names if n not in PATTERNS]
         if unknown:
             raise ValueError(f"unknown foak pattern(s) {unknown}; known: {sorted(PATTERNS)}")
         if inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, not {inner!r}")
+        options = dict(options or {})
+        if (mode is not None or options) and inner != "inductor":
+            raise ValueError(f"mode={mode!r} / options={options} are inductor settings; inner is {inner!r}")
         if mode is not None:
-            if inner != "inductor":
-                raise ValueError(f"mode={mode!r} is an inductor mode; inner is {inner!r}")
             torch._inductor.list_mode_options(mode)  # raises for an unknown mode
+        bad = sorted(set(options) - set(torch._inductor.list_options()))
+        if bad:
+            raise ValueError(f"unknown inductor option(s) {bad} (foak's own take the prefix 'foak.': "
+                             f"{['foak.' + k for k in FOAK_OPTIONS]})")
         names = sorted(dict.fromkeys(names), key=list(PATTERNS).index)  # patterns run in their fixed order
         self.pattern_names, self.inner, self.dump_dir, self.mode = names, inner, dump_dir, mode
+        self.options = options
         self.reports: list[GraphReport] = []
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                 options: Optional[dict] = None):
+        """torch.compile(..., backend=..., mode=..., options=...) passes its mode and options here."""
+        be = self if mode is None and not options else self.with_options(mode, options)
+        return be._compile(gm, example_inputs)
+
+    def with_options(self, mode: Optional[str] = None, options: Optional[dict] = None) -> "FoakBackend":
+        """This backend with torch.compile's `mode` and `options` on top: inductor options as they are,
+        foak's own under the prefix 'foak.' (foak.patterns, foak.inner, foak.dump_dir). Reports go to
+        this backend's `reports`."""
+        ours, inductor_options = {}, {}
+        for key, value in (options or {}).items():
+            if key.startswith("foak."):
+                if key[5:] not in FOAK_OPTIONS:
+                    raise ValueError(f"unknown foak option {key!r}; known: {['foak.' + k for k in FOAK_OPTIONS]}")
+                ours[key[5:]] = value
+            else:
+                inductor_options[key] = value
+        be = FoakBackend(patterns=ours.get("patterns", self.pattern_names), inner=ours.get("inner", self.inner),
+                         dump_dir=ours.get("dump_dir", self.dump_dir), mode=self.mode if mode is None else mode,
+                         options={**self.options, **inductor_options})
+        be.reports = self.reports
+        return be
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs):
         report = GraphReport(graph_id=_graph_id(), code_before=gm.code)
         _run_nested(gm, [PATTERNS[n]() for n in self.pattern_names], report)
         for reason in new_region_breaks():  # layers Dynamo left out of every graph: say why, once
@@ -58,17 +89,17 @@ class FoakBackend:
         log.info(report.summary())
         if self.inner == "eager":
             return gm.forward
-        if self.mode is not None:  # e.g. "reduce-overhead": CUDA graphs take the launch cost off the host
+        patches = {**(torch._inductor.list_mode_options(self.mode) if self.mode else {}), **self.options}
+        if patches:  # e.g. "reduce-overhead": CUDA graphs take the launch cost off the host
             from torch._inductor.compile_fx import compile_fx
-            options = torch._inductor.list_mode_options(self.mode)
             # replayed graphs hide an opaque op's host cost: the quantised bases' dequant goes opaque (compile time)
-            with dequant.for_cuda_graphs() if options.get("triton.cudagraphs") else contextlib.nullcontext():
-                return compile_fx(gm, example_inputs, config_patches=options)
+            with dequant.for_cuda_graphs() if patches.get("triton.cudagraphs") else contextlib.nullcontext():
+                return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(self.inner)(gm, example_inputs)
 
     def __repr__(self):
         return (f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, "
-                f"dump_dir={self.dump_dir!r}, mode={self.mode!r})")
+                f"dump_dir={self.dump_dir!r}, mode={self.mode!r}, options={self.options!r})")
 
 
 # Higher-order ops whose body is ordinary model code that runs as written: the same rewrites hold there.
@@ -121,13 +152,14 @@ def _graph_id() -> str:
     return f"graph_{n:03d}"
 
 
-def backend(patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
-            dump_dir: Optional[str] = None, mode: Optional[str] = None) -> FoakBackend:
-    """A foak backend with a choice of patterns, inner compiler, dump directory and inductor
-    mode (as torch.compile's `mode`: "reduce-overhead" = CUDA graphs, "max-autotune", ...)."""
-    return FoakBackend(patterns, inner, dump_dir, mode)
+def backend(patterns: Optional[Iterable[str]] = None, inner: str = "inductor", dump_dir: Optional[str] = None,
+            mode: Optional[str] = None, options: Optional[dict] = None) -> FoakBackend:
+    """A foak backend with a choice of patterns, inner compiler, dump directory, and inductor's `mode`
+    ("reduce-overhead" = CUDA graphs, "max-autotune", ...) and `options` (inductor config), as torch.compile
+    takes them."""
+    return FoakBackend(patterns, inner, dump_dir, mode, options)
 
 
-def foak(gm: torch.fx.GraphModule, example_inputs):
-    """The `backend="foak"` entry point: every pattern, inductor."""
-    return FoakBackend()(gm, example_inputs)
+def foak(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
+    """The `backend="foak"` entry point: every default pattern, inductor with torch.compile's mode/options."""
+    return FoakBackend()(gm, example_inputs, mode=mode, options=options)

@@ -257,3 +257,50 @@ def test_opaque_dequant_follows_cuda_graphs(mode, env, want, monkeypatch):
     x = torch.randn(int(torch.randint(2, 50, ())))
     torch.testing.assert_close(fn(x), x * 2 + 1)
     assert seen == [want] and not dequant._cuda_graphs
+
+
+def _norm_model():
+    d = int(torch.randint(9, 40, ()))
+    return torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.RMSNorm(d, eps=1e-6)), torch.randn(3, d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,options", [("max-autotune-no-cudagraphs", None), (None, {"trace.enabled": False}),
+                                          (None, {"foak.patterns": ["rms_norm"], "max_autotune": False})])
+def test_torch_compile_mode_and_options_reach_inductor(mode, options, monkeypatch):
+    """torch.compile(model, backend="foak", mode=..., options=...), the spellings torch.compile users know:
+    inductor gets the mode's and the options' config, foak's own options take the prefix 'foak.'."""
+    import torch._inductor.compile_fx as cfx
+    real, seen = cfx.compile_fx, []
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        seen.append(dict(config_patches or {}))
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model, x = _norm_model()
+    foak_compile.reset_reports()
+    out = torch.compile(model, backend="foak", mode=mode, options=options)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    want = {**(torch._inductor.list_mode_options(mode) if mode else {}),
+            **{k: v for k, v in (options or {}).items() if not k.startswith("foak.")}}
+    assert seen[0] == want  # (compile_fx calls itself again inside the patched config)
+    assert foak_compile.total_counts() == {"rms_norm": 1}
+
+
+def test_unknown_options_are_named():
+    model, x = _norm_model()
+    for options, match in (({"trace.enabld": True}, "unknown inductor option.*trace.enabld"),
+                           ({"foak.pattern": ["rope"]}, "unknown foak option 'foak.pattern'"),
+                           ({"foak.patterns": ["rmsnorm"]}, "unknown foak pattern")):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=match):
+            torch.compile(model, backend="foak", options=options)(x)
+    with pytest.raises(ValueError, match="inductor settings; inner is 'aot_eager'"):
+        foak_compile.backend(inner="aot_eager", options={"max_autotune": True})
+
+
+def test_foak_options_reach_the_patterns():
+    model, x = _norm_model()
+    be = foak_compile.backend(inner="aot_eager")
+    torch.compile(model, backend=be, options={"foak.patterns": ["rope"], "foak.inner": "aot_eager"})(x)
+    assert be.reports and be.reports[0].counts() == {}  # rms_norm off: the options' pattern list ruled
