@@ -103,6 +103,14 @@ def _shape(r):
     return f"{r.get('layers')}×{r.get('hidden', 2048)}"
 
 
+def _step_cells(r):
+    """tokens/s | ratio | MFU | peak GiB | ratio | first step s | ratio, ratios against the run's inductor row."""
+    v = r.get("vs_inductor", {})
+    ratio = lambda k: f"{v[k]:.2f}×" if k in v else "—"
+    return (f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {r['mfu_pct']}% | {r.get('mem_gib', r['peak_gib']):.2f} | "
+            f"{ratio('peak_mem')} | {r['first_step_s']:.0f} | {ratio('first_step')}")
+
+
 def train_step(d):
     env = d["env"]
     out = [f"LoRA train step, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
@@ -119,11 +127,8 @@ def train_step(d):
             out.append(f"| {run} | {BASES.get(r['quant'], r['quant'])} | | {LABELS.get(r['variant'], r['variant'])} | "
                        f"error: {err[:90]}{' (' + r['note'] + ')' if 'note' in r else ''} | | | | | | | |")
             continue
-        v = r.get("vs_inductor", {})
-        ratio = lambda k: f"{v[k]:.2f}×" if k in v else "—"
         out.append(f"| {run} | {BASES.get(r['quant'], r['quant'])} | {_shape(r)} | {LABELS.get(r['variant'], r['variant'])} | "
-                   f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {r['mfu_pct']}% | {r.get('mem_gib', r['peak_gib']):.2f} | "
-                   f"{ratio('peak_mem')} | {r['first_step_s']:.0f} | {ratio('first_step')} | {r['loss']} |")
+                   f"{_step_cells(r)} | {r['loss']} |")
     return "\n".join(out)
 
 
@@ -209,11 +214,7 @@ def default_path(d, name):
     for r in d["rows"]:
         if "error" in r:
             continue
-        v = r.get("vs_inductor", {})
-        ratio = lambda k: f"{v[k]:.2f}×" if k in v else "—"
-        out.append(f"| {BASES.get(r['quant'], r['quant'])} | {LABELS.get(r['variant'], r['variant'])} | "
-                   f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {r['mfu_pct']}% | {r['mem_gib']:.2f} | "
-                   f"{ratio('peak_mem')} | {r['first_step_s']:.0f} | {ratio('first_step')} |")
+        out.append(f"| {BASES.get(r['quant'], r['quant'])} | {LABELS.get(r['variant'], r['variant'])} | {_step_cells(r)} |")
     notes = [f"{BASES.get(r['quant'], r['quant'])} {r['variant']}: {r['note']}" for r in d["rows"] if "note" in r]
     return "\n".join(out + ([""] + [f"Note: {n}." for n in notes] if notes else []))
 

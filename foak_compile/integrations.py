@@ -27,7 +27,7 @@ from .report import total_counts
 
 log = logging.getLogger("foak_compile")
 
-__all__ = ["compile_for_trainer", "enable_gradient_checkpointing", "prepare_gradient_checkpointing",
+__all__ = ["compile_for_trainer", "enable_gradient_checkpointing", "prepare_gradient_checkpointing",  # noqa: F822
            "FoakCallback"]
 
 

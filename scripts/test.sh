@@ -3,7 +3,7 @@
 #   bash scripts/test.sh              the fast tier: everything not marked slow (the developer loop)
 #   bash scripts/test.sh --all        every tier (what CI runs)
 #   bash scripts/test.sh --latest     the same against the newest dependency releases (own venv, .venv-latest)
-# Other arguments go to pytest, e.g. `-k rms_norm`, `-m gpu`.
+# Each first runs `ruff check`. Other arguments go to pytest, e.g. `-k rms_norm`, `-m gpu`.
 tier=(-m "not slow")
 args=()
 for a in "$@"; do
@@ -14,4 +14,5 @@ for a in "$@"; do
     esac
 done
 . "$(dirname "$0")/env.sh"
+"$VENV/bin/ruff" check --quiet . || { echo "ruff check failed (lint: pyproject.toml [tool.ruff])" >&2; exit 1; }
 exec "$PY" -m pytest -q tests "${tier[@]}" "${args[@]}"

@@ -20,6 +20,7 @@ def _fresh_python(code: str, interpret: str = "1") -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_entry_point_resolves_in_a_fresh_interpreter():
     code = ("import sys, torch\n"
             "from torch._dynamo.backends.registry import lookup_backend\n"
@@ -29,6 +30,7 @@ def test_entry_point_resolves_in_a_fresh_interpreter():
     assert _fresh_python(code).strip() == "foak_compile.backend foak"
 
 
+@pytest.mark.slow
 def test_backend_string_compiles_and_runs_in_a_fresh_interpreter():
     code = ("import torch\n"
             "m = torch.nn.RMSNorm(37)\n"
@@ -80,6 +82,7 @@ def test_pattern_selection_turns_rewrites_off():
     assert be.reports[0].counts() == {} and "torch.ops.foak" not in be.reports[0].code_after
 
 
+@pytest.mark.slow
 def test_full_inductor_on_a_real_model():
     """The rewritten graph goes through AOTAutograd + inductor: loss and grads still match eager."""
     model = tiny_model("qwen3")
@@ -141,6 +144,7 @@ def test_a_replacement_reading_a_removed_node_is_contained():
     torch.testing.assert_close(gm(x), torch.sin(x) * 3.0)
 
 
+@pytest.mark.slow
 def test_cpu_without_triton_interpreter_falls_back_to_torch():
     """No GPU and no TRITON_INTERPRET: the ops take their torch path; results still match eager."""
     code = ("import copy, torch, foak_compile\n"

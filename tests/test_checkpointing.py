@@ -79,6 +79,7 @@ def test_a_region_that_falls_back_is_a_near_miss():
     assert "rms_norm" not in foak_compile.total_counts(be.reports)  # the layers ran unfused
 
 
+@pytest.mark.slow  # fresh interpreters
 @pytest.mark.parametrize("env,want", [(None, True), ("0", False)])
 def test_importing_foak_sets_the_flag_unless_opted_out(env, want):
     code = ("import torch; assert not torch._dynamo.config.%s; import foak_compile; "

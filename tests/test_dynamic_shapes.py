@@ -13,6 +13,8 @@ from torch._dynamo.backends.registry import lookup_backend
 import foak_compile
 from tests.models import batch, loss_and_grads, tiny_model
 
+pytestmark = pytest.mark.slow  # real models stepped through many shapes
+
 # (batch, seq): a new seq, then a new batch, then a new pair of sizes already seen; no size 1
 # (torch specialises 0 and 1 whatever the mode)
 STEPS = [(2, 5), (2, 9), (3, 7), (3, 5)]

@@ -15,6 +15,8 @@ from foak_compile.integrations import compile_for_trainer, enable_gradient_check
 from tests.models import batch, loss_and_grads
 from tests.test_lora_pattern import PROJECTIONS, peft_llama
 
+pytestmark = pytest.mark.slow  # Trainer and TRL runs
+
 LAYERS = 2
 # what a 2-layer Llama with LoRA on all seven projections contains
 FULL = {"lora": 7 * LAYERS, "lora_siblings": 2 * LAYERS, "rms_norm": 2 * LAYERS + 1, "rope": LAYERS,

@@ -11,6 +11,8 @@ from tests.matrix import FAMILIES, build, expected_counts, record
 from tests.models import compare_half_with_float64, loss_and_grads
 from tests.helpers import rel_err
 
+pytestmark = pytest.mark.slow  # real-model parity across the model matrix
+
 
 def _inputs(model, seq=11):
     ids = torch.randint(3, model.config.vocab_size, (2, seq))

@@ -164,7 +164,7 @@ def _finish(ACC, W, Y, STATE, SCALE, DH, LOSS, LSE, stride_w, stride_dh, n_hidde
     keep = y != ignore_index
     in_range = (y >= 0) & (y < n_cols)
     m = tl.load(st + 0)
-    l = tl.where(keep, tl.load(st + 1), 1.0)
+    l = tl.where(keep, tl.load(st + 1), 1.0)  # noqa: E741  (the l of lse = m + log l)
     lse = tl.where(keep, tl.where(m == float("-inf"), 0.0, m), 0.0) + tl.log(l)
     loss = tl.where(in_range, lse - tl.load(st + 3), float("nan"))
     tl.store(LOSS + row, tl.where(keep, loss, 0.0))
