@@ -15,4 +15,5 @@ for a in "$@"; do
 done
 . "$(dirname "$0")/env.sh"
 "$VENV/bin/ruff" check --quiet . || { echo "ruff check failed (lint: pyproject.toml [tool.ruff])" >&2; exit 1; }
-exec "$PY" -m pytest -q tests "${tier[@]}" "${args[@]}"
+# one worker per core, a test file's tests on one worker (module state, torchrun ports)
+exec "$PY" -m pytest -q -n "${FOAK_TEST_WORKERS:-$(nproc)}" --dist loadfile tests "${tier[@]}" "${args[@]}"

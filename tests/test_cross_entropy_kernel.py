@@ -258,16 +258,17 @@ def test_linear_cross_entropy_epilogue_vs_float64(dtype, name, op, device, monke
 def test_epilogue_rounds_like_eager_in_bf16(device):
     """With `rounded`, each step is rounded to bf16 as eager rounds it: the loss is eager's to fp32
     rounding, not the float64 value (bf16 steps move it by ~1e-4 here)."""
-    hidden = torch.randn(23, 24, device=device, dtype=torch.bfloat16) * 2
+    hidden = torch.randn(61, 24, device=device, dtype=torch.bfloat16) * 2
     weight = torch.randn(131, 24, device=device, dtype=torch.bfloat16)
-    y = _labels(23, 131, device)
+    y = _labels(61, 131, device)
     eager = F.cross_entropy((torch.tanh(F.linear(hidden, weight) / 1.7 / 3.0) * 3.0).float(), y, reduction="sum")
     epi = kernel.Epilogue(divisor=1.7, softcap=3.0, rounded=True)
     ours, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "sum", torch.float32, *epi)
     assert rel_err(ours, eager) < 1e-6
     exact, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "sum", torch.float32,
                                                    *epi._replace(rounded=False))
-    assert rel_err(exact, eager) > 1e-5
+    # the unrounded epilogue is measurably further off (a random draw has put it as close as 6e-6)
+    assert rel_err(exact, eager) > max(2e-6, 4 * rel_err(ours, eager))
 
 
 def test_epilogue_divides_as_torch_does_on_cuda(device, monkeypatch):
@@ -386,6 +387,7 @@ def test_recompute_path_vs_float64(reduction, compact, device, monkeypatch):
                      op=torch.ops.foak.linear_cross_entropy_recompute)
 
 
+@pytest.mark.slow
 def test_weight_grad_summed_in_bf16_over_many_chunks(device, monkeypatch):
     """dW accumulated in bf16 over 15 chunks: one rounding per chunk, so its error grows about as
     √chunks × eager's single rounding (~0.009 here against 0.003), still within tolerance."""

@@ -28,15 +28,26 @@ def _drive(tmp_path, *extra):
     return summary, proc
 
 
-def _check(summary, proc, base):
+def _checkpoints_module_call() -> bool:
+    """transformers before 5.25 checkpoints a layer's whole __call__, FSDP2's hooks included, which Dynamo
+    refuses inside the region: under FSDP2 with checkpointing the layers then run unfused (a documented
+    limitation; 5.25 checkpoints forward only)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return "__init_subclass__" not in GradientCheckpointingLayer.__dict__
+
+
+def _check(summary, proc, base, checkpointing=False):
     runs = summary["runs"][base]
     assert set(runs) == {"single", "ddp", "fsdp2"}
+    want = {mode: FULL for mode in runs}
+    if checkpointing and _checkpoints_module_call():
+        want["fsdp2"] = {"rms_norm": 1, "cross_entropy": 1}  # the final norm and the loss, outside the layers
     for mode, r in runs.items():
         assert r["returncode"] == 0, (mode, r.get("error"), proc.stdout[-3000:])
-        assert r["counts"] == FULL, (mode, r["counts"])
+        assert r["counts"] == want[mode], (mode, r["counts"])
     for mode in ("ddp", "fsdp2"):
         r = runs[mode]
-        assert r["world"] == 2 and r["counts_per_rank"] == [FULL, FULL]
+        assert r["world"] == 2 and r["counts_per_rank"] == [want[mode], want[mode]]
         assert r["ok"], (mode, r["max_rel_loss_diff"], r["max_rel_grad_norm_diff"])
         assert r["lora_abs_sum_rel_diff"] < 1e-4
     assert summary["ok"]
@@ -52,5 +63,5 @@ def test_nf4_base_with_gradient_checkpointing(tmp_path):
     and non-reentrant checkpointing of every layer, in all three runs."""
     pytest.importorskip("bitsandbytes")
     summary, proc = _drive(tmp_path, "--bases", "nf4", "--gradient-checkpointing")
-    _check(summary, proc, "nf4")
+    _check(summary, proc, "nf4", checkpointing=True)
     assert all(r["gradient_checkpointing"] for r in summary["runs"]["nf4"].values())

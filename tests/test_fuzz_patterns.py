@@ -20,7 +20,8 @@ FUZZ = settings(max_examples=int(os.environ.get("FOAK_FUZZ_EXAMPLES", 25)), dead
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 HALF_TOL = dict(rtol=2e-2, atol=2e-2)
 # eps = 0 makes numpy warn inside the Triton interpreter: expected here
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+pytestmark = [pytest.mark.slow,  # compiles every generated module
+              pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
 
 
 def _tol(dtype):

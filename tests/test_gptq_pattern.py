@@ -13,6 +13,8 @@ import foak_compile
 from tests.models import batch, compare_with_eager, inference_matches_eager, loss_and_grads, tiny_model
 from tests.helpers import rel_err
 
+pytestmark = pytest.mark.slow  # real gptqmodel models quantised and trained
+
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # gptqmodel's packer wants in/out features divisible by 32
 SIZES = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2)

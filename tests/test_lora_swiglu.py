@@ -194,6 +194,7 @@ def test_only_down_adapted_by_inductor():
     assert _swiglu_variants(be) == ["silu(gate_proj)·up_proj → down_proj (dense)"]
 
 
+@pytest.mark.slow
 def test_dynamic_shapes():
     """A second sequence length recompiles with symbolic sizes (automatic dynamic): matched there too,
     and the shape checks add no guard, so a third length reuses that graph."""

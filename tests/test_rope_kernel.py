@@ -119,6 +119,7 @@ def test_general_cos_sin_backward_is_the_transpose(device):
     check_pair(q, k, cos, sin, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [(1, 1, 1), (2, 4, 2), (4, 2, 4), (16, 8, 8)])
 @pytest.mark.parametrize("layout", [1, 2])
 def test_tiles_with_token_and_head_tails(tile, layout, device, monkeypatch):

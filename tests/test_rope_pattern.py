@@ -64,6 +64,7 @@ def test_explicit_position_ids(kind):
     assert len(rope_matches(be)) == 2
 
 
+@pytest.mark.slow
 def test_dynamic_sequence_length():
     model = tiny_model("llama")
     be = foak_compile.backend(patterns=["rope"], inner="aot_eager")
