@@ -6,6 +6,7 @@
 """
 import contextlib
 import itertools
+import json
 import logging
 import os
 from typing import Iterable, Optional
@@ -86,7 +87,8 @@ class FoakBackend:
             report.dump(dump_dir)
         self.reports.append(report)
         record(report)
-        log.info(report.summary())
+        log.info(report.summary())  # TORCH_LOGS=foak_compile shows it beside Dynamo's logs
+        _trace_artifact(report)
         if self.inner == "eager":
             return gm.forward
         patches = {**(torch._inductor.list_mode_options(self.mode) if self.mode else {}), **self.options}
@@ -125,6 +127,17 @@ def _run_nested(gm: torch.fx.GraphModule, patterns, report: GraphReport) -> None
                 ph.meta["grapharg"] = arg.meta["grapharg"]
         _run_nested(body, patterns, report)
     run_patterns(gm, patterns, report)
+
+
+def _trace_artifact(report: GraphReport) -> None:
+    """The report as a structured-trace artifact: with TORCH_TRACE=DIR, tlparse lists it on the compile's
+    page next to Dynamo's and inductor's (a no-op without TORCH_TRACE)."""
+    try:
+        from torch._logging import trace_structured
+    except ImportError:
+        return
+    trace_structured("artifact", metadata_fn=lambda: {"name": "foak_report", "encoding": "json"},
+                     payload_fn=lambda: json.dumps({**report.to_json(), "text": report.to_text()}))
 
 
 def _region_break_reason(reason: str) -> str:

@@ -308,3 +308,18 @@ def test_foak_options_reach_the_patterns():
     be = foak_compile.backend(inner="aot_eager")
     torch.compile(model, backend=be, options={"foak.patterns": ["rope"], "foak.inner": "aot_eager"})(x)
     assert be.reports and be.reports[0].counts() == {}  # rms_norm off: the options' pattern list ruled
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_torch_logs_and_structured_trace(tmp_path):
+    """TORCH_LOGS=foak_compile prints each graph's summary line; TORCH_TRACE gets a foak_report artifact
+    (what tlparse renders) with the matches."""
+    code = ("import torch, foak_compile\n"
+            "f = torch.compile(lambda x: torch.nn.functional.rms_norm(x, (8,), eps=1e-6),"
+            " backend=foak_compile.backend(inner='aot_eager'))\n"
+            "f(torch.randn(3, 8))\n")
+    env = dict(os.environ, TORCH_LOGS="foak_compile", TORCH_TRACE=str(tmp_path), TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "matched rms_norm 1" in out.stderr
+    traces = "".join(p.read_text() for p in tmp_path.iterdir())
+    assert '"name": "foak_report"' in traces and '"counts": {"rms_norm": 1}' in traces
