@@ -359,8 +359,11 @@ class CrossEntropyPattern(_LossPattern):
 
 class LinearCrossEntropyPattern(_LossPattern):
     name = "linear_cross_entropy"
-    graph_output_hint = ("the compiled code returns the logits: compile a loss-only function "
-                         "(`lambda **b: model(**b).loss`) or use compile_for_trainer(model, loss_only=True)")
+    # a graph returns the logits when its caller does (a plain model call: compile the loss alone) or when a
+    # graph break after the lm_head hands them to the next graph (then TORCH_LOGS=graph_breaks says where)
+    graph_output_hint = ("this graph returns the logits: to the caller (a model call returns them: compile a "
+                         "loss-only function, `lambda **b: model(**b).loss`, or compile_for_trainer(model, "
+                         "loss_only=True)) or to the code after a graph break (TORCH_LOGS=graph_breaks)")
 
     def match(self, seed: Node) -> Optional[Candidate]:
         loss = _parse_loss(seed)
