@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _FUNCTIONS = {
     operator.mul: "mul", torch.mul: "mul",
@@ -192,3 +193,19 @@ def _strip_dynamo_prefix(path: str) -> str:
     # attribute access Dynamo spells out on wrapper modules (peft): "__dict__['_modules']['base_model']"
     path = re.sub(r"\.?(__dict__\['_modules'\]|_modules)\['([^']*)'\]", r".\2", path)
     return path.lstrip(".")
+
+
+# --- small facts the patterns share ---------------------------------------------------------------
+
+def sole_user(n: Node) -> Optional[Node]:
+    """n's one user, or None when it has none or several."""
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def same_size(a, b) -> bool:
+    """a == b without guarding on symbolic sizes (unknown counts as different)."""
+    return statically_known_true(a == b)
+
+
+def same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(i, j) for i, j in zip(a, b))

@@ -37,14 +37,13 @@ from typing import Any, Optional
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
 from ..kernels import gptq
 from ..kernels.bnb4 import BLOCKSIZES
 from ..kernels.common import TL_DTYPE
-from ..nodes import canon, is_kind, item_float, module_of, other_operand, value
+from ..nodes import canon, is_kind, item_float, module_of, other_operand, same_shape, sole_user, value
 
 _BNB_4BIT = "bitsandbytes.nn.modules.Linear4bit"
 _OTHER_BASES = {  # base layer classes we recognise but do not fuse, with why
@@ -82,10 +81,6 @@ class _Base:
 
 
 # --- small helpers -------------------------------------------------------------------------------
-
-def _sole_user(n: Node) -> Optional[Node]:
-    return next(iter(n.users)) if len(n.users) == 1 else None
-
 
 def _is_clone(n) -> bool:
     return isinstance(n, Node) and not n.kwargs and (
@@ -169,7 +164,7 @@ def _adapter_input(n, nodes: list, variant: list) -> tuple:
 
 def _scaled(n: Node, nodes: list) -> tuple:
     """(node after the scaling, scaling) for `n * s` / `s * n`, or (n, 1.0) without a multiply."""
-    user = _sole_user(n)
+    user = sole_user(n)
     op = canon(user)
     if op is None or op.kind != "mul":
         return n, 1.0
@@ -193,7 +188,7 @@ def _reaches_add(n: Optional[Node], steps: int = 3) -> bool:
     """Whether n flows into an add through a few single-user multiplies/casts (DoRA's
     `mag · up · s` added to the rescaled base, in a graph cut off from its module)."""
     for _ in range(steps):
-        n = _sole_user(n) if n is not None else None
+        n = sole_user(n) if n is not None else None
         op = canon(n)
         if op is None or op.kind not in ("mul", "cast", "add"):
             return False
@@ -216,15 +211,15 @@ def _adapter(up: Node) -> Optional[_Adapter]:
     try:
         out, s = _scaled(up, nodes)
     except Reject:
-        if _in_lora_layer(up) or _reaches_add(_sole_user(up)):
+        if _in_lora_layer(up) or _reaches_add(sole_user(up)):
             raise
         return None  # some other model's low-rank product: not ours to report
-    user = _sole_user(out)
+    user = sole_user(out)
     cast = _float_cast(user)
     if cast:  # peft's 4-bit layer casts the adapter output to the result dtype
         nodes.append(user)
         out = user
-    add_node = _sole_user(out)
+    add_node = sole_user(out)
     add = canon(add_node)
     if add is None or add.kind != "add" or out not in add.args[:2]:
         return None  # a low-rank chain that is not added to a base result: not a LoRA layer
@@ -514,11 +509,6 @@ def _base(r: Node, x: Node) -> _Base:
 
 # --- checks shared by both bases -----------------------------------------------------------------
 
-def _same_shape(a, b) -> bool:
-    """a == b without guarding on symbolic sizes (unknown counts as different)."""
-    return len(a) == len(b) and all(statically_known_true(i == j) for i, j in zip(a, b))
-
-
 def _check_shapes(ad: _Adapter, base: _Base, out: Node) -> None:
     xv, av, bv, ov = value(ad.x), value(ad.a), value(ad.b), value(out)
     if xv is None or av is None or bv is None or ov is None:
@@ -528,19 +518,19 @@ def _check_shapes(ad: _Adapter, base: _Base, out: Node) -> None:
     for t, what in ((xv, "input"), (av, "lora_A"), (bv, "lora_B"), (ov, "result")):
         if t.dtype not in TL_DTYPE:
             raise Reject(f"{what} dtype {t.dtype} unsupported")
-    if av.dim() != 2 or bv.dim() != 2 or not _same_shape((av.shape[1], bv.shape[1]), (xv.shape[-1], av.shape[0])):
+    if av.dim() != 2 or bv.dim() != 2 or not same_shape((av.shape[1], bv.shape[1]), (xv.shape[-1], av.shape[0])):
         raise Reject(f"lora_A {tuple(av.shape)} / lora_B {tuple(bv.shape)} do not chain from x {tuple(xv.shape)}")
-    if not _same_shape(base.wshape, (bv.shape[0], av.shape[1])):
+    if not same_shape(base.wshape, (bv.shape[0], av.shape[1])):
         raise Reject(f"base weight {tuple(base.wshape)} does not match the adapter's {bv.shape[0]}x{av.shape[1]}")
-    if not _same_shape(ov.shape, (*xv.shape[:-1], bv.shape[0])):
+    if not same_shape(ov.shape, (*xv.shape[:-1], bv.shape[0])):
         raise Reject(f"result {tuple(ov.shape)} is not x {tuple(xv.shape)} projected to {bv.shape[0]} features")
 
 
 def _next_adapter_add(n: Node) -> bool:
     """Whether `n` flows (through casts) into another `· + adapter` sum: a second active adapter."""
-    cur, user = n, _sole_user(n)
+    cur, user = n, sole_user(n)
     while user is not None and _float_cast(user):
-        cur, user = user, _sole_user(user)
+        cur, user = user, sole_user(user)
     op = canon(user)
     return op is not None and op.kind == "add" and _is_adapter_out(other_operand(op, cur))
 
@@ -559,7 +549,7 @@ class LoraPattern(Pattern):
         ad = _adapter(seed)
         if ad is None:
             return None
-        add = _sole_user(ad.out)
+        add = sole_user(ad.out)
         r = other_operand(canon(add), ad.out)
         if not isinstance(r, Node):
             return None  # adapter + a constant: no base layer
@@ -568,7 +558,7 @@ class LoraPattern(Pattern):
         out = add
         if _next_adapter_add(add):
             raise Reject("several active adapters on one layer are not fused")
-        cast = _sole_user(add)
+        cast = sole_user(add)
         if _float_cast(cast) and not _next_adapter_add(cast):  # peft's `.to(result dtype)`
             nodes.append(cast)
             out = cast

@@ -19,8 +19,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import canon, is_in_place, module_of, other_operand, value
-from .lora import _same_shape
+from ..nodes import canon, is_in_place, module_of, other_operand, same_shape, value
 from .lora_siblings import _lora_output
 
 _DENSE = torch.ops.foak.lora_linear.default
@@ -106,7 +105,7 @@ class LoraSwigluPattern(Pattern):
             raise Reject("silu(gate) or up has no recorded value: cannot check shapes and dtypes")
         if gv.dtype != uv.dtype:
             raise Reject(f"silu(gate) and up differ in dtype ({gv.dtype} and {uv.dtype})")
-        if not _same_shape(gv.shape, uv.shape):  # symbolic sizes: unknown counts as different, no guard
+        if not same_shape(gv.shape, uv.shape):  # symbolic sizes: unknown counts as different, no guard
             raise Reject(f"silu(gate) {tuple(gv.shape)} and up {tuple(uv.shape)} differ in shape (a broadcast)")
         args = (gate, up) + tuple(call.args[1:])
 

@@ -13,11 +13,7 @@ from torch.fx import Node
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
 from ..kernels.common import TL_DTYPE
-from ..nodes import canon, is_kind, item_float, other_operand, value
-
-
-def _sole_user(n: Node) -> Optional[Node]:
-    return next(iter(n.users)) if len(n.users) == 1 else None
+from ..nodes import canon, is_kind, item_float, other_operand, sole_user, value
 
 
 def _is_last_dim(dim, ndim: int) -> bool:
@@ -190,12 +186,12 @@ class RMSNormPattern(Pattern):
     def _absorb_tail(norm: Node, nodes: list, variant: list):
         """Walk `[cast] [* weight] [cast]` after the normalisation while each step has one user."""
         cur, mid, weight = norm, None, None
-        nxt = _sole_user(cur)
+        nxt = sole_user(cur)
         op = canon(nxt)
         if op is not None and op.kind == "cast" and op.kwargs["dtype"] in TL_DTYPE:
             cur, mid = nxt, op.kwargs["dtype"]
             nodes.append(cur)
-            nxt = _sole_user(cur)
+            nxt = sole_user(cur)
             op = canon(nxt)
         if op is not None and op.kind == "mul" and _weight_ok(other_operand(op, cur), value(cur)) \
                 and value(nxt).shape == value(cur).shape:
@@ -203,7 +199,7 @@ class RMSNormPattern(Pattern):
             variant.append("weight after cast" if mid is not None else "weight in fp32")
             cur = nxt
             nodes.append(cur)
-            nxt = _sole_user(cur)
+            nxt = sole_user(cur)
             op = canon(nxt)
             # A trailing cast is exact to absorb only when the product was rounded to fp32.
             if (op is not None and op.kind == "cast" and op.kwargs["dtype"] in TL_DTYPE

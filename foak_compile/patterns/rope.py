@@ -21,12 +21,11 @@ from typing import Optional
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject, outside_users
 from ..kernels.common import TL_DTYPE
-from ..nodes import canon, is_kind, value
+from ..nodes import canon, is_kind, same_shape, same_size, value
 
 # ops that move data without arithmetic: how a rotation is built from x
 _MOVES = {"getitem", "neg", "cat", "stack"}
@@ -174,7 +173,7 @@ def _joined(r: Node, x: Node) -> Optional[tuple]:
     rv, sv, xv = value(r), value(st), value(x)
     if not _stacked_at(st, -2) or None in (rv, sv, xv) or sv.dim() != xv.dim() + 1:
         return None
-    if not _same_shape(rv.shape, xv.shape) or not _same_shape(sv.shape[:-2], xv.shape[:-1]):
+    if not same_shape(rv.shape, xv.shape) or not same_shape(sv.shape[:-2], xv.shape[:-1]):
         return None  # flattened into another shape than x's
     return canon(st).arg(0, "tensors"), [st, r]
 
@@ -246,15 +245,6 @@ def _unsqueezed(n, what: str) -> tuple:
     return base, dim % 4, n
 
 
-def _same_size(a, b) -> bool:
-    """a == b without guarding on symbolic sizes (unknown counts as different)."""
-    return statically_known_true(a == b)
-
-
-def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(_same_size(i, j) for i, j in zip(a, b))
-
-
 def _check_values(x: Node, cos: Node, sin: Node, dim: int, out: Node) -> None:
     xv, cv, sv, ov = value(x), value(cos), value(sin), value(out)
     if xv is None or xv.dim() != 4:
@@ -262,12 +252,12 @@ def _check_values(x: Node, cos: Node, sin: Node, dim: int, out: Node) -> None:
     if xv.device.type not in ("cuda", "cpu") or cv.device != xv.device or sv.device != xv.device:
         raise Reject(f"devices {xv.device}/{cv.device}/{sv.device} unsupported")
     seq = xv.shape[2] if dim == 1 else xv.shape[1]
-    if not _same_shape(cv.shape, sv.shape) or not _same_size(cv.shape[2], xv.shape[3]) \
-            or not _same_size(cv.shape[1], seq) \
-            or not (_same_size(cv.shape[0], 1) or _same_size(cv.shape[0], xv.shape[0])):
+    if not same_shape(cv.shape, sv.shape) or not same_size(cv.shape[2], xv.shape[3]) \
+            or not same_size(cv.shape[1], seq) \
+            or not (same_size(cv.shape[0], 1) or same_size(cv.shape[0], xv.shape[0])):
         raise Reject(f"cos/sin {tuple(cv.shape)} are not per-token [B or 1, S, D] for x {tuple(xv.shape)} "
                      f"with unsqueeze_dim {dim}")
-    if not _same_shape(ov.shape, xv.shape):
+    if not same_shape(ov.shape, xv.shape):
         raise Reject(f"result {tuple(ov.shape)} is broadcast beyond x {tuple(xv.shape)}")
     if cv.dtype != sv.dtype:
         raise Reject(f"cos is {cv.dtype} but sin is {sv.dtype}: products round to different dtypes")
@@ -285,7 +275,7 @@ def _same_tokens(a, b) -> bool:
     q's tokens for both (a k of another batch size broadcasts in eager against a batch-1 cos/sin)."""
     av, bv = value(a.x).shape, value(b.x).shape
     seq = 2 if a.dim == 1 else 1
-    return all(_same_size(av[i], bv[i]) for i in (0, seq, 3))
+    return all(same_size(av[i], bv[i]) for i in (0, seq, 3))
 
 
 def _products(out: Node):
