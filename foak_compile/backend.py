@@ -43,7 +43,7 @@ class FoakBackend:
             raise ValueError(f"mode={mode!r} / options={options} are inductor settings; inner is {inner!r}")
         if mode is not None:
             torch._inductor.list_mode_options(mode)  # raises for an unknown mode
-        bad = sorted(set(options) - set(torch._inductor.list_options()))
+        bad = sorted(set(options) - set(torch._inductor.list_options())) if options else []
         if bad:
             raise ValueError(f"unknown inductor option(s) {bad} (foak's own take the prefix 'foak.': "
                              f"{['foak.' + k for k in FOAK_OPTIONS]})")
@@ -146,8 +146,8 @@ def _region_break_reason(reason: str) -> str:
         versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     except ImportError:
         versions = f"torch {torch.__version__}"
-    return (f"a checkpoint region (gradient checkpointing) fell back to eager before this graph, so the "
-            f"layers inside it are not fused ({versions}): {reason}"
+    return (f"a checkpoint region (gradient checkpointing) or another higher-order op fell back to eager before "
+            f"this graph, so the layers inside it are not fused ({versions}): {reason}"
             + ("" if side_effects_allowed() else
                "; Dynamo's skip_fwd_side_effects_in_bwd_under_checkpoint is off (FOAK_CHECKPOINT_SIDE_EFFECTS=0,"
                " or a torch without it)"))

@@ -26,7 +26,8 @@ def allow_side_effects_in_checkpoint_regions() -> bool:
         return False
     if os.environ.get("FOAK_CHECKPOINT_SIDE_EFFECTS", "1") != "0":
         setattr(cfg, _FLAG, True)
-    return bool(getattr(cfg, _FLAG))
+    return side_effects_allowed()
+
 
 def side_effects_allowed() -> bool:
     return bool(getattr(torch._dynamo.config, _FLAG, False))
@@ -47,7 +48,7 @@ def new_region_breaks() -> list:
             if n > _seen[kind, key] and _REGION_BREAK.search(key):
                 out.append(_short(key))
             _seen[kind, key] = n
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _short(reason: str) -> str:
