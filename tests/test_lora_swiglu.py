@@ -1,6 +1,6 @@
 """The SwiGLU product fused into a LoRA down-projection: kernels/swiglu.py against eager's rounding
 and float64, torch.ops.foak.lora_linear_swiglu against float64 (dropout through its mask), and
-the opt-in `lora_swiglu` pattern on real peft models and hand-written MLPs."""
+the `lora_swiglu` pattern on real peft models and hand-written MLPs."""
 import numpy as np
 import pytest
 import torch
@@ -11,7 +11,7 @@ import foak_compile
 from foak_compile.kernels import lora as lora_kernel
 from foak_compile.kernels import swiglu
 from foak_compile.kernels.common import INTERPRET
-from foak_compile.patterns import DEFAULT, OPT_IN
+from foak_compile.patterns import DEFAULT
 from tests.models import batch, compare_with_eager, tiny_model
 from tests.test_lora_pattern import PROJECTIONS, compare_half_with_eager, peft_llama
 from tests.test_lora_siblings import _grads_vs_eager
@@ -236,7 +236,7 @@ def test_inlined_op_under_inductor_on_cuda(dtype, tol):
     model = peft_llama(dtype, layers=2).cuda()
     inputs = {k: v.cuda() for k, v in batch(model, seq=37).items()}
     ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), inputs)
-    be = foak_compile.backend(patterns=[*DEFAULT, "lora_siblings", "lora_swiglu"], inner="inductor")
+    be = foak_compile.backend(patterns=DEFAULT, inner="inductor")
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
     for name in ref_grads:
@@ -247,8 +247,8 @@ def test_inlined_op_under_inductor_on_cuda(dtype, tol):
     assert _saved_activations(model, inputs, torch.compile(model, backend=be)) == 2 * 2
 
 
-def test_opt_in():
-    assert "lora_swiglu" in OPT_IN and "lora_swiglu" not in DEFAULT
+def test_default_and_ordered():
+    assert "lora_swiglu" in DEFAULT
     assert foak_compile.backend(patterns=["lora_swiglu", "lora"]).pattern_names == ["lora", "lora_swiglu"]
 
 

@@ -1,5 +1,5 @@
-"""Pattern families, one module each. `PATTERNS` maps the names users pass to `backend(patterns=...)`;
-`DEFAULT` is what runs when none are named (opt-in patterns: see each one's docstring for why)."""
+"""Pattern families, one module each. `PATTERNS` maps the names users pass to `backend(patterns=...)`,
+in the order they run; `DEFAULT` is what runs when none are named: all of them."""
 from .cross_entropy import CrossEntropyPattern, LinearCrossEntropyPattern
 from .lora import LoraPattern
 from .lora_siblings import LoraSiblingsPattern
@@ -17,5 +17,4 @@ PATTERNS = {
     "linear_cross_entropy": LinearCrossEntropyPattern,
     "cross_entropy": CrossEntropyPattern,
 }
-OPT_IN = ("lora_swiglu",)
-DEFAULT = [n for n in PATTERNS if n not in OPT_IN]
+DEFAULT = list(PATTERNS)

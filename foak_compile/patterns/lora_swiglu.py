@@ -7,9 +7,8 @@ call whose input is `silu(g) * u` (either operand order), it takes the silu, the
 call. g and u are any nodes of one shape and dtype: LoRA layers, grouped siblings' outputs, plain
 linears. Left alone, with the reason: another activation (Gemma's gelu), silu in place, silu's
 output or the product used elsewhere, g and u differing in shape or dtype, the call's t / seed
-outputs used, a GPTQ base. Opt-in (`backend(patterns=[..., "lora_swiglu"])`): on the bf16 1B
-step it saves memory at the same speed (docs/decisions.md); not yet a default (it would change
-every report's counts, and NF4 is unmeasured).
+outputs used, a GPTQ base. A default pattern: on the bf16 1B step it saves one [tokens, ffn] activation per
+layer (1 GiB) at the same speed (docs/decisions.md).
 """
 import operator
 from typing import Optional
