@@ -50,12 +50,15 @@ def copy_bandwidth_gbs(nbytes=2 * 2**30):
 def environment():
     import triton
     import transformers
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    import peft
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
 
 
-def write_json(path, data):
+def write_json(path, data, echo=True):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
-    print(json.dumps(data, indent=1))
+    if echo:
+        print(json.dumps(data, indent=1))

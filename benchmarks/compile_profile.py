@@ -22,7 +22,7 @@ def main():
     p.add_argument("--out", default="benchmarks/results/profiles")
     a = p.parse_args()
     import torch
-    args = argparse.Namespace(hidden=2048, ffn=8192, layers=a.layers, dropout=0.0, quant=a.quant)
+    args = argparse.Namespace(**dict(train_step.SHAPES["1b"], layers=a.layers), dropout=0.0, quant=a.quant)
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # a cold cache: what a first compile costs
         import tempfile
         cache = tempfile.mkdtemp(prefix="foak_compile_profile_")
