@@ -87,15 +87,14 @@ def lora(d):
     return "\n".join(out)
 
 
-LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile`)", "liger": "Liger (eager)",
-          "liger_inductor": "Liger + inductor", "inductor_cg": "inductor + CUDA graphs",
-          "foak": "**foak** (`backend=\"foak\"`)", "foak_cg": "foak + CUDA graphs",
-          "foak_loss": "foak, loss-only compile", "foak_loss_cg": "**foak, loss-only + CUDA graphs**",
-          "foak_sib": "foak + lora_siblings", "foak_loss_sib_cg": "foak + lora_siblings, loss-only + CUDA graphs",
-          "foak_swiglu": "foak + lora_swiglu", "foak_loss_swiglu_cg": "foak + lora_swiglu, loss-only + CUDA graphs",
-          "foak_opq": "foak, opaque 4-bit dequant", "foak_loss_opq_cg": "foak, opaque dequant, loss-only + CUDA graphs",
-          "foak_loss_inl_cg": "foak, inlined 4-bit dequant, loss-only + CUDA graphs",
-          "foak_loss_lceonline_cg": "foak, online linear+CE, loss-only + CUDA graphs"}
+LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile(model)`)",
+          "inductor_cg": "inductor, `mode=\"reduce-overhead\"`", "liger": "Liger kernels, eager",
+          "foak": "**foak** (`torch.compile(model, backend=\"foak\")`)", "foak_loss": "foak, loss-only compile",
+          "foak_loss_cg": "foak, loss-only + `reduce-overhead`",
+          "trainer_inductor": "Trainer, `torch_compile=True`",
+          "trainer_foak": "**Trainer + `compile_for_trainer(loss_only=True)`**"}
+SHAPES = {"1b": "Llama-3.2-1B shape: 16 layers, hidden 2048, ffn 8192, tied lm_head",
+          "8b": "Llama-3.1-8B shape: 32 layers, hidden 4096, ffn 14336, untied lm_head"}
 BASES = {"none": "bf16", "nf4": "NF4 (double quant)", "gptq": "GPTQ 4-bit g128"}
 
 
@@ -103,12 +102,26 @@ def _shape(r):
     return f"{r.get('layers')}×{r.get('hidden', 2048)}"
 
 
-def _step_cells(r):
-    """tokens/s | ratio | MFU | peak GiB | ratio | first step s | ratio, ratios against the run's inductor row."""
+def _shape_name(r):
+    """The benchmark's shape name ("1b", "8b"); rows from before it was recorded by layers × hidden."""
+    known = {(16, 2048): "1b", (32, 4096): "8b"}
+    return r.get("shape") or known.get((r.get("layers"), r.get("hidden", 2048)), _shape(r))
+
+
+def _step_cells(r, vs_liger=None):
+    """tokens/s | ratio | MFU | peak GiB | ratio [| peak over Liger's] | first step s | ratio, ratios
+    against the run's inductor row."""
     v = r.get("vs_inductor", {})
-    ratio = lambda k: f"{v[k]:.2f}×" if k in v else "—"
-    return (f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {r['mfu_pct']}% | {r.get('mem_gib', r['peak_gib']):.2f} | "
-            f"{ratio('peak_mem')} | {r['first_step_s']:.0f} | {ratio('first_step')}")
+    ratio = lambda k: f"{v[k]:.2f}×" if v.get(k) else "—"
+    liger = f" | {vs_liger}" if vs_liger is not None else ""
+    mfu = f"{r['mfu_pct']}%" if "mfu_pct" in r else "—"
+    return (f"{r['tokens_per_s']:,} | {ratio('tokens_per_s')} | {mfu} | {r.get('mem_gib', r.get('peak_gib')):.2f} | "
+            f"{ratio('peak_mem')}{liger} | {r['first_step_s']:.0f} | {ratio('first_step')}")
+
+
+def _error_line(r):
+    lines = r["error"].strip().splitlines() or ["?"]
+    return next((ln for ln in reversed(lines) if "Error:" in ln or "timed out" in ln), lines[-1]).strip()[:120]
 
 
 def train_step(d):
@@ -122,8 +135,7 @@ def train_step(d):
     for r in d["rows"]:
         run = r.get("run", "").removesuffix(".json")
         if "error" in r:
-            lines = r["error"].strip().splitlines()
-            err = next((ln for ln in reversed(lines) if "Error:" in ln), lines[-1]).strip()
+            err = _error_line(r)
             out.append(f"| {run} | {BASES.get(r['quant'], r['quant'])} | | {LABELS.get(r['variant'], r['variant'])} | "
                        f"error: {err[:90]}{' (' + r['note'] + ')' if 'note' in r else ''} | | | | | | | |")
             continue
@@ -201,22 +213,42 @@ README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
 
 
+def _vs_liger(r, rows):
+    """Peak memory over the Liger row of the same base and shape."""
+    lig = next((i for i in rows if i["variant"] == "liger" and "error" not in i and i["quant"] == r["quant"]
+                and _shape_name(i) == _shape_name(r)), None)
+    return f"{r['mem_gib'] / lig['mem_gib']:.2f}×" if lig and r is not lig else "—"
+
+
+def _extra_warnings(r):
+    n = sum((r.get("extra_warnings") or {}).values())
+    return str(n) if "extra_warnings" in r else "—"
+
+
 def default_path(d, name):
-    """The README's table: one train-step call of the path users take, ratios against its inductor rows."""
-    env = d["env"]
-    out = [f"LoRA train step, Llama-3.2-1B shape (16 layers, hidden 2048, vocab 128256), LoRA r16 on all seven "
-           f"projections, bs {d['rows'][0]['bs']} × {d['rows'][0]['seq']}, AdamW; `torch.compile(model, backend=...)`, "
-           f"model called with labels, logits returned, no `mode`. {env['gpu']}, torch {env['torch']}, triton "
-           f"{env['triton']}, transformers {env.get('transformers', '?')}; MFU against the measured bf16 matmul "
-           f"ceiling ({d['matmul_tflops']} TFLOP/s); peak = allocated. `benchmarks/results/default_path/{name}`.", "",
-           "| base | compiled with | tokens/s | vs inductor | MFU | peak GiB | vs inductor | first step s | vs inductor |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in d["rows"]:
-        if "error" in r:
-            continue
-        out.append(f"| {BASES.get(r['quant'], r['quant'])} | {LABELS.get(r['variant'], r['variant'])} | {_step_cells(r)} |")
+    """The README's tables: one train-step call of the path users take, one table per model shape;
+    ratios against the inductor row of the same base and shape (Trainer rows: the Trainer's own)."""
+    env, rows = d["env"], [r for r in d["rows"] if "error" not in r]
+    first = rows[0]
+    out = [f"LoRA r16 on all seven projections, bs {first['bs']} × {first['seq']}, AdamW, random weights (NF4: "
+           f"quantised on the GPU). Model called with labels, logits returned, no `mode`, unless the row says "
+           f"otherwise; Trainer rows: HF `Trainer` over an in-memory dataset, ratios against the Trainer with "
+           f"`torch_compile=True`. {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
+           f"{env.get('transformers', '?')}; MFU against the measured bf16 matmul ceiling ({d['matmul_tflops']} "
+           f"TFLOP/s); peak = most allocated after the model is built (first step included); extra warnings = "
+           f"warning lines inductor alone does not print. `benchmarks/results/default_path/{name}`."]
+    for shape in dict.fromkeys(_shape_name(r) for r in rows):
+        out += ["", f"{SHAPES.get(shape, shape)}:", "",
+                "| base | compiled with | tokens/s | vs inductor | MFU | peak GiB | vs inductor | vs Liger "
+                "| first step s | vs inductor | extra warnings |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if _shape_name(r) == shape):
+            out.append(f"| {BASES.get(r['quant'], r['quant'])} | {LABELS.get(r['variant'], r['variant'])} | "
+                       f"{_step_cells(r, _vs_liger(r, rows))} | {_extra_warnings(r)} |")
+    failed = [f"{BASES.get(r['quant'], r['quant'])} {r['variant']}: {_error_line(r)}" for r in d["rows"] if "error" in r]
     notes = [f"{BASES.get(r['quant'], r['quant'])} {r['variant']}: {r['note']}" for r in d["rows"] if "note" in r]
-    return "\n".join(out + ([""] + [f"Note: {n}." for n in notes] if notes else []))
+    return "\n".join(out + ([""] + [f"Did not finish: {n}." for n in failed] if failed else [])
+                     + ([""] + [f"Note: {n}." for n in notes] if notes else []))
 
 
 def readme(chart=True):

@@ -11,7 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "distributed_parity.py")
-FULL = {"lora": 14, "lora_siblings": 4, "rms_norm": 5, "rope": 2, "cross_entropy": 1}
+FULL = {"lora": 14, "lora_siblings": 4, "lora_swiglu": 2, "rms_norm": 5, "rope": 2, "cross_entropy": 1}
 
 pytestmark = [pytest.mark.slow,  # torchrun subprocesses
               pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

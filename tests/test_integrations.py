@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow  # Trainer and TRL runs
 
 LAYERS = 2
 # what a 2-layer Llama with LoRA on all seven projections contains
-FULL = {"lora": 7 * LAYERS, "lora_siblings": 2 * LAYERS, "rms_norm": 2 * LAYERS + 1, "rope": LAYERS,
-        "cross_entropy": 1}
+FULL = {"lora": 7 * LAYERS, "lora_siblings": 2 * LAYERS, "lora_swiglu": LAYERS, "rms_norm": 2 * LAYERS + 1,
+        "rope": LAYERS, "cross_entropy": 1}
 # with LoRA dropout each layer draws its own mask: q/k/v and gate/up stay single ops
 FULL_DROPOUT = {k: v for k, v in FULL.items() if k != "lora_siblings"}
 
@@ -218,8 +218,8 @@ def test_gradient_checkpointing_parity(base):
     assert len(be.reports) == 1, [r.summary() for r in be.reports]
     report = be.reports[0]
     assert report.code_before.count("tag_activation_checkpoint(") == layers
-    want = {"lora": 7 * layers, "lora_siblings": 2 * layers, "rms_norm": 2 * layers + 1, "rope": layers,
-            "cross_entropy": 1}
+    want = {"lora": 7 * layers, "lora_siblings": 2 * layers, "lora_swiglu": layers, "rms_norm": 2 * layers + 1,
+            "rope": layers, "cross_entropy": 1}
     assert report.counts() == want, report.summary()
     inside = [m for m in report.matches if m.pattern == "lora"]
     assert all("layers." in m.module for m in inside)
