@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import re
 import statistics
 
 import torch
@@ -54,6 +55,15 @@ def environment():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+
+
+def device_slug(gpu=None):
+    """A short file name for a device ("NVIDIA H100 80GB HBM3" -> "h100"): results are kept per device."""
+    gpu = (gpu or environment()["gpu"]).lower()
+    for known in ("h200", "h100", "a100", "gb200", "b200", "l40s", "l4", "a10g", "mi300x"):
+        if known in gpu:
+            return known
+    return re.sub(r"[^a-z0-9]+", "_", gpu.removeprefix("nvidia ")).strip("_") or "cpu"
 
 
 def write_json(path, data, echo=True):

@@ -2,7 +2,7 @@
 
     python -m benchmarks.compile_profile --variant foak --layers 2 --out DIR
 
-Writes DIR/compile_<variant>_<quant>.txt: the first-step wall time and the top functions by
+Writes DIR/<variant>_<quant>_<layers>l.txt: the first-step wall time and the top functions by
 cumulative and by own time (the compile is host work, so cProfile sees all of it)."""
 import argparse
 import cProfile
@@ -19,7 +19,7 @@ def main():
     p.add_argument("--variant", default="foak", choices=["inductor", "foak", "foak_loss"])
     p.add_argument("--quant", default="none", choices=["none", "nf4", "gptq"])
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/profiles")
+    p.add_argument("--out", default="benchmarks/results/compile_profile")
     a = p.parse_args()
     import torch
     args = argparse.Namespace(**dict(train_step.SHAPES["1b"], layers=a.layers), dropout=0.0, quant=a.quant)
@@ -60,7 +60,7 @@ def main():
         r"_compile_inner|__call__.*backend|lower|run_node|precompile|benchmark_gpu")
     st.sort_stats("cumulative").print_stats(60)
     st.sort_stats("tottime").print_stats(30)
-    path = os.path.join(a.out, f"compile_{a.variant}_{a.quant}_{a.layers}l.txt")
+    path = os.path.join(a.out, f"{a.variant}_{a.quant}_{a.layers}l.txt")
     with open(path, "w") as f:
         f.write(buf.getvalue())
     print(f"{a.variant} {a.quant} {a.layers} layers: first step {wall:.1f} s -> {path}")

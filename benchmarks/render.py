@@ -173,44 +173,23 @@ def train_step_chart(d, path):
     fig.savefig(path, dpi=110)
 
 
-def merge_train_step(paths, out):
-    """One train_step.json from per-base runs (one device call each): their rows (each tagged with
-    its run), MFU from the shapes against that run's measured ceiling, ratios against the inductor
-    row of the same run, base and shape (none where that run has no inductor row)."""
-    from .train_step import model_flops_per_step
-    runs = [json.load(open(p)) for p in paths]
-    rows = []
-    for path, run in zip(paths, runs):
-        for r in run["rows"]:
-            r = dict(r, run=os.path.basename(path))
-            if "error" not in r:
-                flops = model_flops_per_step(r["bs"] * r["seq"], r["seq"], r["layers"], r.get("hidden", 2048),
-                                             r.get("ffn", 8192))
-                r["model_tflops_per_step"] = round(flops / 1e12, 2)
-                r["mfu_pct"] = round(100 * flops / 1e12 / (r["step_ms"] / 1000) / run["matmul_tflops"], 1)
-            rows.append(r)
-    group = lambda r: (r["run"], r.get("quant"), r.get("layers"), r.get("hidden", 2048))
-    for r in rows:
-        ind = next((i for i in rows if group(i) == group(r) and i["variant"] == "inductor" and "error" not in i), None)
-        if ind and "error" not in r:
-            r["vs_inductor"] = {"tokens_per_s": round(r["tokens_per_s"] / ind["tokens_per_s"], 3),
-                                "peak_mem": round(r["mem_gib"] / ind["mem_gib"], 3),
-                                "first_step": round(r["first_step_s"] / max(ind["first_step_s"], 1e-9), 3)}
-    merged = {"env": runs[0]["env"], "matmul_tflops": runs[0]["matmul_tflops"],
-              "runs": [{"file": os.path.basename(p), "matmul_tflops": r["matmul_tflops"]} for p, r in zip(paths, runs)],
-              "rows": rows}
-    with open(out, "w") as f:
-        json.dump(merged, f, indent=1)
-    return merged
-
-
-RENDER = {"rms_norm.json": rms_norm, "rope.json": rope, "cross_entropy.json": cross_entropy,
-          "train_step.json": train_step, "train_step_siblings.json": train_step, "lora.json": lora}
-
-
-DEFAULT_PATH = os.path.join(RESULTS, "default_path")
+RENDER = {"rms_norm": rms_norm, "rope": rope, "cross_entropy": cross_entropy, "lora": lora}
+# the README's results block: the train-step runs of the path users take, one JSON per device
+TRAIN_STEP = ("train_step", "train_step_8b")
 README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
+
+
+def results(benchmark):
+    """benchmarks/results/<benchmark>/*.json, as paths relative to the repository root."""
+    folder = os.path.join(RESULTS, benchmark)
+    if not os.path.isdir(folder):
+        return []
+    return [f"benchmarks/results/{benchmark}/{f}" for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+
+
+def _path(rel):
+    return os.path.join(os.path.dirname(RESULTS), "..", rel)
 
 
 def _vs_liger(r, rows):
@@ -225,7 +204,7 @@ def _extra_warnings(r):
     return str(n) if "extra_warnings" in r else "—"
 
 
-def default_path(d, name):
+def default_path(d, rel):
     """The README's tables: one train-step call of the path users take, one table per model shape;
     ratios against the inductor row of the same base and shape (Trainer rows: the Trainer's own)."""
     env, rows = d["env"], [r for r in d["rows"] if "error" not in r]
@@ -236,7 +215,7 @@ def default_path(d, name):
            f"`torch_compile=True`. {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
            f"{env.get('transformers', '?')}; MFU against the measured bf16 matmul ceiling ({d['matmul_tflops']} "
            f"TFLOP/s); peak = most allocated after the model is built (first step included); extra warnings = "
-           f"warning lines inductor alone does not print. `benchmarks/results/default_path/{name}`."]
+           f"warning lines inductor alone does not print. `{rel}`."]
     for shape in dict.fromkeys(_shape_name(r) for r in rows):
         out += ["", f"{SHAPES.get(shape, shape)}:", "",
                 "| base | compiled with | tokens/s | vs inductor | MFU | peak GiB | vs inductor | vs Liger "
@@ -252,16 +231,16 @@ def default_path(d, name):
 
 
 def readme(chart=True):
-    """Rewrite README.md's results block from the latest JSON per device in results/default_path/."""
+    """Rewrite README.md's results block from the latest train-step JSON per device."""
     parts = []
-    for name in sorted(f for f in os.listdir(DEFAULT_PATH) if f.endswith(".json")):
-        d = json.load(open(os.path.join(DEFAULT_PATH, name)))
-        parts.append(default_path(d, name))
-        png = name.removesuffix(".json") + ".png"
+    for rel in (rel for bench in TRAIN_STEP for rel in results(bench)):
+        d = json.load(open(_path(rel)))
+        parts.append(default_path(d, rel))
+        png = rel.removesuffix(".json") + ".png"
         if chart:
-            train_step_chart(d, os.path.join(DEFAULT_PATH, png))
-        if os.path.exists(os.path.join(DEFAULT_PATH, png)):
-            parts.append(f"![tokens/s and peak memory](benchmarks/results/default_path/{png})")
+            train_step_chart(d, _path(png))
+        if os.path.exists(_path(png)):
+            parts.append(f"![tokens/s and peak memory]({png})")
     text = open(README).read()
     head, rest = text.split(MARKERS[0], 1)
     tail = rest.split(MARKERS[1], 1)[1]
@@ -271,27 +250,24 @@ def readme(chart=True):
     return new
 
 
-def main(names=None):
-    """Print the tables; with train_step.json present also draw train_step.png beside it. A name that
-    is a path to one train-step or linear + cross-entropy call's JSON (e.g.
-    benchmarks/results/session7/ts_nf4_opq_cg.json) prints that call's table."""
-    for path in [n for n in names or () if os.path.isfile(n)]:
+def main(paths=None):
+    """Print every benchmark's tables (all devices), or those of the JSON files named: a train-step call's
+    or a linear + cross-entropy call's JSON prints as its table."""
+    for path in paths or ():
         d = json.load(open(path))
         cases = d.get("cases")
         is_ce = isinstance(cases, list) and cases and "weight_grad" in cases[0]
         print(cross_entropy(d) if is_ce else train_step(d))
         print()
-    names = [n for n in names or () if not os.path.isfile(n)] if names else names
-    if names == []:
+    if paths:
         return
-    ts = os.path.join(RESULTS, "train_step.json")
-    if os.path.exists(ts) and (not names or "train_step.json" in names):
-        train_step_chart(json.load(open(ts)), os.path.join(RESULTS, "train_step.png"))
-    for name, fn in RENDER.items():
-        path = os.path.join(RESULTS, name)
-        if os.path.exists(path) and (not names or name in names):
-            print(fn(json.load(open(path))))
+    for bench, fn in RENDER.items():
+        for rel in results(bench):
+            print(fn(json.load(open(_path(rel)))))
             print()
+    for rel in (rel for bench in TRAIN_STEP for rel in results(bench)):
+        print(default_path(json.load(open(_path(rel))), rel))
+        print()
 
 
 if __name__ == "__main__":

@@ -265,7 +265,8 @@ def run_one(args):
         res["foak_matches"] = foak_compile.total_counts(foak_compile.reports())
         res["foak_graphs"] = len(foak_compile.reports())
     if args.profile and step is not None and cuda:
-        res["profile"] = profile(step, args.profile, f"{args.variant}_{args.quant}_{args.shape}")
+        from .common import device_slug
+        res["profile"] = profile(step, args.profile, f"{device_slug()}_{args.variant}_{args.quant}_{args.shape}")
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -383,8 +384,9 @@ def main():
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout", type=int, default=400, help="seconds per variant")
-    p.add_argument("--out", default="benchmarks/results/train_step.json")
-    p.add_argument("--profile", default="", help="directory: also profile 3 steps, write <variant>_<quant>_<shape>.txt")
+    p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "foak_train_step.json"),
+                   help="the JSON (python -m benchmarks.suite train-step: benchmarks/results/train_step/<device>.json)")
+    p.add_argument("--profile", default="", help="directory: also profile 3 steps, write <device>_<variant>_<quant>_<shape>.txt")
     args = p.parse_args()
     for k, v in SHAPES[args.shape].items():
         setattr(args, k, v)
