@@ -1,4 +1,5 @@
-"""Markdown tables for README.md from benchmarks/results/*.json: `python -m benchmarks.render`."""
+"""Markdown tables from benchmarks/results/<benchmark>/<device>.json: `python -m benchmarks.render` prints
+them all, `--readme` rewrites README.md's results block from the train-step runs."""
 import json
 import os
 import sys
