@@ -93,7 +93,10 @@ LABELS = {"eager": "HF eager", "inductor": "inductor (`torch.compile(model)`)",
           "foak": "**foak** (`torch.compile(model, backend=\"foak\")`)", "foak_loss": "foak, loss-only compile",
           "foak_loss_cg": "foak, loss-only + `reduce-overhead`",
           "trainer_inductor": "Trainer, `torch_compile=True`",
-          "trainer_foak": "**Trainer + `compile_for_trainer(loss_only=True)`**"}
+          "trainer_foak": "**Trainer + `compile_for_trainer(loss_only=True)`**",
+          "trainer_foak_cg": "Trainer + `compile_for_trainer(loss_only=True, mode=\"reduce-overhead\")`",
+          "trainer_foak_noclip": "Trainer + `compile_for_trainer(loss_only=True)`, `max_grad_norm=0`",
+          "trainer_inductor_noclip": "Trainer, `torch_compile=True`, `max_grad_norm=0`"}
 SHAPES = {"1b": "Llama-3.2-1B shape: 16 layers, hidden 2048, ffn 8192, tied lm_head",
           "8b": "Llama-3.1-8B shape: 32 layers, hidden 4096, ffn 14336, untied lm_head"}
 BASES = {"none": "bf16", "nf4": "NF4 (double quant)", "gptq": "GPTQ 4-bit g128"}
@@ -153,7 +156,7 @@ def train_step_chart(d, path):
     rows = [r for r in d["rows"] if "error" not in r]
     groups = list(dict.fromkeys((r["quant"], _shape(r)) for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     width = 0.8 / len(variants)
     for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
                            (axes[1], "mem_gib", "peak memory GiB (lower is better)")):
@@ -168,9 +171,9 @@ def train_step_chart(d, path):
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
         ax.set_xticklabels([f"{BASES.get(q, q)}\n{s}" for q, s in groups])
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(variants), 5), fontsize=8)
     fig.suptitle(f"LoRA train step (bs {rows[0]['bs']} × {rows[0]['seq']}), {d['env']['gpu']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -225,6 +228,10 @@ def default_path(d, rel):
         for r in (r for r in rows if _shape_name(r) == shape):
             out.append(f"| {BASES.get(r['quant'], r['quant'])} | {LABELS.get(r['variant'], r['variant'])} | "
                        f"{_step_cells(r, _vs_liger(r, rows))} | {_extra_warnings(r)} |")
+    runs = [r["run"] for r in d.get("runs", [])]
+    if len(runs) > 1:
+        out += ["", f"{len(runs)} device calls, one after another on the same machine ({', '.join(runs)}); "
+                    "time ratios only within a call (— where a call has no inductor row), memory across calls."]
     failed = [f"{BASES.get(r['quant'], r['quant'])} {r['variant']}: {_error_line(r)}" for r in d["rows"] if "error" in r]
     notes = [f"{BASES.get(r['quant'], r['quant'])} {r['variant']}: {r['note']}" for r in d["rows"] if "note" in r]
     return "\n".join(out + ([""] + [f"Did not finish: {n}." for n in failed] if failed else [])

@@ -36,6 +36,9 @@ VARIANTS = {
     "foak_loss_cg": "as foak_loss, mode='reduce-overhead'",
     "trainer_inductor": "HF Trainer, TrainingArguments(torch_compile=True)",
     "trainer_foak": "HF Trainer after compile_for_trainer(model, loss_only=True)",
+    "trainer_foak_cg": "as trainer_foak, mode='reduce-overhead' (CUDA graphs)",
+    "trainer_foak_noclip": "as trainer_foak, max_grad_norm=0 (no gradient clipping)",
+    "trainer_inductor_noclip": "as trainer_inductor, max_grad_norm=0 (no gradient clipping)",
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -210,15 +213,16 @@ def _time_trainer(args, model, ids, clock):
     rows = ids.cpu()
     data = [{"input_ids": rows[i % len(rows)], "labels": rows[i % len(rows)]} for i in range(steps * args.bs)]
     callbacks = [Steps()]
-    if args.variant == "trainer_foak":
+    if args.variant.startswith("trainer_foak"):
         from foak_compile.integrations import FoakCallback, compile_for_trainer
-        compile_for_trainer(model, loss_only=True)
+        compile_for_trainer(model, loss_only=True, mode="reduce-overhead" if args.variant.endswith("_cg") else None)
         callbacks.append(FoakCallback(dump=False))
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="foak_bench_trainer_"), max_steps=steps,
                               per_device_train_batch_size=args.bs, learning_rate=1e-4, optim="adamw_torch",
                               lr_scheduler_type="constant", logging_steps=10**6, save_strategy="no",
                               report_to="none", dataloader_num_workers=0, use_cpu=args.device == "cpu",
-                              torch_compile=args.variant == "trainer_inductor")
+                              max_grad_norm=0.0 if args.variant.endswith("_noclip") else 1.0,
+                              torch_compile=args.variant.startswith("trainer_inductor"))
     out = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks).train()
     # stamps: each step's start, then the end of training; the first 3 steps are compile and warm-up
     return callbacks[0].first, [clock.ms(i, i + 1) for i in range(3, steps)], out.training_loss
@@ -353,7 +357,7 @@ def compare(rows):
         if "error" in r:
             continue
         ref_variant = "trainer_inductor" if r["variant"].startswith("trainer") else "inductor"
-        ref = next((i for i in rows if "error" not in i and i["variant"] == ref_variant
+        ref = next((i for i in rows if "error" not in i and i["variant"] == ref_variant and i.get("run") == r.get("run")
                     and (i["quant"], i.get("shape")) == (r["quant"], r.get("shape"))), None)
         if ref is None:
             continue
@@ -363,6 +367,19 @@ def compare(rows):
         if "warnings" in r and "warnings" in ref:
             r["extra_warnings"] = {m: n for m, n in r["warnings"].items() if m not in ref["warnings"]}
     return rows
+
+
+def merge(paths, out):
+    """One results file from several driver calls (one device call each, e.g. one per base): rows tagged
+    with their call ("run": the file's name), ratios only within a call, each call's matmul ceiling kept."""
+    from .common import write_json
+    calls = [json.load(open(p)) for p in paths]
+    rows = [dict(r, run=os.path.basename(p)) for p, c in zip(paths, calls) for r in c["rows"]]
+    for r in rows:
+        r.pop("vs_inductor", None), r.pop("extra_warnings", None)
+    write_json(out, {"env": calls[0]["env"], "matmul_tflops": calls[0]["matmul_tflops"],
+                     "runs": [{"run": os.path.basename(p), "matmul_tflops": c["matmul_tflops"]} for p, c in zip(paths, calls)],
+                     "rows": compare(rows)}, echo=False)
 
 
 def _write(path, ceiling, rows):
@@ -386,8 +403,11 @@ def main():
     p.add_argument("--timeout", type=int, default=400, help="seconds per variant")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "foak_train_step.json"),
                    help="the JSON (python -m benchmarks.suite train-step: benchmarks/results/train_step/<device>.json)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these calls' files into --out and exit")
     p.add_argument("--profile", default="", help="directory: also profile 3 steps, write <device>_<variant>_<quant>_<shape>.txt")
     args = p.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     for k, v in SHAPES[args.shape].items():
         setattr(args, k, v)
     if args.all:

@@ -35,6 +35,24 @@ def test_rows_compare_against_their_own_inductor_row():
     assert "vs_inductor" not in rows[4]  # no NF4 inductor row to compare with
 
 
+def test_merged_calls_compare_only_within_a_call(tmp_path):
+    """Calls merged into one file (one device call per base): a row never takes its ratios from
+    another call's inductor row, whose machine state may differ."""
+    def call(name, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"env": {"gpu": "x"}, "matmul_tflops": 800.0, "rows": rows}))
+        return str(path)
+    row = lambda v, tps: dict(variant=v, quant="none", shape="1b", tokens_per_s=tps, mem_gib=8.0, first_step_s=9.0)
+    out = tmp_path / "merged.json"
+    train_step.merge([call("a.json", [row("inductor", 100), row("foak", 130)]),
+                      call("b.json", [row("foak_loss", 140)])], str(out))
+    merged = json.loads(out.read_text())
+    assert [r["run"] for r in merged["rows"]] == ["a.json", "a.json", "b.json"]
+    assert merged["rows"][1]["vs_inductor"]["tokens_per_s"] == 1.3
+    assert "vs_inductor" not in merged["rows"][2]
+    assert [r["run"] for r in merged["runs"]] == ["a.json", "b.json"]
+
+
 @pytest.mark.slow
 def test_trainer_route_runs_fused_on_cpu(tmp_path):
     """The documented Trainer route through the harness, tiny shape: one RESULT row whose compiled graph
