@@ -38,4 +38,4 @@ def test_readme_is_short_and_links_resolve():
     assert len(text.encode()) <= 15 * 1024
     for target in [part.split(")", 1)[0] for part in text.split("](")[1:]]:
         if not target.startswith("http"):
-            assert os.path.exists(os.path.join(ROOT, target)), target
+            assert os.path.exists(os.path.join(ROOT, target.split("#", 1)[0])), target
