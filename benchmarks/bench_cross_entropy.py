@@ -88,11 +88,8 @@ def _methods():
             compiled = foak()
 
             def fn(h, w, y):
-                saved, online.ENABLED = online.ENABLED, flag
-                try:
+                with foak_compile.config.patch(lce_online=flag):
                     return compiled(h, w, y)
-                finally:
-                    online.ENABLED = saved
             return fn
         return make
     out["foak_chunked"], out["foak_online"] = forced(False), forced(True)

@@ -71,15 +71,14 @@ def case_level(h, w, y, frozen):
     if frozen:
         variants.update(foak_online=(foak, True), foak_chunked=(foak, False))
     for name, (fn, flag) in variants.items():
-        saved = online.ENABLED
-        online.ENABLED = flag if flag is not None else saved
+        foak_compile.config.configure(lce_online=flag)  # None: by size
         try:
             def step():
                 return _step(fn, h, w, y)
             step()
             out[name] = {"ms": round(bench_ms(step, warmup=1, reps=5), 2), "profile": profile(step)}
         finally:
-            online.ENABLED = saved
+            foak_compile.config.reset()
             h.grad = w.grad = None
     return out
 

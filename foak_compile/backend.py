@@ -8,16 +8,16 @@ import contextlib
 import itertools
 import json
 import logging
-import os
-from typing import Iterable, Optional
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional
 
 import torch
 import torch._inductor
 from torch._dynamo.backends.registry import lookup_backend
 
+from . import config
 from .checkpointing import new_region_breaks, side_effects_allowed
-from .engine import run_patterns
-from .ops import dequant
+from .engine import Pattern, run_patterns
 from .patterns import DEFAULT, PATTERNS
 from .report import GraphReport, NearMiss, record
 
@@ -25,13 +25,15 @@ log = logging.getLogger("foak_compile")
 INNER = ("inductor", "aot_eager", "eager")
 FOAK_OPTIONS = ("patterns", "inner", "dump_dir")  # torch.compile(options={"foak.patterns": [...], ...})
 _graph_ids = itertools.count()
+CompiledFn = Callable[..., Any]  # what a torch.compile backend returns: the graph's forward, compiled
 
 
 class FoakBackend:
     """A configured backend; pass an instance to torch.compile(backend=...)."""
 
     def __init__(self, patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
-                 dump_dir: Optional[str] = None, mode: Optional[str] = None, options: Optional[dict] = None):
+                 dump_dir: Optional[str] = None, mode: Optional[str] = None,
+                 options: Optional[dict[str, Any]] = None) -> None:
         names = list(DEFAULT) if patterns is None else list(patterns)
         unknown = [n for n in names if n not in PATTERNS]
         if unknown:
@@ -48,17 +50,18 @@ class FoakBackend:
             raise ValueError(f"unknown inductor option(s) {bad} (foak's own take the prefix 'foak.': "
                              f"{['foak.' + k for k in FOAK_OPTIONS]})")
         names = sorted(dict.fromkeys(names), key=list(PATTERNS).index)  # patterns run in their fixed order
-        self.pattern_names, self.inner, self.dump_dir, self.mode = names, inner, dump_dir, mode
-        self.options = options
+        self.pattern_names: list[str] = names
+        self.inner, self.dump_dir, self.mode = inner, dump_dir, mode
+        self.options: dict[str, Any] = options
         self.reports: list[GraphReport] = []
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
-                 options: Optional[dict] = None):
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
+                 options: Optional[dict[str, Any]] = None) -> CompiledFn:
         """torch.compile(..., backend=..., mode=..., options=...) passes its mode and options here."""
         be = self if mode is None and not options else self.with_options(mode, options)
         return be._compile(gm, example_inputs)
 
-    def with_options(self, mode: Optional[str] = None, options: Optional[dict] = None) -> "FoakBackend":
+    def with_options(self, mode: Optional[str] = None, options: Optional[dict[str, Any]] = None) -> "FoakBackend":
         """This backend with torch.compile's `mode` and `options` on top: inductor options as they are,
         foak's own under the prefix 'foak.' (foak.patterns, foak.inner, foak.dump_dir). Reports go to
         this backend's `reports`."""
@@ -76,13 +79,13 @@ class FoakBackend:
         be.reports = self.reports
         return be
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs):
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledFn:
         report = GraphReport(graph_id=_graph_id(), code_before=gm.code)
         _run_nested(gm, [PATTERNS[n]() for n in self.pattern_names], report)
         for reason in new_region_breaks():  # layers Dynamo left out of every graph: say why, once
             report.near_misses.append(NearMiss("checkpoint", _region_break_reason(reason)))
         report.code_after = gm.code
-        dump_dir = self.dump_dir or os.environ.get("FOAK_DUMP_DIR")
+        dump_dir = self.dump_dir or config.current().dump_dir
         if dump_dir:
             report.dump(dump_dir)
         self.reports.append(report)
@@ -95,11 +98,11 @@ class FoakBackend:
         if patches:  # e.g. "reduce-overhead": CUDA graphs take the launch cost off the host
             from torch._inductor.compile_fx import compile_fx
             # replayed graphs hide an opaque op's host cost: the quantised bases' dequant goes opaque (compile time)
-            with dequant.for_cuda_graphs() if patches.get("triton.cudagraphs") else contextlib.nullcontext():
+            with config.patch(cuda_graphs=True) if patches.get("triton.cudagraphs") else contextlib.nullcontext():
                 return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(self.inner)(gm, example_inputs)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, "
                 f"dump_dir={self.dump_dir!r}, mode={self.mode!r}, options={self.options!r})")
 
@@ -110,7 +113,7 @@ class FoakBackend:
 _BODY_HOPS = ("tag_activation_checkpoint",)
 
 
-def _run_nested(gm: torch.fx.GraphModule, patterns, report: GraphReport) -> None:
+def _run_nested(gm: torch.fx.GraphModule, patterns: list[Pattern], report: GraphReport) -> None:
     """Patterns over `gm` and, first, over the bodies of its checkpoint regions."""
     for node in gm.graph.nodes:
         if node.op != "call_function" or getattr(node.target, "__name__", "") not in _BODY_HOPS:
@@ -166,13 +169,14 @@ def _graph_id() -> str:
 
 
 def backend(patterns: Optional[Iterable[str]] = None, inner: str = "inductor", dump_dir: Optional[str] = None,
-            mode: Optional[str] = None, options: Optional[dict] = None) -> FoakBackend:
+            mode: Optional[str] = None, options: Optional[dict[str, Any]] = None) -> FoakBackend:
     """A foak backend with a choice of patterns, inner compiler, dump directory, and inductor's `mode`
     ("reduce-overhead" = CUDA graphs, "max-autotune", ...) and `options` (inductor config), as torch.compile
     takes them."""
     return FoakBackend(patterns, inner, dump_dir, mode, options)
 
 
-def foak(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
+def foak(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
+         options: Optional[dict[str, Any]] = None) -> CompiledFn:
     """The `backend="foak"` entry point: every default pattern, inductor with torch.compile's mode/options."""
     return FoakBackend()(gm, example_inputs, mode=mode, options=options)

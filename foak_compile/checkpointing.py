@@ -8,13 +8,14 @@ whole model back to eager and no decoder layer reaches the backend. Dynamo's
 `skip_fwd_side_effects_in_bwd_under_checkpoint` lets the region trace: its Python side effects then
 run once, in the forward, and are not replayed by the recompute. Tensor results are unchanged; a
 set-then-reset pair like transformers' has no effect left to replay. foak turns it on when imported
-(`backend="foak"` imports it), unless `FOAK_CHECKPOINT_SIDE_EFFECTS=0`.
+(`backend="foak"` imports it), unless config.checkpoint_side_effects is off (`FOAK_CHECKPOINT_SIDE_EFFECTS=0`).
 """
-import os
 import re
 from collections import Counter
 
 import torch
+
+from . import config
 
 _FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
@@ -24,7 +25,7 @@ def allow_side_effects_in_checkpoint_regions() -> bool:
     cfg = torch._dynamo.config
     if not hasattr(cfg, _FLAG):  # torch before the flag existed: regions with side effects break
         return False
-    if os.environ.get("FOAK_CHECKPOINT_SIDE_EFFECTS", "1") != "0":
+    if config.current().checkpoint_side_effects:
         setattr(cfg, _FLAG, True)
     return side_effects_allowed()
 

@@ -36,6 +36,7 @@ class Candidate:
 
 
 class Pattern:
+    """One fusion: `seeds` proposes anchors, `match` checks one and builds its Candidate."""
     name: str = ""
     # appended to the near-miss when an intermediate is blocked by being a graph output: how to get the fusion
     graph_output_hint: str = ""
@@ -71,7 +72,7 @@ def _outside_users(cand: Candidate, pattern: Pattern) -> Optional[str]:
     return reason
 
 
-def _span_problem(cand: Candidate, order: dict) -> Optional[str]:
+def _span_problem(cand: Candidate, order: dict[Node, int]) -> Optional[str]:
     """Why the fused op, which runs at one place, could compute something else than the nodes it
     replaces, which ran across a span of the graph: an in-place op inside that span (an input may
     change along it; any in-place op counts, there is no alias analysis) or a grad-mode / autocast
@@ -91,8 +92,11 @@ def _span_problem(cand: Candidate, order: dict) -> Optional[str]:
     return None
 
 
-def _where(node: Node) -> dict:
+def _where(node: Node) -> dict[str, str]:
     return {"source": source_of(node), "module": module_of(node)}
+
+
+_PROVENANCE = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
 def _splice(gm: GraphModule, cand: Candidate) -> Node:
@@ -113,6 +117,13 @@ def _splice(gm: GraphModule, cand: Candidate) -> Node:
     for taker, out in zip(takers, outs):
         taker.meta.update({k: v for k, v in out.meta.items() if k not in taker.meta})
         out.replace_all_uses_with(taker)
+    # every inserted node (an op call behind its getitem, casts) keeps the user's source line and module,
+    # so a later pass that seeds on it reports where it sits
+    provenance = {k: outs[0].meta[k] for k in _PROVENANCE if k in outs[0].meta}
+    for n in graph.nodes:
+        if n not in before:
+            for k, v in provenance.items():
+                n.meta.setdefault(k, v)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for n in sorted(cand.nodes, key=order.__getitem__, reverse=True):
         graph.erase_node(n)
@@ -127,7 +138,7 @@ def _unpack(graph: Graph, new: Node, outs: list[Node]) -> list[Node]:
     return [graph.call_function(operator.getitem, (new, i)) for i in range(len(outs))]
 
 
-def _check_reads(graph: Graph, before: set, doomed: set) -> None:
+def _check_reads(graph: Graph, before: set[Node], doomed: set[Node]) -> None:
     """The replacement may not read a node the match removes (e.g. a norm's output taken as its own
     weight): found after the splice, the graph would be left half rewritten."""
     for n in graph.nodes:
@@ -137,9 +148,9 @@ def _check_reads(graph: Graph, before: set, doomed: set) -> None:
                 raise ValueError(f"{n.name} would read {', '.join(read)}, which the rewrite removes")
 
 
-def _check_order(graph: Graph, before: set) -> None:
+def _check_order(graph: Graph, before: set[Node]) -> None:
     """Inserted before the first output, a multi-output call may precede one of its inputs."""
-    seen = set()
+    seen: set[Node] = set()
     for n in graph.nodes:
         if n not in before:
             late = [a.name for a in n.all_input_nodes if a not in seen]
@@ -148,7 +159,8 @@ def _check_order(graph: Graph, before: set) -> None:
         seen.add(n)
 
 
-def run_patterns(gm: GraphModule, patterns: list[Pattern], report: GraphReport) -> None:
+def run_patterns(gm: GraphModule, patterns: Iterable[Pattern], report: GraphReport) -> None:
+    """Each pattern in turn over `gm`: splice every clean match, report matches and near-misses."""
     for pattern in patterns:
         seeds = list(pattern.seeds(gm.graph))
         order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -17,7 +17,8 @@ import inspect
 import logging
 import os
 import types
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
@@ -32,7 +33,7 @@ __all__ = ["compile_for_trainer", "enable_gradient_checkpointing", "prepare_grad
 
 
 def compile_for_trainer(model: torch.nn.Module, backend: Optional[FoakBackend] = None,
-                        dynamic: Optional[bool] = None, loss_only: bool = False, **backend_kw) -> torch.nn.Module:
+                        dynamic: Optional[bool] = None, loss_only: bool = False, **backend_kw: Any) -> torch.nn.Module:
     """Compile `model` in place with the foak backend and return it, ready for Trainer / SFTTrainer.
 
     `backend`: a configured `foak_compile.backend(...)`; otherwise one is built from `backend_kw`
@@ -55,7 +56,7 @@ def compile_for_trainer(model: torch.nn.Module, backend: Optional[FoakBackend] =
     return model
 
 
-def _loss_only(model: torch.nn.Module, forward):
+def _loss_only(model: torch.nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     """`forward` as a method of `model` that leaves the logits out of a training-mode output carrying
     a loss. Bound, not a closure over `model`: a deep copy (TRL's reference model, an EMA copy) gets
     its own (copy.deepcopy rebinds methods)."""
@@ -73,7 +74,7 @@ def _loss_only(model: torch.nn.Module, forward):
     return types.MethodType(loss_only_forward, model)
 
 
-def _models(model):
+def _models(model: Optional[torch.nn.Module]) -> list[torch.nn.Module]:
     """`model` and what it wraps (peft, DDP, compile wrappers), outermost first."""
     seen = []
     while model is not None and all(model is not m for m in seen):
@@ -151,7 +152,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # FoakCallback subclasses transformers.TrainerCallback, whose import costs seconds (accelerate):
     # built on first use, so `import foak_compile` stays light
     if name == "FoakCallback":
@@ -161,7 +162,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _make_callback():
+def _make_callback() -> type:
     from transformers import TrainerCallback
 
     class FoakCallback(TrainerCallback):
@@ -172,7 +173,7 @@ def _make_callback():
         `counts` / `reports` hold what the backend did during this training run.
         """
 
-        def __init__(self, dump: bool = True, log_level: int = logging.INFO):
+        def __init__(self, dump: bool = True, log_level: int = logging.INFO) -> None:
             self.dump, self.log_level = dump, log_level
             self._first = 0
             self.reports, self.counts, self.dump_dir = [], {}, None

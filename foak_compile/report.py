@@ -1,14 +1,14 @@
 """What the backend did to each graph: matches, near-misses with reasons, code before/after.
 
 Reports are kept in-process (`foak_compile.reports()`) and, with a dump directory
-(`dump_dir=` or FOAK_DUMP_DIR), written as DIR/<graph id>/{report.json, report.txt,
+(`dump_dir=` or config.dump_dir, FOAK_DUMP_DIR), written as DIR/<graph id>/{report.json, report.txt,
 before.py, after.py}.
 """
 import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Match:
     source: str = ""
     module: str = ""
     variant: str = ""
-    nodes: list = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
     replacement: str = ""
 
 
@@ -27,30 +27,30 @@ class NearMiss:
     reason: str
     source: str = ""
     module: str = ""
-    nodes: list = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class GraphReport:
     graph_id: str
-    matches: list = field(default_factory=list)
-    near_misses: list = field(default_factory=list)
+    matches: list[Match] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
     code_before: str = ""
     code_after: str = ""
     dump_path: Optional[str] = None
 
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, int]:
         return dict(Counter(m.pattern for m in self.matches))
 
-    def near_miss_counts(self) -> dict:
+    def near_miss_counts(self) -> dict[str, int]:
         return dict(Counter(m.pattern for m in self.near_misses))
 
     def summary(self) -> str:
-        def fmt(c):
+        def fmt(c: dict[str, int]) -> str:
             return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
         return f"foak: graph {self.graph_id}: matched {fmt(self.counts())}; near-misses {fmt(self.near_miss_counts())}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"graph_id": self.graph_id, "counts": self.counts(),
                 "matches": [asdict(m) for m in self.matches],
                 "near_misses": [asdict(m) for m in self.near_misses]}
@@ -79,14 +79,14 @@ class GraphReport:
         return path
 
 
-_REPORTS: list = []
+_REPORTS: list[GraphReport] = []
 
 
 def record(report: GraphReport) -> None:
     _REPORTS.append(report)
 
 
-def reports() -> list:
+def reports() -> list[GraphReport]:
     """Every graph report of this process since the last `reset_reports()`, oldest first."""
     return list(_REPORTS)
 
@@ -95,8 +95,9 @@ def reset_reports() -> None:
     _REPORTS.clear()
 
 
-def total_counts(rs: Optional[list] = None) -> dict:
-    c = Counter()
+def total_counts(rs: Optional[list[GraphReport]] = None) -> dict[str, int]:
+    """Matches per pattern over `rs` (default: every report of this process)."""
+    c: Counter[str] = Counter()
     for r in (reports() if rs is None else rs):
         c.update(r.counts())
     return dict(c)

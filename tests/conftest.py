@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -33,6 +34,14 @@ def _fresh_compile_state():
     foak_compile.reset_reports()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def foak_config():
+    """Set foak_compile knobs for the rest of a test: foak_config(lce_online=False) enters
+    foak_compile.config.patch(lce_online=False), left at teardown (use it instead of monkeypatching)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(foak_compile.config.patch(**changes))
 
 
 @pytest.fixture

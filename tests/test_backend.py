@@ -244,12 +244,12 @@ def test_an_in_place_flag_by_position_counts():
 
 @pytest.mark.parametrize("mode,env,want", [("reduce-overhead", None, True), ("max-autotune-no-cudagraphs", None, False),
                                            ("reduce-overhead", False, False), ("max-autotune-no-cudagraphs", True, True)])
-def test_opaque_dequant_follows_cuda_graphs(mode, env, want, monkeypatch):
+def test_opaque_dequant_follows_cuda_graphs(mode, env, want, monkeypatch, foak_config):
     """The 4-bit dequant is traced as an opaque op exactly when the backend compiles for CUDA graphs
-    (mode="reduce-overhead"), unless FOAK_OPAQUE_DEQUANT (here: dequant.OPAQUE) says always/never."""
+    (mode="reduce-overhead"), unless FOAK_OPAQUE_DEQUANT (here: config.opaque_dequant) says always/never."""
     import torch._inductor.compile_fx as cfx
     from foak_compile.ops import dequant
-    monkeypatch.setattr(dequant, "OPAQUE", env)
+    foak_config(opaque_dequant=env)
     seen = []
 
     def spy(gm, example_inputs, config_patches=None):
@@ -260,7 +260,7 @@ def test_opaque_dequant_follows_cuda_graphs(mode, env, want, monkeypatch):
     fn = torch.compile(lambda x: x * 2 + 1, backend=foak_compile.backend(mode=mode))
     x = torch.randn(int(torch.randint(2, 50, ())))
     torch.testing.assert_close(fn(x), x * 2 + 1)
-    assert seen == [want] and not dequant._cuda_graphs
+    assert seen == [want] and not foak_compile.config.current().cuda_graphs
 
 
 def _norm_model():

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import foak_compile  # noqa: F401
+from foak_compile.kernels import ce_epilogue
 from foak_compile.kernels import cross_entropy as kernel
 from foak_compile.kernels.common import use_triton
 from tests.helpers import rel_err
@@ -274,13 +275,13 @@ def test_epilogue_rounds_like_eager_in_bf16(device):
 def test_epilogue_divides_as_torch_does_on_cuda(device, monkeypatch):
     """On CUDA torch divides by a Python number as x·(1/c), 1/c in fp32: the kernels do the same
     there (forced here on any device), and an IEEE division on the CPU."""
-    monkeypatch.setattr(kernel, "_divides_by_reciprocal", lambda t: True)
+    monkeypatch.setattr(ce_epilogue, "_divides_by_reciprocal", lambda t: True)
     x = torch.randn(13, 131, device=device, dtype=torch.bfloat16) * 8
     y = _labels(13, 131, device)
     epi = kernel.Epilogue(divisor=1.7, softcap=3.3, rounded=True)
     loss, lse = torch.empty(13, device=device), torch.empty(13, device=device)
     kernel._forward_rows(x, y, -100, 0.0, loss, lse, epi=epi)
-    r_div, r_cap = kernel._fp32_reciprocal(1.7), kernel._fp32_reciprocal(3.3)
+    r_div, r_cap = ce_epilogue._fp32_reciprocal(1.7), ce_epilogue._fp32_reciprocal(3.3)
     bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
     v = bf(bf(torch.tanh(bf(bf(x.float() * r_div) * r_cap))) * 3.3)
     ref = F.cross_entropy(v, y, ignore_index=-100, reduction="none")
@@ -310,7 +311,7 @@ def test_kernel_tanh_is_accurate(device):
     @triton.jit
     def tanh_kernel(X, Y, N: tl.constexpr):
         i = tl.arange(0, N)
-        tl.store(Y + i, kernel._tanh(tl.load(X + i)))
+        tl.store(Y + i, ce_epilogue._tanh(tl.load(X + i)))
 
     special = torch.tensor([float("nan"), 0.0, -0.0, 0.25, -0.25, 1e-30, 88.0, -90.0, float("inf"), float("-inf")],
                            device=device)

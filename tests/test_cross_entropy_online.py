@@ -12,9 +12,9 @@ from tests.test_cross_entropy_kernel import EPILOGUES, TOL, _check_linear_ce, _l
 
 
 @pytest.fixture
-def small_tiles(monkeypatch):
+def small_tiles(monkeypatch, foak_config):
     """5 rows per block and 37 columns per piece: 131 columns make 4 pieces, the last one short."""
-    monkeypatch.setattr(online, "ENABLED", True)
+    foak_config(lce_online=True)
     monkeypatch.setattr(online, "ROWS", 5)
     monkeypatch.setattr(online, "COLS", 37)
     return monkeypatch
@@ -67,7 +67,7 @@ def test_online_epilogue_vs_float64(dtype, name, small_tiles, device):
     assert calls
 
 
-def test_fp16_large_scale_stays_out_of_p(small_tiles, device):
+def test_fp16_large_scale_stays_out_of_p(small_tiles, foak_config, device):
     """A logit scale of 64 in fp16: a later piece's max 7.5 above the reference (within TAU, so it
     does not move) gives exp(7.5) ≈ 1808 in P, fine; with the scale's derivative in P it would be
     64 × 1808 > 65504, an inf. The scale is applied to the accumulator at the end instead."""
@@ -81,14 +81,14 @@ def test_fp16_large_scale_stays_out_of_p(small_tiles, device):
     y = _labels(n, vocab, device, p_ignore=0.0)
     epi = kernel.Epilogue(scale=64.0, rounded=True)
     ours = _check_linear_ce(hidden, weight, bias, y, epi=epi, grad_tol=1.0)
-    small_tiles.setattr(online, "ENABLED", False)
+    foak_config(lce_online=False)
     chunked = _check_linear_ce(hidden, weight, bias, y, epi=epi, grad_tol=1.0)
     assert ours[0] < max(2 * chunked[0], 2 * TOL[torch.float16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shift", [15.0, 40.0])
-def test_reference_moves_when_a_later_piece_is_larger(dtype, shift, small_tiles, device):
+def test_reference_moves_when_a_later_piece_is_larger(dtype, shift, small_tiles, foak_config, device):
     """Logits 15 or 40 higher in the last pieces than in the first: the rows' reference moves past
     TAU and their acc is rescaled (without it dh is off by e^shift; and fp16's TAU is below
     log(65504) ≈ 11, or P = e^15 would overflow)."""
@@ -99,7 +99,7 @@ def test_reference_moves_when_a_later_piece_is_larger(dtype, shift, small_tiles,
     bias = bias.to(dtype)
     y = _labels(n, vocab, device)
     ours = _check_linear_ce(hidden, weight, bias, y, grad_tol=1.0)
-    small_tiles.setattr(online, "ENABLED", False)
+    foak_config(lce_online=False)
     chunked = _check_linear_ce(hidden, weight, bias, y, grad_tol=1.0)
     # logits ≈ 40 carry bf16's rounding (ulp 0.25): both paths see the same logits, so the same error
     assert ours[0] < max(2 * chunked[0], 2 * TOL[dtype])
@@ -177,9 +177,9 @@ def test_out_of_range_label(small_tiles, device):
     assert dh[[0, 1, 3]].isfinite().all() and (dh[4] == 0).all()
 
 
-def test_one_block_one_piece_and_explicit_switch(monkeypatch, device):
+def test_one_block_one_piece_and_explicit_switch(monkeypatch, foak_config, device):
     """Default tiles (the whole problem in one block and one piece here), chosen per call."""
-    monkeypatch.setattr(online, "ENABLED", False)
+    foak_config(lce_online=False)
     calls = _online_calls(monkeypatch)
     hidden, weight = _inputs(17, 12, 131, torch.bfloat16, device)
     y = _labels(17, 131, device)
@@ -259,10 +259,10 @@ def test_captured_in_a_cuda_graph(epilogue):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
-def test_a_captured_call_takes_the_online_path(monkeypatch):
+def test_a_captured_call_takes_the_online_path(monkeypatch, foak_config):
     """The size rule would send this small call to the chunked path; recorded into a CUDA graph it goes online."""
     calls = _online_calls(monkeypatch)
-    monkeypatch.setattr(online, "ENABLED", None)
+    foak_config(lce_online=None)
     hidden, weight = _inputs(300, 128, 5003, torch.bfloat16, "cuda")
     y = _labels(300, 5003, "cuda")
     scale = torch.ones(1, device="cuda")
@@ -293,9 +293,9 @@ def test_lora_loss_only_step_through_the_online_path(family, small_tiles):
     assert _counts(be) == {"linear_cross_entropy": 1} and calls
 
 
-def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
+def test_size_rule_and_switch_pick_the_path(monkeypatch, foak_config, device):
     """Unset, the path follows the call's size (online from MIN_LOGITS rows × vocabulary or MIN_HIDDEN hidden);
-    ENABLED True / False overrides it either way; every choice gives the same numbers."""
+    config.lce_online True / False overrides it either way; every choice gives the same numbers."""
     calls = _online_calls(monkeypatch)
     n, h = (int(v) for v in torch.randint(9, 40, (2,)))
     hidden, weight = _inputs(n, h, 131, torch.float32, device)
@@ -306,7 +306,7 @@ def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
     cases = [(None, logits + 1, h + 1, 0), (None, logits, h + 1, 1), (None, logits + 1, h, 1),  # (switch,
              (True, logits + 1, h + 1, 1), (False, logits, h, 0)]                             # thresholds, online?)
     for switch, min_logits, min_hidden, want in cases:
-        monkeypatch.setattr(online, "ENABLED", switch)
+        foak_config(lce_online=switch)
         monkeypatch.setattr(online, "MIN_LOGITS", min_logits)
         monkeypatch.setattr(online, "MIN_HIDDEN", min_hidden)
         before = len(calls)
@@ -317,11 +317,11 @@ def test_size_rule_and_switch_pick_the_path(monkeypatch, device):
         torch.testing.assert_close(got[0], results[0][0], rtol=1e-5, atol=1e-5)
         assert rel_err(got[2], results[0][2]) < TOL[torch.float32]
     # recorded into a CUDA graph (no host time on replay): online whatever the size, unless switched off
-    monkeypatch.setattr(online, "ENABLED", None)
+    foak_config(lce_online=None)
     monkeypatch.setattr(online, "MIN_LOGITS", logits + 1)
     monkeypatch.setattr(online, "MIN_HIDDEN", h + 1)
     assert online.preferred(n, h, 131, captured=True) and not online.preferred(n, h, 131)
-    monkeypatch.setattr(online, "ENABLED", False)
+    foak_config(lce_online=False)
     assert not online.preferred(n, h, 131, captured=True)
 
 
@@ -343,9 +343,9 @@ def test_block_rows_fill_the_budget_in_equal_whole_tiles():
         assert online.peak_bytes(n, 128256, 2048, 2) <= online.BUDGET
 
 
-def test_default_blocks_vs_float64(monkeypatch, device):
+def test_default_blocks_vs_float64(monkeypatch, foak_config, device):
     """The default (budget) blocks, several of them in whole 64-row tiles and a short last one."""
-    monkeypatch.setattr(online, "ENABLED", True)
+    foak_config(lce_online=True)
     monkeypatch.setattr(online, "COLS", 37)
     n, h, vocab = 200, 8, 131
     monkeypatch.setattr(online, "BUDGET", 70 * online._bytes_per_row(vocab, h, 4, True, None))

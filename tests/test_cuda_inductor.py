@@ -72,16 +72,15 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested, siblings):
 
 
 @pytest.mark.parametrize("siblings", [False, True])
-def test_opaque_dequant_under_inductor(siblings, monkeypatch):
+def test_opaque_dequant_under_inductor(siblings, monkeypatch, foak_config):
     """FOAK_OPAQUE_DEQUANT: the inlined 4-bit ops call the dequant as an opaque op, which the
     compiled step runs through Python (the inlined launch does not), again in the backward for every
     projection whose input gradient is needed (no dequantised weight kept between them; the first version's
     merged calls dequantised nothing there); results equal eager's."""
     pytest.importorskip("bitsandbytes")
     from foak_compile.kernels import bnb4
-    from foak_compile.ops import dequant
     from tests.test_lora_pattern import peft_llama
-    monkeypatch.setattr(dequant, "OPAQUE", True)
+    foak_config(opaque_dequant=True)
     model = peft_llama(torch.bfloat16, layers=1, quantize=dict(quant_type="nf4", nested=True)).cuda()
     inputs = {k: v.cuda() for k, v in batch(model, seq=29).items()}
     ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), inputs)

@@ -290,7 +290,7 @@ def test_fake_impls_match_real():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_opaque_gptq_dequant_ops(bits, device, monkeypatch):
+def test_opaque_gptq_dequant_ops(bits, device, monkeypatch, foak_config):
     """torch.ops.foak.dequantize_gptq(_stacked), what the GPTQ LoRA ops call under CUDA graphs: the
     kernel's bits, fake impls that match, and the LoRA op the same through either route."""
     from foak_compile.ops import dequant
@@ -320,7 +320,7 @@ def test_opaque_gptq_dequant_ops(bits, device, monkeypatch):
                             lambda *args, _real=real, _name=name: opaque_calls.append(_name) or _real(*args))
     results = []
     for opaque in (False, True):
-        monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        foak_config(opaque_dequant=opaque)
         del opaque_calls[:]
         xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
         y = torch.ops.foak.lora_linear_gptq(xi, *layers[0], None, ai, bi, 0.5, 0.0, bits, 2, torch.bfloat16,

@@ -345,7 +345,7 @@ def test_fake_impls_match_real():
 
 
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
-def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
+def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch, foak_config):
     """torch.ops.foak.dequantize_4bit(_stacked), what the 4-bit LoRA ops call with
     FOAK_OPAQUE_DEQUANT=1: the kernel's bits, fake impls that match, and the same LoRA results."""
     pytest.importorskip("bitsandbytes")
@@ -366,7 +366,7 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
     shapes = [(13, 70), (22, 70)]
     routes = []
     for opaque in (False, True):
-        monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        foak_config(opaque_dequant=opaque)
         routes.append(dequant.stacked_weight(*lists, quant_type, single[0][6], single[0][7], shapes, torch.bfloat16,
                                              dequant.FORWARD))
     assert torch.equal(*routes)
@@ -380,7 +380,7 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch):
     real = torch.ops.foak.dequantize_4bit  # looked up on torch.ops.foak per call
     monkeypatch.setattr(torch.ops.foak, "dequantize_4bit", lambda *args: opaque_calls.append(args[-1]) or real(*args))
     for opaque in (False, True):
-        monkeypatch.setattr(dequant, "OPAQUE", opaque)
+        foak_config(opaque_dequant=opaque)
         del opaque_calls[:]
         xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
         y = torch.ops.foak.lora_linear_4bit(xi, q, absmax, na, nc, off, None, ai, bi, 0.5, 0.0, quant_type,

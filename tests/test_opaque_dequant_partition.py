@@ -5,7 +5,7 @@ weight between them (merged into one node, the dequantised weight was kept: +1.8
 The inlined (triton_op) bodies are traced here on the CPU, through the kernels' torch paths
 (TRITON_INTERPRET=0: the interpreter cannot run a launch on the tracer's fake tensors). INLINE is read at import, so the check runs in a fresh
 interpreter; the dequant is opaque there by FOAK_OPAQUE_DEQUANT=1 or, with it unset, by tracing
-under dequant.for_cuda_graphs() (what the backend does for a CUDA-graphs mode)."""
+under config.patch(cuda_graphs=True) (what the backend does for a CUDA-graphs mode)."""
 import json
 import os
 import subprocess
@@ -23,11 +23,11 @@ import bitsandbytes.functional as BF
 from torch._functorch.aot_autograd import aot_function
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 import foak_compile
-from foak_compile.ops import dequant, registry
+from foak_compile.ops import registry
 
 which, fmt, seed, route = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 assert registry.is_inlined("foak::lora_linear_4bit"), "environment not applied"
-assert dequant.OPAQUE is (True if route == "forced" else None), "environment not applied"
+assert foak_compile.config.current().opaque_dequant is (True if route == "forced" else None), "environment not applied"
 rng = random.Random(seed)
 torch.manual_seed(seed)
 in_f, r = rng.choice([48, 80, 112]), rng.randint(2, 6)
@@ -76,7 +76,7 @@ def keep(gm, _):
     return gm
 
 g = aot_function(f, fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
-with dequant.for_cuda_graphs() if route == "cuda_graphs" else contextlib.nullcontext():
+with foak_compile.config.patch(cuda_graphs=True) if route == "cuda_graphs" else contextlib.nullcontext():
     y = g(x, *a, *b, *[t for t in flat_in if t is not None])
 y.sum().backward()
 fw, bw = graphs

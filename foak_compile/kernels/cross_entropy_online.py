@@ -24,17 +24,17 @@ one [rows, piece] buffer and an fp32 [rows, hidden] accumulator, whatever the to
 Not here: label smoothing (its ε/V term would need Σ_n dv_n·W_n, a second GEMM), trained
 weight or bias (dW needs every p after the full lse: the chunked path's three GEMMs).
 """
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import config
+from .ce_epilogue import NO_EPILOGUE, Epilogue, _epilogue
 from .common import cast, use_triton
-from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 
-# FOAK_LCE_ONLINE=1 / 0 (or ENABLED True / False): always / never, where applicable. Unset (None): by size,
+# config.lce_online (FOAK_LCE_ONLINE=1 / 0) True / False: always / never, where applicable. None: by size,
 # from case-level runs (frozen lm_head, bf16, 25 % of labels ignored, vocab 128256 and 256000, 4096 and 16384
 # rows; docs/results.md "Linear + cross-entropy"). The path is host-bound where its GEMMs are small (hidden
 # 2048): ~0.7 ms of host time per call and ~0.1 ms per piece (host_overhead.json), which the work hides from
@@ -42,7 +42,6 @@ from .cross_entropy import _epilogue, Epilogue, NO_EPILOGUE
 # path: 0.92-0.97x, at 3x Liger's memory).
 # So: from hidden 4096, or from MIN_LOGITS rows x vocabulary (between those two; smaller vocabularies were
 # not measured).
-ENABLED = {"1": True, "0": False}.get(os.environ.get("FOAK_LCE_ONLINE", ""))
 MIN_LOGITS, MIN_HIDDEN = 800_000_000, 4096
 
 
@@ -51,9 +50,11 @@ def preferred(n_rows: int, n_hidden: int, n_cols: int, captured: bool = False) -
     `captured`: the call is being recorded into a CUDA graph, whose replays have none of the host time
     the size rule is about; then always (bf16 1B loss-only step with graphs: as fast as the chunked
     path, with the smaller peak)."""
-    if ENABLED is not None:
-        return ENABLED
+    forced = config.current().lce_online
+    if forced is not None:
+        return forced
     return captured or n_rows * n_cols >= MIN_LOGITS or n_hidden >= MIN_HIDDEN
+
 
 # Tiles. Pieces of COLS vocabulary columns: wider pieces mean fewer GEMM pairs and launches per block, and
 # the host's time per piece (~0.1 ms: two GEMM calls and a Triton launch) is what bounds a block at hidden

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..kernels import cross_entropy as kernel
-from ..kernels.cross_entropy import Epilogue
+from ..kernels.ce_epilogue import Epilogue
 
 REDUCTIONS = ("mean", "sum", "none")
 

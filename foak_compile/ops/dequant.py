@@ -1,7 +1,7 @@
 """torch.ops.foak.dequantize_4bit / dequantize_4bit_stacked and dequantize_gptq / dequantize_gptq_stacked:
 the bitsandbytes 4-bit and the GPTQ dequant as opaque ops, which the quantised LoRA ops call while the
-backend compiles for CUDA graphs (or always / never: FOAK_OPAQUE_DEQUANT=1 / 0). GPTQ follows the
-rule NF4 was measured by; its own effect is not measured yet.
+backend compiles for CUDA graphs (or always / never: config.opaque_dequant, FOAK_OPAQUE_DEQUANT=1 / 0).
+GPTQ follows the rule NF4 was measured by; its own effect is not measured yet.
 
 Inlined (ops/registry.py), a 4-bit LoRA op's body launches the dequant kernel through
 `wrap_triton`, so AOTAutograd and inductor trace, functionalise, analyse and code-generate that
@@ -19,35 +19,23 @@ without them it costs a third of the tokens/s, hence the rule. Two traps, both h
   torch's higher-order-op dispatch (torch's own comment: ~1 ms) unless that is switched off: the
   ops' bodies run under registry.direct_launches.
 """
-import contextlib
-import os
 from typing import Optional
 
 import torch
 
+from .. import config
 from ..kernels import bnb4, gptq
 from .registry import direct_launches
 
-# FOAK_OPAQUE_DEQUANT=1 / 0: always / never. Unset (None): only while the backend compiles for CUDA graphs
-# (a mode with triton.cudagraphs: "reduce-overhead", "max-autotune"), whose replays take the op's host cost
-# away (see the module docstring).
-OPAQUE = {"1": True, "0": False}.get(os.environ.get("FOAK_OPAQUE_DEQUANT", ""))
-_cuda_graphs = False  # set by for_cuda_graphs() around a compile
-
-
-@contextlib.contextmanager
-def for_cuda_graphs():
-    """Within: quantised LoRA ops being traced call the opaque dequant, unless FOAK_OPAQUE_DEQUANT says otherwise."""
-    global _cuda_graphs
-    saved, _cuda_graphs = _cuda_graphs, True
-    try:
-        yield
-    finally:
-        _cuda_graphs = saved
-
 
 def opaque() -> bool:
-    return _cuda_graphs if OPAQUE is None else OPAQUE
+    """Whether a quantised LoRA op being traced calls the opaque dequant: config.opaque_dequant
+    (FOAK_OPAQUE_DEQUANT=1 / 0: always / never) or, unset, only while the backend compiles for CUDA graphs
+    (config.cuda_graphs: a mode with triton.cudagraphs, "reduce-overhead", "max-autotune"), whose replays
+    take the op's host cost away (see the module docstring)."""
+    cfg = config.current()
+    return cfg.cuda_graphs if cfg.opaque_dequant is None else cfg.opaque_dequant
+
 
 
 FORWARD, BACKWARD = 0, 1  # the `site` of a call: not used by the kernel, it keeps the two calls apart

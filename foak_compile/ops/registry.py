@@ -9,35 +9,34 @@ before `direct_launches` (below) took its launches off torch's higher-order-op p
 
 Under the Triton interpreter (CI) or without CUDA an op is an opaque `torch.library.custom_op`
 with an explicit fake: the interpreter runs kernels on real CPU memory, so their bodies cannot
-be traced with fake tensors. FOAK_INLINE=0/1 (or a list of op prefixes, e.g. lora,rms_norm) overrides the choice;
-benchmarks compare them.
+be traced with fake tensors. config.inline (FOAK_INLINE=0/1, or a list of op prefixes, e.g. lora,rms_norm)
+overrides the choice; benchmarks compare them.
 
 Inlined ops cost compile time: for every `wrap_triton` launch it traces, torch asks Triton for the
 kernel's TTIR to find which arguments it writes (once when AOTAutograd functionalises it, again
 when inductor lowers it). A 16-layer model launches the same few kernels with the same arguments
 hundreds of times, so `_memoize_access_analysis` caches that answer for foak's kernels per kernel
-and argument signature (FOAK_TTIR_CACHE=0 turns it off).
+and argument signature (config.ttir_cache; FOAK_TTIR_CACHE=0 turns it off).
 """
 import copy
 import functools
-import os
+from typing import Union
 
 import torch
 
+from .. import config
 from ..kernels.common import INTERPRET
 
 
-def _inline():
-    """True (all ops), False, or a set of op-name prefixes, e.g. FOAK_INLINE=lora,rms_norm."""
-    forced = os.environ.get("FOAK_INLINE")
-    if forced is not None and forced not in ("0", "1"):
-        return {f.strip() for f in forced.split(",") if f.strip()}
+def _inline() -> Union[bool, frozenset[str]]:
+    """True (all ops), False, or a set of op-name prefixes: config.inline, or where Triton runs natively."""
+    forced = config.current().inline
     if forced is not None:
-        return forced == "1"
+        return forced
     return hasattr(torch.library, "triton_op") and not INTERPRET and torch.cuda.is_available()
 
 
-INLINE = _inline()
+INLINE = _inline()  # decided once, as the ops register (importing foak_compile)
 _inlined: set = set()  # names of the ops registered as triton_op
 
 
@@ -81,7 +80,7 @@ def _memoize_access_analysis() -> None:
     """Wrap torch's kernel access analysis in a per-signature cache (see the module doc). It is
     `identify_accessed_tensors` in newer torch and `identify_mutated_tensors` (a list of names)
     before; both take (kernel, kwargs, tma_descriptor_metadata)."""
-    if os.environ.get("FOAK_TTIR_CACHE", "1") == "0":
+    if not config.current().ttir_cache:
         return
     try:
         from torch._higher_order_ops import triton_kernel_wrap as tkw
