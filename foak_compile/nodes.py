@@ -209,3 +209,12 @@ def same_size(a, b) -> bool:
 
 def same_shape(a, b) -> bool:
     return len(a) == len(b) and all(same_size(i, j) for i, j in zip(a, b))
+
+
+def sole_getitem(call: Node, index: int) -> Optional[Node]:
+    """The `call[index]` node when it is call's only user: one output of a multi-output op (a foak
+    LoRA op's y) taken, the others (its t, seed) unused."""
+    user = sole_user(call)
+    if user is not None and user.target is operator.getitem and user.args[1] == index:
+        return user
+    return None

@@ -23,9 +23,12 @@ from typing import Callable, Optional
 import torch
 
 from . import dequant
+from ..kernels import bnb4
 from ..kernels import lora as kernel
+from .lora_schema import BNB4, DENSE
 from .registry import fused_op, register_fake
 
+BNB4_BLOCKSIZES = bnb4.BLOCKSIZES  # the 4-bit block sizes lora_linear_4bit dequantises
 _SEED_BOUND = 2**31 - 1  # keeps the kernels' seed argument one (int32) specialisation
 
 
@@ -98,10 +101,10 @@ def _fake_backward(x, bias, a, b, need_x, need_bias, need_a, need_b):
             b.new_empty(b.shape) if need_b else x.new_empty(0))
 
 
-def _no_base_grad(ctx, base_inputs) -> None:
+def _no_base_grad(family, need) -> None:
     # The pattern never rewrites a layer whose base weight is trained; refuse rather than
-    # silently return no gradient if the op is called that way.
-    if any(ctx.needs_input_grad[i] for i in base_inputs):
+    # silently return no gradient if the op is called that way. need: needs_input_grad, named.
+    if any(getattr(need, f) for f in family.tensors):
         raise NotImplementedError("foak lora: the base weight is frozen; no gradient for it is implemented")
 
 
@@ -143,20 +146,19 @@ register_fake(lora_linear_backward, _lora_linear_backward_fake)
 
 
 def _setup_dense(ctx, inputs, output):
-    x, weight, bias, a, b, scaling, p, _ = inputs
-    ctx.save_for_backward(x, weight, bias, a, b, output[1], output[2])
+    i = DENSE.single.view(inputs)
+    ctx.save_for_backward(i.x, i.weight, i.bias, i.lora_a, i.lora_b, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.scaling, ctx.p = scaling, p
+    ctx.scaling, ctx.p = i.scaling, i.dropout_p
 
 
 def _backward_dense(ctx, dy, _dt, _dseed):
-    _no_base_grad(ctx, (1,))
+    need = DENSE.single.view(ctx.needs_input_grad)
+    _no_base_grad(DENSE, need)
     x, weight, bias, a, b, t, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
     dx, dbias, da, db = torch.ops.foak.lora_linear_backward(dy, x, weight, bias, a, b, t, seed, ctx.scaling, ctx.p,
-                                                           need[0], need[2], need[3], need[4])
-    return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
-            db if need[4] else None, None, None, None)
+                                                           need.x, need.bias, need.lora_a, need.lora_b)
+    return DENSE.single.grads(ctx.needs_input_grad, x=dx, bias=dbias, lora_a=da, lora_b=db)
 
 
 lora_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
@@ -220,26 +222,23 @@ def _lora_linear_4bit_backward_fake(dy, x, qweight, absmax, nested_absmax, neste
 register_fake(lora_linear_4bit_backward, _lora_linear_4bit_backward_fake)
 
 
-_4BIT_QUANT_INPUTS = (1, 2, 3, 4, 5)  # qweight, absmax, nested_absmax, nested_code, offset
-
-
 def _setup_4bit(ctx, inputs, output):
-    (x, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, scaling, p, quant_type, blocksize,
-     nested_blocksize, weight_shape, cdt, _) = inputs
-    ctx.save_for_backward(x, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, output[1], output[2])
+    i = BNB4.single.view(inputs)
+    ctx.save_for_backward(i.x, i.qweight, i.absmax, i.nested_absmax, i.nested_code, i.offset, i.bias, i.lora_a,
+                          i.lora_b, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.args = (scaling, p, quant_type, blocksize, nested_blocksize, list(weight_shape), cdt)
+    ctx.args = (i.scaling, i.dropout_p, i.quant_type, i.blocksize, i.nested_blocksize, list(i.weight_shape),
+                i.compute_dtype)
 
 
 def _backward_4bit(ctx, dy, _dt, _dseed):
-    _no_base_grad(ctx, _4BIT_QUANT_INPUTS)
+    need = BNB4.single.view(ctx.needs_input_grad)
+    _no_base_grad(BNB4, need)
     x, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, t, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
     dx, dbias, da, db = torch.ops.foak.lora_linear_4bit_backward(
         dy, x, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, t, seed, *ctx.args,
-        need[0], need[6], need[7], need[8])
-    return (dx if need[0] else None, None, None, None, None, None, dbias if need[6] else None,
-            da if need[7] else None, db if need[8] else None) + (None,) * 8
+        need.x, need.bias, need.lora_a, need.lora_b)
+    return BNB4.single.grads(ctx.needs_input_grad, x=dx, bias=dbias, lora_a=da, lora_b=db)
 
 
 lora_linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)

@@ -16,7 +16,20 @@ import torch
 from ..kernels import gptq
 from . import dequant
 from .lora import _backward, _check, _fake_backward, _fake_forward, _forward, _no_base_grad
+from .lora_schema import GPTQ
 from .registry import fused_op, register_fake
+
+
+def bit_widths(qweight, qzeros, scales, g_idx) -> list:
+    """The bit widths (of 2, 4, 8) whose int32 packing the GPTQ tensors' shapes fit, with v2 zero points."""
+    fits = []
+    for bits in gptq.BITS:
+        try:
+            gptq.check(qweight, qzeros, scales, g_idx, bits)
+            fits.append(bits)
+        except ValueError:
+            pass
+    return fits
 
 
 def _shape(qweight, qzeros, scales, g_idx, bits, zero_format) -> list:
@@ -71,24 +84,23 @@ def _lora_linear_gptq_backward_fake(dy, x, qweight, qzeros, scales, g_idx, bias,
 
 register_fake(lora_linear_gptq_backward, _lora_linear_gptq_backward_fake)
 
-_QUANT_INPUTS = (1, 2, 3, 4)  # qweight, qzeros, scales, g_idx: frozen, no gradient
-
 
 def _setup(ctx, inputs, output):
-    x, qweight, qzeros, scales, g_idx, bias, a, b, scaling, p, bits, zero_format, cdt, _ = inputs
-    ctx.save_for_backward(x, qweight, qzeros, scales, g_idx, bias, a, b, output[1], output[2])
+    i = GPTQ.single.view(inputs)
+    ctx.save_for_backward(i.x, i.qweight, i.qzeros, i.scales, i.g_idx, i.bias, i.lora_a, i.lora_b, output[1],
+                          output[2])
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.args = (scaling, p, bits, zero_format, cdt)
+    ctx.args = (i.scaling, i.dropout_p, i.bits, i.zero_format, i.compute_dtype)
 
 
 def _backward_gptq(ctx, dy, _dt, _dseed):
-    _no_base_grad(ctx, _QUANT_INPUTS)
+    need = GPTQ.single.view(ctx.needs_input_grad)
+    _no_base_grad(GPTQ, need)  # qweight, qzeros, scales, g_idx: frozen, no gradient
     x, qweight, qzeros, scales, g_idx, bias, a, b, t, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
     dx, dbias, da, db = torch.ops.foak.lora_linear_gptq_backward(
-        dy, x, qweight, qzeros, scales, g_idx, bias, a, b, t, seed, *ctx.args, need[0], need[5], need[6], need[7])
-    return (dx if need[0] else None, None, None, None, None, dbias if need[5] else None,
-            da if need[6] else None, db if need[7] else None) + (None,) * 6
+        dy, x, qweight, qzeros, scales, g_idx, bias, a, b, t, seed, *ctx.args, need.x, need.bias, need.lora_a,
+        need.lora_b)
+    return GPTQ.single.grads(ctx.needs_input_grad, x=dx, bias=dbias, lora_a=da, lora_b=db)
 
 
 lora_linear_gptq.register_autograd(_backward_gptq, setup_context=_setup)

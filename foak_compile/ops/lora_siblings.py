@@ -27,6 +27,7 @@ from ..kernels import gptq
 from ..kernels import lora as lora_kernel
 from . import dequant
 from .dequant import pairs as _pairs
+from .lora_schema import BNB4, DENSE, GPTQ, per_layer
 from .registry import fused_op, register_fake
 
 
@@ -125,14 +126,24 @@ def _scaled(v, s, cdt):
     return (v * s).to(cdt)
 
 
+def _leaf_grads(values):
+    """None per element for a list of tensors; one None for a list holding a None (a pytree leaf)."""
+    return [None] * len(values) if all(v is not None for v in values) else None
+
+
+def _frozen_grads(family, inputs) -> dict:
+    """No gradient for the bases' tensors and biases, named as the siblings op's inputs; the gradient's
+    structure mirrors the inputs': a bias list holding a None is one leaf."""
+    return {f: _leaf_grads(getattr(inputs, f)) for f in map(per_layer, family.tensors + ("bias",))}
+
+
 def _setup(ctx, inputs, output):
-    x, weights, biases, a, b, scalings, _ = inputs
-    ctx.k = len(weights)
-    ctx.save_for_backward(x, output[-1], *weights, *a, *b)
+    i = DENSE.siblings.view(inputs)
+    ctx.k = len(i.weights)
+    ctx.save_for_backward(i.x, output[-1], *i.weights, *i.lora_a, *i.lora_b)
     ctx.mark_non_differentiable(output[-1])
-    ctx.scalings = list(scalings)
-    # the gradient's structure mirrors the inputs': a bias list holding a None is one leaf
-    ctx.bias_grads = [None] * len(biases) if all(t is not None for t in biases) else None
+    ctx.scalings = list(i.scalings)
+    ctx.none_grads = _frozen_grads(DENSE, i)
 
 
 def _backward(ctx, grads):
@@ -146,7 +157,7 @@ def _backward(ctx, grads):
     out = torch.ops.foak.lora_linear_siblings_backward(dys, x, list(weights), list(a), list(b), t, ctx.scalings,
                                                        ctx.needs_input_grad[0])
     dx = out[0] if ctx.needs_input_grad[0] else None
-    return dx, [None] * k, ctx.bias_grads, list(out[1:1 + k]), list(out[1 + k:]), None, None
+    return DENSE.siblings.grads(x=dx, lora_a=list(out[1:1 + k]), lora_b=list(out[1 + k:]), **ctx.none_grads)
 
 
 lora_linear_siblings.register_autograd(_backward, setup_context=_setup)
@@ -261,22 +272,17 @@ def _backward_4bit_fake(dy, x, qweights, absmaxes, nested_absmaxes, nested_codes
 register_fake(lora_linear_4bit_siblings_backward, _backward_4bit_fake)
 
 
-def _leaf_grads(values):
-    """None per element for a list of tensors; one None for a list holding a None (a pytree leaf)."""
-    return [None] * len(values) if all(v is not None for v in values) else None
-
-
 def _setup_4bit(ctx, inputs, output):
-    (x, qweights, absmaxes, nested_absmaxes, nested_codes, offsets, biases, a, b, scalings, quant_type, blocksize,
-     nested_blocksize, weight_shapes, cdt, _) = inputs
-    ctx.k = len(qweights)
-    nested = nested_absmaxes[0] is not None
+    i = BNB4.siblings.view(inputs)
+    ctx.k = len(i.qweights)
+    nested = i.nested_absmaxes[0] is not None
     ctx.nested = nested
-    ctx.save_for_backward(x, output[1], *qweights, *absmaxes, *a, *b,
-                          *(nested_absmaxes + nested_codes + offsets if nested else []))
+    ctx.save_for_backward(i.x, output[1], *i.qweights, *i.absmaxes, *i.lora_a, *i.lora_b,
+                          *(i.nested_absmaxes + i.nested_codes + i.offsets if nested else []))
     ctx.mark_non_differentiable(output[1])
-    ctx.args = (list(scalings), quant_type, blocksize, nested_blocksize, list(weight_shapes), cdt)
-    ctx.none_grads = [_leaf_grads(v) for v in (qweights, absmaxes, nested_absmaxes, nested_codes, offsets, biases)]
+    ctx.args = (list(i.scalings), i.quant_type, i.blocksize, i.nested_blocksize, list(i.weight_shapes),
+                i.compute_dtype)
+    ctx.none_grads = _frozen_grads(BNB4, i)
 
 
 def _backward_4bit(ctx, grads):
@@ -291,7 +297,7 @@ def _backward_4bit(ctx, grads):
         grads[0], x, list(q), list(am), na, nc, off, list(a), list(b), t, scalings, quant_type, blocksize,
         nested_blocksize, weight_shapes, cdt, ctx.needs_input_grad[0])
     dx = out[0] if ctx.needs_input_grad[0] else None
-    return (dx, *ctx.none_grads, list(out[1:1 + k]), list(out[1 + k:]), None, None, None, None, None, None, None)
+    return BNB4.siblings.grads(x=dx, lora_a=list(out[1:1 + k]), lora_b=list(out[1 + k:]), **ctx.none_grads)
 
 
 lora_linear_4bit_siblings.register_autograd(_backward_4bit, setup_context=_setup_4bit)
@@ -364,12 +370,12 @@ register_fake(lora_linear_gptq_siblings_backward, _backward_gptq_fake)
 
 
 def _setup_gptq(ctx, inputs, output):
-    x, qweights, qzeros, scales, g_idxs, biases, a, b, scalings, bits, zero_format, cdt, _ = inputs
-    ctx.k = len(qweights)
-    ctx.save_for_backward(x, output[1], *qweights, *qzeros, *scales, *g_idxs, *a, *b)
+    i = GPTQ.siblings.view(inputs)
+    ctx.k = len(i.qweights)
+    ctx.save_for_backward(i.x, output[1], *i.qweights, *i.qzeros, *i.scales, *i.g_idxs, *i.lora_a, *i.lora_b)
     ctx.mark_non_differentiable(output[1])
-    ctx.args = (list(scalings), bits, zero_format, cdt)
-    ctx.none_grads = [_leaf_grads(v) for v in (qweights, qzeros, scales, g_idxs, biases)]
+    ctx.args = (list(i.scalings), i.bits, i.zero_format, i.compute_dtype)
+    ctx.none_grads = _frozen_grads(GPTQ, i)
 
 
 def _backward_gptq(ctx, grads):
@@ -380,7 +386,7 @@ def _backward_gptq(ctx, grads):
     out = torch.ops.foak.lora_linear_gptq_siblings_backward(grads[0], x, q, z, s, g, a, b, t, scalings, bits,
                                                             zero_format, cdt, ctx.needs_input_grad[0])
     dx = out[0] if ctx.needs_input_grad[0] else None
-    return (dx, *ctx.none_grads, list(out[1:1 + k]), list(out[1 + k:]), None, None, None, None, None)
+    return GPTQ.siblings.grads(x=dx, lora_a=list(out[1:1 + k]), lora_b=list(out[1 + k:]), **ctx.none_grads)
 
 
 lora_linear_gptq_siblings.register_autograd(_backward_gptq, setup_context=_setup_gptq)

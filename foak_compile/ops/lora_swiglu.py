@@ -20,6 +20,7 @@ from ..kernels import swiglu
 from . import dequant
 from .lora import _backward as _lora_backward
 from .lora import _check, _dequant, _fake_backward, _fake_forward, _forward, _no_base_grad
+from .lora_schema import BNB4, DENSE
 from .registry import fused_op, register_fake
 
 
@@ -49,14 +50,6 @@ def _backward_fake(gate, up, bias, a, b, need_gate, need_up, need_bias, need_a, 
     _, dbias, da, db = _fake_backward(gate, bias, a, b, False, need_bias, need_a, need_b)
     return (gate.new_empty(gate.shape) if need_gate else gate.new_empty(0),
             up.new_empty(up.shape) if need_up else up.new_empty(0), dbias, da, db)
-
-
-def _grads(need, grads, positions):
-    """Each gradient at its input's position, None where autograd did not ask for it."""
-    out = [None] * len(need)
-    for i, g in zip(positions, grads):
-        out[i] = g if need[i] else None
-    return tuple(out)
 
 
 # --- dense base ---------------------------------------------------------------------------------
@@ -99,19 +92,21 @@ register_fake(lora_linear_swiglu_backward, _dense_backward_fake)
 
 
 def _setup_dense(ctx, inputs, output):
-    gate, up, weight, bias, a, b, scaling, p, _ = inputs
-    ctx.save_for_backward(gate, up, weight, bias, a, b, output[1], output[2])  # not h: backward recomputes it
+    i = DENSE.swiglu.view(inputs)
+    # not h: backward recomputes it
+    ctx.save_for_backward(i.gate, i.up, i.weight, i.bias, i.lora_a, i.lora_b, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.scaling, ctx.p = scaling, p
+    ctx.scaling, ctx.p = i.scaling, i.dropout_p
 
 
 def _autograd_dense(ctx, dy, _dt, _dseed):
-    _no_base_grad(ctx, (2,))
+    need = DENSE.swiglu.view(ctx.needs_input_grad)
+    _no_base_grad(DENSE, need)
     gate, up, weight, bias, a, b, t, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grads = torch.ops.foak.lora_linear_swiglu_backward(dy, gate, up, weight, bias, a, b, t, seed, ctx.scaling, ctx.p,
-                                                       need[0], need[1], need[3], need[4], need[5])
-    return _grads(need, grads, (0, 1, 3, 4, 5))
+    dgate, dup, dbias, da, db = torch.ops.foak.lora_linear_swiglu_backward(
+        dy, gate, up, weight, bias, a, b, t, seed, ctx.scaling, ctx.p, need.gate, need.up, need.bias, need.lora_a,
+        need.lora_b)
+    return DENSE.swiglu.grads(ctx.needs_input_grad, gate=dgate, up=dup, bias=dbias, lora_a=da, lora_b=db)
 
 
 lora_linear_swiglu.register_autograd(_autograd_dense, setup_context=_setup_dense)
@@ -170,22 +165,22 @@ register_fake(lora_linear_4bit_swiglu_backward, _4bit_backward_fake)
 
 
 def _setup_4bit(ctx, inputs, output):
-    (gate, up, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, scaling, p, quant_type, blocksize,
-     nested_blocksize, weight_shape, cdt, _) = inputs
-    ctx.save_for_backward(gate, up, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, output[1],
-                          output[2])
+    i = BNB4.swiglu.view(inputs)
+    ctx.save_for_backward(i.gate, i.up, i.qweight, i.absmax, i.nested_absmax, i.nested_code, i.offset, i.bias,
+                          i.lora_a, i.lora_b, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.args = (scaling, p, quant_type, blocksize, nested_blocksize, list(weight_shape), cdt)
+    ctx.args = (i.scaling, i.dropout_p, i.quant_type, i.blocksize, i.nested_blocksize, list(i.weight_shape),
+                i.compute_dtype)
 
 
 def _autograd_4bit(ctx, dy, _dt, _dseed):
-    _no_base_grad(ctx, (2, 3, 4, 5, 6))  # qweight, absmax, nested absmax / code, offset
+    need = BNB4.swiglu.view(ctx.needs_input_grad)
+    _no_base_grad(BNB4, need)
     gate, up, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, t, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grads = torch.ops.foak.lora_linear_4bit_swiglu_backward(
+    dgate, dup, dbias, da, db = torch.ops.foak.lora_linear_4bit_swiglu_backward(
         dy, gate, up, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, t, seed, *ctx.args,
-        need[0], need[1], need[7], need[8], need[9])
-    return _grads(need, grads, (0, 1, 7, 8, 9))
+        need.gate, need.up, need.bias, need.lora_a, need.lora_b)
+    return BNB4.swiglu.grads(ctx.needs_input_grad, gate=dgate, up=dup, bias=dbias, lora_a=da, lora_b=db)
 
 
 lora_linear_4bit_swiglu.register_autograd(_autograd_4bit, setup_context=_setup_4bit)

@@ -36,7 +36,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..kernels.common import TL_DTYPE
+from ..ops import SUPPORTED_DTYPES
 from ..ops.cross_entropy import REDUCTIONS
 from ..nodes import canon, is_kind, item_float, other_operand, value
 
@@ -56,7 +56,7 @@ class _Loss:
 
 
 def _is_exact_upcast(src: torch.Tensor, out: torch.Tensor) -> bool:
-    return out.dtype == src.dtype or (out.dtype == torch.float32 and src.dtype in TL_DTYPE)
+    return out.dtype == src.dtype or (out.dtype == torch.float32 and src.dtype in SUPPORTED_DTYPES)
 
 
 def _producer(n) -> Optional[Node]:
@@ -296,7 +296,7 @@ def _parse_loss(seed: Node) -> Optional[_Loss]:
 def _check_input(t: Optional[torch.Tensor], what: str) -> None:
     if t is None:
         raise Reject(f"{what} without shape information")
-    if t.dtype not in TL_DTYPE:
+    if t.dtype not in SUPPORTED_DTYPES:
         raise Reject(f"{what} of dtype {t.dtype} unsupported")
     if t.device.type not in ("cuda", "cpu"):
         raise Reject(f"device {t.device.type} unsupported")

@@ -38,12 +38,12 @@ from typing import Any, Optional
 import torch
 from torch.fx import Node
 
-from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..kernels import gptq
-from ..kernels.bnb4 import BLOCKSIZES
-from ..kernels.common import TL_DTYPE
 from ..nodes import canon, is_kind, item_float, module_of, other_operand, same_shape, sole_user, value
+from ..ops import SUPPORTED_DTYPES
+from ..ops.lora import BNB4_BLOCKSIZES
+from ..ops.lora_gptq import bit_widths as gptq_bit_widths
+from ..ops.lora_schema import BNB4, DENSE, GPTQ, Family
 
 _BNB_4BIT = "bitsandbytes.nn.modules.Linear4bit"
 _OTHER_BASES = {  # base layer classes we recognise but do not fuse, with why
@@ -71,9 +71,8 @@ class _Adapter:
 
 @dataclass
 class _Base:
-    target: Any      # the fused op
-    args: tuple      # its arguments before the adapter's
-    const: tuple     # and after them (the 4-bit format), before out_dtype
+    family: Family   # which op: lora_linear, lora_linear_4bit or lora_linear_gptq
+    args: dict       # the op's arguments that describe the base (its tensors, bias, constants), by name
     nodes: list
     cdt: torch.dtype  # the base GEMM's compute dtype
     wshape: tuple     # (out_features, in_features)
@@ -89,7 +88,7 @@ def _is_clone(n) -> bool:
 
 def _float_cast(n) -> bool:
     op = canon(n)
-    return op is not None and op.kind == "cast" and op.kwargs["dtype"] in TL_DTYPE
+    return op is not None and op.kind == "cast" and op.kwargs["dtype"] in SUPPORTED_DTYPES
 
 
 def _stack(n: Node) -> list:
@@ -143,7 +142,7 @@ def _adapter_input(n, nodes: list, variant: list) -> tuple:
         if len(n.users) != 1:  # shared with the base (Gemma's norm ends in a cast): the layer input
             return n, p
         op = canon(n)
-        if op is not None and op.kind == "cast" and op.kwargs["dtype"] in TL_DTYPE:
+        if op is not None and op.kind == "cast" and op.kwargs["dtype"] in SUPPORTED_DTYPES:
             nodes.insert(0, n)
             n = op.args[0]
         elif op is not None and op.kind == "dropout":
@@ -258,11 +257,11 @@ def _dense_base(lin: Node, x: Node, nodes: list) -> _Base:
         raise Reject("base weight is not a 2-D tensor")
     if wv.requires_grad:
         raise Reject("base weight requires grad (trained base): the op has no base-weight gradient")
-    if wv.dtype not in TL_DTYPE:
+    if wv.dtype not in SUPPORTED_DTYPES:
         raise Reject(f"base weight dtype {wv.dtype} unsupported")
     if bias is not None and (value(bias) is None or value(bias).shape != (wv.shape[0],)):
         raise Reject("base bias is not a [out_features] tensor")
-    return _Base(torch.ops.foak.lora_linear.default, (x, w, bias), (), nodes + [lin], wv.dtype, tuple(wv.shape),
+    return _Base(DENSE, dict(weight=w, bias=bias), nodes + [lin], wv.dtype, tuple(wv.shape),
                  ["dense" + (" + bias" if bias is not None else "")])
 
 
@@ -314,12 +313,13 @@ def _bnb4_base(r: Node, key: str, x: Node, nodes: list) -> _Base:
     extra = [a for a in inputs if a.op in ("placeholder", "get_attr") and a is not weight and a not in q["nodes"]]
     bias = _bias_input(extra, qs.shape[0])
     cdt = _compute_dtype(scope, x)
-    args = (x, weight, q["absmax"], q["nested_absmax"], q["nested_code"], q["offset"], bias)
-    const = (qs.quant_type, int(qs.blocksize), q["nested_blocksize"], [int(s) for s in qs.shape], cdt)
+    args = dict(qweight=weight, absmax=q["absmax"], nested_absmax=q["nested_absmax"], nested_code=q["nested_code"],
+                offset=q["offset"], bias=bias, quant_type=qs.quant_type, blocksize=int(qs.blocksize),
+                nested_blocksize=q["nested_blocksize"], weight_shape=[int(s) for s in qs.shape], compute_dtype=cdt)
     variant = [f"bitsandbytes 4-bit {qs.quant_type}" + (" double-quant" if qs.nested else "")
                + f" blocksize {qs.blocksize}, compute {str(cdt).split('.')[-1]}"
                + (" + bias" if bias is not None else "")]
-    return _Base(torch.ops.foak.lora_linear_4bit.default, args, const, nodes + scope, cdt, tuple(qs.shape), variant)
+    return _Base(BNB4, args, nodes + scope, cdt, tuple(qs.shape), variant)
 
 
 def _quant_state(qs, graph) -> dict:
@@ -327,7 +327,7 @@ def _quant_state(qs, graph) -> dict:
         raise Reject("4-bit weight is in bitsandbytes' CPU inference layout (packing_format_for_cpu)")
     if qs.quant_type not in ("nf4", "fp4"):
         raise Reject(f"4-bit quant_type {qs.quant_type!r} unsupported")
-    if qs.blocksize not in BLOCKSIZES:
+    if qs.blocksize not in BNB4_BLOCKSIZES:
         raise Reject(f"4-bit blocksize {qs.blocksize} unsupported")
     if len(qs.shape) != 2:
         raise Reject(f"4-bit weight of shape {tuple(qs.shape)}, not 2-D")
@@ -361,7 +361,7 @@ def _compute_dtype(scope: list, x: Node) -> torch.dtype:
     if len(casts) > 1:
         raise Reject(f"the Linear4bit call casts its input to several dtypes {casts}")
     cdt = casts.pop() if casts else value(x).dtype
-    if cdt not in TL_DTYPE:
+    if cdt not in SUPPORTED_DTYPES:
         raise Reject(f"4-bit compute dtype {cdt} unsupported")
     return cdt
 
@@ -392,13 +392,7 @@ def _input_name(n: Node) -> str:
 
 def _gptq_bits(qweight, qzeros, scales, g_idx) -> int:
     """The bit width whose packing the tensors' shapes follow (2, 4 or 8)."""
-    fits = []
-    for bits in gptq.BITS:
-        try:
-            gptq.check(qweight, qzeros, scales, g_idx, bits)
-            fits.append(bits)
-        except ValueError:
-            pass
+    fits = gptq_bit_widths(qweight, qzeros, scales, g_idx)
     if len(fits) != 1:
         raise Reject(f"GPTQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
                      f"{tuple(scales.shape)}, g_idx {tuple(g_idx.shape)} fit " +
@@ -437,7 +431,7 @@ def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
     qweight, qzeros, scales, g_idx = (value(role[k]) for k in _GPTQ_BUFFERS)
     bits = _gptq_bits(qweight, qzeros, scales, g_idx)
     xv = value(x)
-    if scales.dtype not in TL_DTYPE:
+    if scales.dtype not in SUPPORTED_DTYPES:
         raise Reject(f"GPTQ scales dtype {scales.dtype} unsupported")
     if any(value(role[k]).device != xv.device for k in role):
         raise Reject("the GPTQ layer's buffers are not all on the input's device")
@@ -458,9 +452,9 @@ def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
                + f", {str(scales.dtype).split('.')[-1]} scales, compute {str(cdt).split('.')[-1]}"
                + (" + bias" if bias is not None else "")]
     # zero_format 2: TorchLinear reads its qzeros as v2 (gptqmodel converts v1 checkpoints on load)
-    args = (x, role["qweight"], role["qzeros"], role["scales"], role["g_idx"], bias)
-    return _Base(torch.ops.foak.lora_linear_gptq.default, args, (bits, 2, cdt), nodes + scope, cdt,
-                 (n_out, n_in), variant)
+    args = dict(qweight=role["qweight"], qzeros=role["qzeros"], scales=role["scales"], g_idx=role["g_idx"], bias=bias,
+                bits=bits, zero_format=2, compute_dtype=cdt)
+    return _Base(GPTQ, args, nodes + scope, cdt, (n_out, n_in), variant)
 
 
 _MATMULS = {torch.matmul, operator.matmul, torch.mm, torch.nn.functional.linear, torch.addmm}
@@ -473,7 +467,7 @@ def _gptq_compute_dtype(scope: list) -> torch.dtype:
     if len(mms) != 1 or value(mms[0]) is None:
         raise Reject(f"the GPTQ layer call has {len(mms)} matrix products, not one")
     cdt = value(mms[0]).dtype
-    if cdt not in TL_DTYPE:
+    if cdt not in SUPPORTED_DTYPES:
         raise Reject(f"GPTQ compute dtype {cdt} unsupported")
     return cdt
 
@@ -516,7 +510,7 @@ def _check_shapes(ad: _Adapter, base: _Base, out: Node) -> None:
     if xv.device.type not in ("cuda", "cpu"):
         raise Reject(f"device {xv.device.type} unsupported")
     for t, what in ((xv, "input"), (av, "lora_A"), (bv, "lora_B"), (ov, "result")):
-        if t.dtype not in TL_DTYPE:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise Reject(f"{what} dtype {t.dtype} unsupported")
     if av.dim() != 2 or bv.dim() != 2 or not same_shape((av.shape[1], bv.shape[1]), (xv.shape[-1], av.shape[0])):
         raise Reject(f"lora_A {tuple(av.shape)} / lora_B {tuple(bv.shape)} do not chain from x {tuple(xv.shape)}")
@@ -563,13 +557,15 @@ class LoraPattern(Pattern):
             nodes.append(cast)
             out = cast
         _check_shapes(ad, base, out)
-        args = base.args + (ad.a, ad.b, ad.scaling, ad.p) + base.const + (value(out).dtype,)
+        layout = base.family.single
+        args = layout.build(x=ad.x, lora_a=ad.a, lora_b=ad.b, scaling=ad.scaling, dropout_p=ad.p,
+                            out_dtype=value(out).dtype, **base.args)
         hint = float(ad.scaling.node.hint) if isinstance(ad.scaling, torch.SymFloat) else ad.scaling
         variant = base.variant + [f"r={value(ad.a).shape[0]}", f"scaling={hint:g}"] + ad.variant
         adt = value(ad.a).dtype
         if adt != base.cdt:
             variant.append(f"{str(adt).split('.')[-1]} adapter run in {str(base.cdt).split('.')[-1]}")
-        return Candidate(nodes, out, _call(base.target, args), ", ".join(variant))
+        return Candidate(nodes, out, _call(layout.op, args), ", ".join(variant))
 
 
 def _call(target, args):

@@ -16,33 +16,20 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import is_in_place, module_of, value
-
-_LORA = torch.ops.foak.lora_linear.default
-_LORA4 = torch.ops.foak.lora_linear_4bit.default
-_SIBLINGS = torch.ops.foak.lora_linear_siblings.default
-_SIBLINGS4 = torch.ops.foak.lora_linear_4bit_siblings.default
-_LORAG = torch.ops.foak.lora_linear_gptq.default
-_SIBLINGSG = torch.ops.foak.lora_linear_gptq_siblings.default
-# argument positions: (x, weight | qweight, ..., bias, A, B, scaling, dropout_p, ..., out_dtype)
-_POS = {_LORA: dict(n=8, bias=2, a=3, b=4, scaling=5, p=6),
-        _LORA4: dict(n=17, bias=6, a=7, b=8, scaling=9, p=10),
-        _LORAG: dict(n=14, bias=5, a=6, b=7, scaling=8, p=9)}
+from ..nodes import is_in_place, module_of, sole_getitem, value
+from ..ops.lora_schema import DENSE, GPTQ, family_of
 
 
-def _lora_output(call: Node) -> Optional[Node]:
-    """The getitem taking y from a lora_linear call, when that is the call's only use."""
-    users = list(call.users)
-    if len(users) == 1 and users[0].target is operator.getitem and users[0].args[1] == 0:
-        return users[0]
-    return None
+def _reads(call: Node, x: Node) -> bool:
+    """Whether `call` is a lora_linear / lora_linear_4bit / lora_linear_gptq call whose input is x."""
+    family = family_of(call.target) if call.op == "call_function" else None
+    return family is not None and family.single.arg(call, "x") is x
 
 
 def _calls(x: Node) -> list:
     """x's lora_linear / lora_linear_4bit / lora_linear_gptq users, in graph order."""
-    calls = [u for u in x.users if u.op == "call_function" and u.target in _POS and u.args and u.args[0] is x]
+    calls = [u for u in x.users if _reads(u, x)]
     if len(calls) < 2:
         return calls
     order = {n: i for i, n in enumerate(x.graph.nodes)}
@@ -61,19 +48,20 @@ class LoraSiblingsPattern(Pattern):
         calls = _calls(x)
         if len({c.target for c in calls}) != 1:
             raise Reject("siblings over different kinds of base layer (dense and 4-bit) are not grouped")
-        pos = _POS[calls[0].target]
-        if any(len(c.args) != pos["n"] or c.kwargs or value(c.args[1]) is None for c in calls):
+        family = family_of(calls[0].target)
+        layers = [family.single.parse(c) for c in calls]  # each call's arguments, by name
+        if any(v is None or value(getattr(v, family.weight)) is None for v in layers):
             raise Reject("a LoRA op call not in the form the lora pattern writes (keywords, unknown weight)")
-        unknown = [c.name for c in calls if c.args[pos["bias"]] is not None and value(c.args[pos["bias"]]) is None]
+        unknown = [c.name for c, v in zip(calls, layers) if v.bias is not None and value(v.bias) is None]
         if unknown:
             raise Reject(f"the base bias of {unknown} has no recorded value: cannot tell it is frozen")
-        trained = [c.name for c in calls if getattr(value(c.args[pos["bias"]]), "requires_grad", False)]
+        trained = [c.name for c, v in zip(calls, layers) if getattr(value(v.bias), "requires_grad", False)]
         if trained:
             raise Reject(f"trained base bias on {trained}: the grouped op has no bias gradient")
-        dropped = [c.name for c in calls if c.args[pos["p"]] != 0.0]
+        dropped = [c.name for c, v in zip(calls, layers) if v.dropout_p != 0.0]
         if dropped:
             raise Reject(f"LoRA dropout on {dropped}: each sibling draws its own mask, not grouped")
-        outs = [_lora_output(c) for c in calls]
+        outs = [sole_getitem(c, 0) for c in calls]
         if any(o is None for o in outs):
             raise Reject("a sibling's t or seed output is used: not grouped")
         inplace = [u.name for o in outs for u in o.users if is_in_place(u)]
@@ -81,64 +69,56 @@ class LoraSiblingsPattern(Pattern):
             raise Reject(f"a sibling's output is modified in place ({', '.join(inplace)})")
         names = [(module_of(o) or o.name).split(" ")[0].split(".")[-1] for o in outs]
         nodes = [n for c, o in zip(calls, outs) for n in (o, c)]
-        scalings = [float(s) for s in _column(calls, pos["scaling"])]
-        if calls[0].target is _LORA:
-            kinds = {(value(c.args[1]).dtype, c.args[7]) for c in calls}
+        scalings = [float(v.scaling) for v in layers]
+        if family is DENSE:
+            kinds = {(value(v.weight).dtype, v.out_dtype) for v in layers}
             if len(kinds) != 1:
                 raise Reject(f"siblings differ in base dtype / output dtype {sorted(map(str, kinds))}")
-            args = (x, _column(calls, 1), _column(calls, pos["bias"]), _column(calls, pos["a"]),
-                    _column(calls, pos["b"]), scalings, calls[0].args[7])
+            args = DENSE.group(layers, x=x, scalings=scalings)
+            op = DENSE.siblings.op
 
             def replace(g):
-                return g.call_function(_SIBLINGS, args)
+                return g.call_function(op, args)
             return Candidate(nodes, outs, replace, f"{len(calls)} siblings ({', '.join(names)})")
-        if calls[0].target is _LORAG:
-            return _gptq_group(x, calls, outs, nodes, names, scalings, pos)
+        if family is GPTQ:
+            return _gptq_group(x, layers, outs, nodes, names, scalings)
         # 4-bit: one quantisation setup, double quantisation for all or none
-        kinds = {(c.args[11], c.args[12], c.args[13], c.args[15], c.args[16], c.args[3] is None) for c in calls}
+        kinds = {(v.quant_type, v.blocksize, v.nested_blocksize, v.compute_dtype, v.out_dtype, v.nested_absmax is None)
+                 for v in layers}
         if len(kinds) != 1:
             raise Reject("4-bit siblings differ in quant type, block sizes, double quantisation or dtypes")
-        shapes = [int(v) for c in calls for v in c.args[14]]
+        shapes = [int(d) for v in layers for d in v.weight_shape]
         if set(shapes[1::2]) != {value(x).shape[-1]}:
             raise Reject(f"4-bit siblings' in_features {shapes[1::2]} do not all equal "
                          f"the input's {value(x).shape[-1]}")
-        quant = [_column(calls, i) for i in (1, 2, 3, 4, 5)]  # qweight, absmax, nested absmax/code, offset
-        args = (x, *quant, _column(calls, pos["bias"]), _column(calls, pos["a"]), _column(calls, pos["b"]),
-                scalings, *calls[0].args[11:14], shapes, calls[0].args[15], calls[0].args[16])
-        widths, dim = shapes[0::2], value(x).dim() - 1
-
-        def replace4(g):
-            call = g.call_function(_SIBLINGS4, args)
-            y = g.call_function(operator.getitem, (call, 0))
-            return g.call_function(torch.split, (y, widths, dim))  # the engine takes each layer's piece
-        return Candidate(nodes, outs, replace4, f"{len(calls)} 4-bit siblings, one stacked weight "
-                                                f"({', '.join(names)})")
+        args = family.group(layers, x=x, scalings=scalings, weight_shapes=shapes)
+        return Candidate(nodes, outs, _split(family.siblings.op, args, shapes[0::2], value(x).dim() - 1),
+                         f"{len(calls)} 4-bit siblings, one stacked weight ({', '.join(names)})")
 
 
-def _gptq_group(x, calls, outs, nodes, names, scalings, pos) -> Candidate:
+def _gptq_group(x, layers, outs, nodes, names, scalings) -> Candidate:
     """GPTQ siblings: one bit width, zero-point format, compute and output dtype and scales dtype
     (the weights are rounded through the scales' dtype); one stacked [in, Σout] weight."""
-    quant = [_column(calls, i) for i in (1, 2, 3, 4)]  # qweight, qzeros, scales, g_idx
-    tensors = [[value(n) for n in col] for col in quant]
-    if any(t is None for col in tensors for t in col):
+    tensors = {f: [value(getattr(v, f)) for v in layers] for f in GPTQ.tensors}  # qweight, qzeros, scales, g_idx
+    if any(t is None for col in tensors.values() for t in col):
         raise Reject("a GPTQ sibling's packed tensors have no recorded value")
-    kinds = {(c.args[10], c.args[11], c.args[12], c.args[13], s.dtype) for c, s in zip(calls, tensors[2])}
+    scales, g_idxs = tensors["scales"], tensors["g_idx"]
+    kinds = {(v.bits, v.zero_format, v.compute_dtype, v.out_dtype, s.dtype) for v, s in zip(layers, scales)}
     if len(kinds) != 1:
         raise Reject("GPTQ siblings differ in bits, zero-point format, scales dtype or dtypes")
-    n_in = [g.shape[0] for g in tensors[3]]
+    n_in = [g.shape[0] for g in g_idxs]
     if any(i != value(x).shape[-1] for i in n_in):  # compared, not hashed: sizes may be symbolic
         raise Reject(f"GPTQ siblings' in_features {n_in} do not all equal the input's {value(x).shape[-1]}")
-    args = (x, *quant, _column(calls, pos["bias"]), _column(calls, pos["a"]), _column(calls, pos["b"]),
-            scalings, *calls[0].args[10:14])
-    widths, dim = [s.shape[1] for s in tensors[2]], value(x).dim() - 1
+    args = GPTQ.group(layers, x=x, scalings=scalings)
+    return Candidate(nodes, outs, _split(GPTQ.siblings.op, args, [s.shape[1] for s in scales], value(x).dim() - 1),
+                     f"{len(layers)} GPTQ siblings, one stacked weight ({', '.join(names)})")
 
+
+def _split(op, args, widths, dim):
+    """A stacked-weight siblings op returns [y, t], y the layers' outputs side by side: the graph
+    splits y, and the engine takes each layer's piece."""
     def replace(g):
-        call = g.call_function(_SIBLINGSG, args)
+        call = g.call_function(op, args)
         y = g.call_function(operator.getitem, (call, 0))
         return g.call_function(torch.split, (y, widths, dim))
-    return Candidate(nodes, outs, replace, f"{len(calls)} GPTQ siblings, one stacked weight ({', '.join(names)})")
-
-
-def _column(calls: list, i: int) -> list:
-    """Argument i of every sibling's call."""
-    return [c.args[i] for c in calls]
+    return replace

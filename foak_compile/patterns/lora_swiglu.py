@@ -16,17 +16,10 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..nodes import canon, is_in_place, module_of, other_operand, same_shape, value
-from .lora_siblings import _lora_output
+from ..nodes import canon, is_in_place, module_of, other_operand, same_shape, sole_getitem, value
+from ..ops.lora_schema import family_of
 
-_DENSE = torch.ops.foak.lora_linear.default
-_4BIT = torch.ops.foak.lora_linear_4bit.default
-_GPTQ = torch.ops.foak.lora_linear_gptq.default
-# the LoRA op → (its fused form, what the report calls the base, the argument count the lora pattern writes)
-_FUSED = {_DENSE: (torch.ops.foak.lora_linear_swiglu.default, "dense", 8),
-          _4BIT: (torch.ops.foak.lora_linear_4bit_swiglu.default, "4-bit", 17)}
 # elementwise activations of gated MLPs: a product of one of them is reported when it is not silu
 _ACTIVATIONS = {"silu", "gelu", "relu", "sigmoid", "tanh", "mish", "hardswish", "hardsigmoid", "elu", "selu",
                 "celu", "leaky_relu", "softplus", "relu6"}
@@ -65,11 +58,12 @@ class LoraSwigluPattern(Pattern):
 
     def seeds(self, graph):
         for n in graph.nodes:
-            if n.op == "call_function" and n.target in (_DENSE, _4BIT, _GPTQ):
+            if n.op == "call_function" and family_of(n.target) is not None:
                 yield n
 
     def match(self, call: Node) -> Optional[Candidate]:
-        prod = call.args[0] if call.args else None
+        family = family_of(call.target)  # the down projection's base: its lora_linear op and the fused form
+        prod = family.single.arg(call, "x")
         op = canon(prod)
         if op is None or op.kind != "mul" or len(op.args) != 2:
             if isinstance(prod, Node) and prod.target in _IN_PLACE_MULS and any(map(_activation, prod.args)):
@@ -91,12 +85,12 @@ class LoraSwigluPattern(Pattern):
             raise Reject(f"silu(gate) has {len(act.users)} users")
         if len(prod.users) != 1:
             raise Reject(f"the SwiGLU product has {len(prod.users)} users")
-        if call.target is _GPTQ:
-            raise Reject("GPTQ down base not fused yet")
-        fused, kind, n_args = _FUSED[call.target]
-        if len(call.args) != n_args or call.kwargs:
+        if family.swiglu is None:
+            raise Reject(f"{family.name} down base not fused yet")
+        layer = family.single.parse(call)
+        if layer is None:
             raise Reject("a LoRA op call not in the form the lora pattern writes (keywords, argument count)")
-        out = _lora_output(call)
+        out = sole_getitem(call, 0)
         if out is None:
             raise Reject("the down projection's t or seed output is used")
         gv, uv = value(gate), value(up)
@@ -106,10 +100,12 @@ class LoraSwigluPattern(Pattern):
             raise Reject(f"silu(gate) and up differ in dtype ({gv.dtype} and {uv.dtype})")
         if not same_shape(gv.shape, uv.shape):  # symbolic sizes: unknown counts as different, no guard
             raise Reject(f"silu(gate) {tuple(gv.shape)} and up {tuple(uv.shape)} differ in shape (a broadcast)")
-        args = (gate, up) + tuple(call.args[1:])
+        # the fused op takes the layer's arguments with (gate, up) for its input x
+        args = family.swiglu.build(gate=gate, up=up, **{k: v for k, v in layer._asdict().items() if k != "x"})
+        fused = family.swiglu.op
 
         def replace(g):
             new = g.call_function(fused, args)
             return g.call_function(operator.getitem, (new, 0))  # the op returns (y, t, seed)
-        variant = f"silu({_short(gate, act)})·{_short(up, act)} → {_short(out, act)} ({kind})"
+        variant = f"silu({_short(gate, act)})·{_short(up, act)} → {_short(out, act)} ({family.name})"
         return Candidate([prod, act, call, out], out, replace, variant)  # the product first: reports name the MLP

@@ -12,7 +12,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject
-from ..kernels.common import TL_DTYPE
+from ..ops import SUPPORTED_DTYPES
 from ..nodes import canon, is_kind, item_float, other_operand, sole_user, value
 
 
@@ -57,7 +57,7 @@ def _mean_centred(n: Node) -> bool:
 def _weight_ok(w, like: torch.Tensor) -> bool:
     wv = value(w)
     return (wv is not None and wv.dim() == 1 and wv.shape[0] == like.shape[-1]
-            and wv.dtype in TL_DTYPE and wv.device == like.device)
+            and wv.dtype in SUPPORTED_DTYPES and wv.device == like.device)
 
 
 def _check_input(xv: torch.Tensor) -> None:
@@ -113,7 +113,7 @@ class RMSNormPattern(Pattern):
         _check_input(xv)
         if len(shape) != 1:
             raise Reject(f"normalizes over {len(shape)} trailing dims; only the last is supported")
-        if xv.dtype not in TL_DTYPE:
+        if xv.dtype not in SUPPORTED_DTYPES:
             raise Reject(f"dtype {xv.dtype} unsupported")
         eps, eps_nodes = _eps(torch.finfo(torch.float32).eps if eps is None else eps)  # None: torch's default
         if weight is not None and not _weight_ok(weight, xv):
@@ -145,7 +145,7 @@ class RMSNormPattern(Pattern):
         if _mean_centred(xf):
             raise Reject("input is mean-centred (LayerNorm), not an RMSNorm")
         if xv.dtype != torch.float32:
-            if xv.dtype in TL_DTYPE:
+            if xv.dtype in SUPPORTED_DTYPES:
                 raise Reject(f"statistics computed in {xv.dtype} without an fp32 upcast "
                              "(the fp32 kernel would round differently)")
             raise Reject(f"dtype {xv.dtype} unsupported")
@@ -158,7 +158,7 @@ class RMSNormPattern(Pattern):
         x = xf
         upcasts = list(dict.fromkeys([xf, other_operand(canon(norm), seed) if kind == "rsqrt" else norm.args[0]]))
         up = canon(xf)
-        if (up is not None and up.kind == "cast" and value(up.args[0]).dtype in TL_DTYPE
+        if (up is not None and up.kind == "cast" and value(up.args[0]).dtype in SUPPORTED_DTYPES
                 and all(set(u.users) <= {sq_node, norm} for u in upcasts)):
             x = up.args[0]
             nodes[:0] = upcasts
@@ -188,7 +188,7 @@ class RMSNormPattern(Pattern):
         cur, mid, weight = norm, None, None
         nxt = sole_user(cur)
         op = canon(nxt)
-        if op is not None and op.kind == "cast" and op.kwargs["dtype"] in TL_DTYPE:
+        if op is not None and op.kind == "cast" and op.kwargs["dtype"] in SUPPORTED_DTYPES:
             cur, mid = nxt, op.kwargs["dtype"]
             nodes.append(cur)
             nxt = sole_user(cur)
@@ -202,7 +202,7 @@ class RMSNormPattern(Pattern):
             nxt = sole_user(cur)
             op = canon(nxt)
             # A trailing cast is exact to absorb only when the product was rounded to fp32.
-            if (op is not None and op.kind == "cast" and op.kwargs["dtype"] in TL_DTYPE
+            if (op is not None and op.kind == "cast" and op.kwargs["dtype"] in SUPPORTED_DTYPES
                     and value(cur).dtype == torch.float32):
                 cur = nxt
                 nodes.append(cur)

@@ -24,7 +24,7 @@ from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.foak.*)
 from ..engine import Candidate, Pattern, Reject, outside_users
-from ..kernels.common import TL_DTYPE
+from ..ops import SUPPORTED_DTYPES
 from ..nodes import canon, is_kind, same_shape, same_size, value
 
 # ops that move data without arithmetic: how a rotation is built from x
@@ -262,7 +262,7 @@ def _check_values(x: Node, cos: Node, sin: Node, dim: int, out: Node) -> None:
     if cv.dtype != sv.dtype:
         raise Reject(f"cos is {cv.dtype} but sin is {sv.dtype}: products round to different dtypes")
     for t, what in ((xv, "x"), (cv, "cos/sin"), (ov, "result")):
-        if t.dtype not in TL_DTYPE:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise Reject(f"{what} dtype {t.dtype} unsupported")
     if ov.dtype != torch.promote_types(xv.dtype, cv.dtype):
         raise Reject(f"result dtype {ov.dtype} is not the promotion of {xv.dtype} and {cv.dtype}")
