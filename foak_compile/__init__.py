@@ -1,4 +1,6 @@
 """foak-compile: a torch.compile backend that rewrites fine-tuning graphs into fused Triton kernels."""
+__version__ = "0.2.0"  # the package's version (pyproject.toml reads it); CHANGELOG.md says what changed
+
 from . import config  # noqa: F401  (foak_compile.config.current() / patch(...); see config.py)
 from .config import Config
 from . import ops  # noqa: F401  registers torch.ops.foak.*
