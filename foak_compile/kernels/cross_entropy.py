@@ -157,7 +157,7 @@ def _block(t: torch.Tensor, n_cols: int, block_v: Optional[int]):
 
 
 def _fwd_block(t: torch.Tensor, n_cols: int, block_v: Optional[int]):
-    """(BLOCK_V, num_warps) of the forward kernel. H100 sweep (bench --sweep) on 512-1024 rows of
+    """(BLOCK_V, num_warps) of the forward kernel. The sweep (benchmarks.suite cross-entropy -- --sweep) on 512-1024 rows of
     128k-256k bf16 logits: 2048 × 16 warps reaches 85-90% of the copy bandwidth with the gradient
     pass; 4096 × 8 warps, 55-70%."""
     if block_v is None:
@@ -310,7 +310,7 @@ def cross_entropy_backward(x: torch.Tensor, labels: torch.Tensor, lse: torch.Ten
 # beyond the gradients themselves. By default it holds at most as many values as the hidden
 # states (so as much as dh, which exists anyway), in a power of two of rows, but no fewer than
 # CHUNK_ROWS_MIN: the rows are the GEMMs' M (logits, dh) and K (dW += dlogitsᵀ·h), and below
-# ~512 the dW GEMM, which reads and writes all of dW per chunk, turns memory-bound (H100 sweep,
+# ~512 the dW GEMM, which reads and writes all of dW per chunk, turns memory-bound (the sweep,
 # weight trained: 256 rows take 1.45-1.6× the time of 1024 rows, 512 rows 1.05-1.15×, 2048 rows
 # 0.83-0.99×). On the benchmark's shapes this gives 512 rows: Liger's memory where its own chunk
 # is 512 rows; where Liger's is smaller (few tokens) its peak is not met, to keep the GEMMs fast.

@@ -81,8 +81,8 @@ def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, st
 
 
 def _tile(n_cols: int, rows_per_tile: int = 4096):
-    """(BLOCK_R, BLOCK_H, num_warps): ~4k elements a program, 4 warps; measured on H100 in
-    benchmarks/results/rms_norm.json (tile_sweep)."""
+    """(BLOCK_R, BLOCK_H, num_warps): ~4k elements a program, 4 warps; the best of the tile sweep
+    (`python -m benchmarks.suite rms-norm -- --sweep`, docs/results.md)."""
     block_h = triton.next_power_of_2(n_cols)
     block_r = max(1, min(64, rows_per_tile // block_h))
     num_warps = max(4, min(16, block_r * block_h // 1024))
@@ -95,7 +95,7 @@ def _dw_tile(n_cols: int):
 
 
 def _dw_schedule(n_cols: int):
-    """(programs per SM, pipeline stages) of the persistent dW backward, from the H100 sweep:
+    """(programs per SM, pipeline stages) of the persistent dW backward, from the same sweep:
     long rows want one deeply pipelined program per SM, short rows more programs."""
     return (PER_SM, STAGES) if n_cols >= 1024 else (4, 2)
 

@@ -133,7 +133,7 @@ def _pow2(n: int) -> int:
 def _tile(half: int, h1: int, h2: int):
     """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps) for head_dim 2·half and head counts h1, h2 (0: none).
 
-    On an H100 (benchmarks/results/rope.json, tile_sweep) every tile from 512 to 8192 elements
+    In the tile sweep (`python -m benchmarks.suite rope -- --sweep`, docs/results.md) every tile from 512 to 8192 elements
     per half and 2 to 8 warps ran within a few % of the best: the kernel streams at about the
     speed of a copy of as many bytes whatever the tile. ~2048 elements per half on 2 warps (four
     16-byte loads per thread and half in flight) was the most consistent across shapes and runs."""
