@@ -5,6 +5,7 @@ and case level (compiled loss + backward, inductor beside it), each variant meas
 
     python -m benchmarks.ab_online --out $OUT/ab_online.json
 """
+
 import argparse
 import gc
 import time
@@ -20,8 +21,10 @@ from .common import bench_ms, environment, write_json
 from .profile_lce import profile
 
 SHAPES = [(4096, v, h) for h in (2048, 4096) for v in (128256, 256000)]
-GEMMS = {"public": (online._mm_fp32_public, online._addmm_fp32_public),
-         "ops": (online._mm_fp32_ops, online._addmm_fp32_ops)}
+GEMMS = {
+    "public": (online._mm_fp32_public, online._addmm_fp32_public),
+    "ops": (online._mm_fp32_ops, online._addmm_fp32_ops),
+}
 ROWS = {"budget": None, "1024": 1024}
 
 
@@ -45,8 +48,9 @@ def main():
             case = {"tokens": n, "vocab": v, "hidden": hdim, "kept_rows": int((y != -100).sum())}
             torch._dynamo.reset()
             ind = torch.compile(loss_fn, dynamic=False)
-            foak = torch.compile(loss_fn, backend=foak_compile.backend(patterns=["linear_cross_entropy"]),
-                                 dynamic=False)
+            foak = torch.compile(
+                loss_fn, backend=foak_compile.backend(patterns=["linear_cross_entropy"]), dynamic=False
+            )
             foak_compile.config.configure(lce_online=True)
             for fn in (ind, foak):  # compile both before anything is timed
                 _step(fn, h, w, y)
@@ -56,12 +60,18 @@ def main():
 
                 def call():
                     return kernel.linear_cross_entropy_forward_backward(
-                        h.detach(), w, None, y, -100, 0.0, scale, True, False, False, online=True)
+                        h.detach(), w, None, y, -100, 0.0, scale, True, False, False, online=True
+                    )
+
                 ms, peak = _kernel_ms_and_peak(call)
                 prof = profile(call)
-                case[name] = {"kernel_ms": round(ms, 2), "peak_gb": round(peak / 2**30, 3),
-                              "gpu_busy_ms": prof["gpu_busy_ms"], "wall_ms": prof["wall_ms"],
-                              "case_ms": round(bench_ms(lambda: _step(foak, h, w, y), warmup=1, reps=7), 2)}
+                case[name] = {
+                    "kernel_ms": round(ms, 2),
+                    "peak_gb": round(peak / 2**30, 3),
+                    "gpu_busy_ms": prof["gpu_busy_ms"],
+                    "wall_ms": prof["wall_ms"],
+                    "case_ms": round(bench_ms(lambda: _step(foak, h, w, y), warmup=1, reps=7), 2),
+                }
                 h.grad = None
             print(case, flush=True)
             res["cases"].append(case)

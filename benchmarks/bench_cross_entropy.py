@@ -24,6 +24,7 @@ and without dropping the ignored rows. --online-sweep: the online path's time an
     python -m benchmarks.bench_cross_entropy --out $OUT/ce.json [--sweep] [--modes trained frozen]
         [--softcap 30] [--tokens 4096 16384] [--vocabs 128256 256000] [--hiddens 2048 4096]
 """
+
 import argparse
 import gc
 import itertools
@@ -44,8 +45,8 @@ from .common import bench_ms, copy_bandwidth_gbs, environment
 TOKENS = (4096, 16384)
 VOCABS = (128256, 256000)
 HIDDENS = (2048, 4096)
-IGNORED = 0.25          # share of labels that are -100 (prompt / padding)
-FIT_GB = 72             # leave headroom on an 80 GB card
+IGNORED = 0.25  # share of labels that are -100 (prompt / padding)
+FIT_GB = 72  # leave headroom on an 80 GB card
 REPS = 5
 FORCED = ("foak_chunked", "foak_online")  # frozen lm_head: foak with its path forced
 
@@ -71,8 +72,9 @@ def _methods():
     out = {"eager": lambda: loss_fn, "inductor": lambda: torch.compile(loss_fn, dynamic=False)}
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
         liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, **({"softcap": SOFTCAP} if SOFTCAP else {}))
-        out["liger"] = lambda: (lambda h, w, y: liger(w, h, y))
+        out["liger"] = lambda: lambda h, w, y: liger(w, h, y)
     except Exception as err:  # not installed (or broken): reported, not fatal
         out["liger"] = f"skipped: liger_kernel unavailable ({type(err).__name__}: {err})"
     backends = []
@@ -81,6 +83,7 @@ def _methods():
         be = foak_compile.backend(patterns=["linear_cross_entropy", "cross_entropy"])
         backends.append(be)
         return torch.compile(loss_fn, backend=be, dynamic=False)
+
     out["foak"] = foak
 
     def forced(flag):
@@ -90,8 +93,11 @@ def _methods():
             def fn(h, w, y):
                 with foak_compile.config.patch(lce_online=flag):
                     return compiled(h, w, y)
+
             return fn
+
         return make
+
     out["foak_chunked"], out["foak_online"] = forced(False), forced(True)
     return out, backends
 
@@ -124,8 +130,11 @@ def measure(fn, h, w, y, ref):
     peak = torch.cuda.max_memory_allocated() - base
     res = {"peak_gb": round(peak / 2**30, 3), "first_call_s": round(first_s, 1), "loss": loss.item()}
     if ref is None:  # keep the reference's results on the host, where they take no GPU memory
-        ref = {"loss": loss.detach().float().cpu(), "h": h.grad.cpu(),
-               "w": w.grad.cpu() if w.grad is not None else None}
+        ref = {
+            "loss": loss.detach().float().cpu(),
+            "h": h.grad.cpu(),
+            "w": w.grad.cpu() if w.grad is not None else None,
+        }
     else:
         res["loss_rel_err"] = _rel(loss.detach().cpu(), ref["loss"])
         res["dh_rel_err"] = _rel(h.grad, ref["h"].cuda())
@@ -137,7 +146,7 @@ def measure(fn, h, w, y, ref):
 
 def _inputs(n, v, hdim, frozen):
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(v, hdim, device="cuda", generator=g) / hdim ** 0.5).to(torch.bfloat16)
+    w = (torch.randn(v, hdim, device="cuda", generator=g) / hdim**0.5).to(torch.bfloat16)
     w.requires_grad_(not frozen)
     h = torch.randn(n, hdim, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, v, (n,), device="cuda", generator=g)
@@ -148,9 +157,14 @@ def _inputs(n, v, hdim, frozen):
 def run_case(n, v, hdim, frozen, total_gb):
     torch._dynamo.reset()
     h, w, y = _inputs(n, v, hdim, frozen)
-    case = {"tokens": n, "vocab": v, "hidden": hdim, "weight_grad": not frozen,
-            "eager_peak_estimate_gb": round(eager_peak_gb(n, v, hdim), 1),
-            "foak_chunk_rows": kernel.chunk_rows(n, v, hdim)}
+    case = {
+        "tokens": n,
+        "vocab": v,
+        "hidden": hdim,
+        "weight_grad": not frozen,
+        "eager_peak_estimate_gb": round(eager_peak_gb(n, v, hdim), 1),
+        "foak_chunk_rows": kernel.chunk_rows(n, v, hdim),
+    }
     methods, backends = _methods()
     ref = None  # the first method measured (eager, unless it was skipped) is the reference
     for name, make in methods.items():
@@ -176,19 +190,28 @@ def run_case(n, v, hdim, frozen, total_gb):
     for name in ("inductor", "liger", "foak") + FORCED:
         if isinstance(case.get(name), dict) and isinstance(case.get("eager"), dict):
             ours, eager = case[name], case["eager"]
-            case[f"{name}_vs_eager"] = {"memory_x": round(eager["peak_gb"] / max(ours["peak_gb"], 1e-9), 2),
-                                        "speedup_x": round(eager["ms"] / ours["ms"], 3)}
+            case[f"{name}_vs_eager"] = {
+                "memory_x": round(eager["peak_gb"] / max(ours["peak_gb"], 1e-9), 2),
+                "speedup_x": round(eager["ms"] / ours["ms"], 3),
+            }
     for ours in ("foak",) + FORCED:  # the targets: memory at or below liger's, time at or below inductor's
         foak = case.get(ours)
         if not isinstance(foak, dict):
             continue
         for name in ("inductor", "liger"):
             if isinstance(case.get(name), dict):
-                case[f"{ours}_vs_{name}"] = {"peak_ratio": round(foak["peak_gb"] / max(case[name]["peak_gb"], 1e-9), 3),
-                                             "time_ratio": round(foak["ms"] / case[name]["ms"], 3)}
+                case[f"{ours}_vs_{name}"] = {
+                    "peak_ratio": round(foak["peak_gb"] / max(case[name]["peak_gb"], 1e-9), 3),
+                    "time_ratio": round(foak["ms"] / case[name]["ms"], 3),
+                }
         case["targets_met" if ours == "foak" else f"{ours}_targets_met"] = {
-            "memory_le_liger": foak["peak_gb"] <= case["liger"]["peak_gb"] if isinstance(case.get("liger"), dict) else None,
-            "time_le_inductor": foak["ms"] <= case["inductor"]["ms"] if isinstance(case.get("inductor"), dict) else None}
+            "memory_le_liger": foak["peak_gb"] <= case["liger"]["peak_gb"]
+            if isinstance(case.get("liger"), dict)
+            else None,
+            "time_le_inductor": foak["ms"] <= case["inductor"]["ms"]
+            if isinstance(case.get("inductor"), dict)
+            else None,
+        }
     print(case, flush=True)
     return case
 
@@ -214,17 +237,28 @@ def kernel_sweep(copy_gbs):
                 programs = per_sm and per_sm * sms
 
                 def fwd():
-                    kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps,
-                                         programs=programs)
+                    kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps, programs=programs)
 
                 def fwd_grad():
-                    kernel._forward_rows(x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps,
-                                         grad_scale=scale, programs=programs)
+                    kernel._forward_rows(
+                        x, y, -100, 0.0, loss, lse, block_v=block, num_warps=warps, grad_scale=scale, programs=programs
+                    )
+
                 f_ms, fg_ms = bench_ms(fwd, warmup=2, reps=10), bench_ms(fwd_grad, warmup=2, reps=10)
-                out.append({"rows": rows, "vocab": v, "block_v": block, "num_warps": warps, "programs": programs,
-                            "fwd_ms": round(f_ms, 4), "fwd_gbs": round(nbytes / f_ms / 1e6),
-                            "fwd_grad_ms": round(fg_ms, 4), "fwd_grad_gbs": round(3 * nbytes / fg_ms / 1e6),
-                            "fwd_grad_pct_of_copy": round(100 * 3 * nbytes / fg_ms / 1e6 / copy_gbs, 1)})
+                out.append(
+                    {
+                        "rows": rows,
+                        "vocab": v,
+                        "block_v": block,
+                        "num_warps": warps,
+                        "programs": programs,
+                        "fwd_ms": round(f_ms, 4),
+                        "fwd_gbs": round(nbytes / f_ms / 1e6),
+                        "fwd_grad_ms": round(fg_ms, 4),
+                        "fwd_grad_gbs": round(3 * nbytes / fg_ms / 1e6),
+                        "fwd_grad_pct_of_copy": round(100 * 3 * nbytes / fg_ms / 1e6 / copy_gbs, 1),
+                    }
+                )
             print(out[-1], flush=True)
             del x
     return out
@@ -265,12 +299,23 @@ def chunk_sweep():
 
                             def fn():
                                 return kernel.linear_cross_entropy_forward_backward(
-                                    h, w, None, y, -100, 0.0, scale, True, not frozen, False)
+                                    h, w, None, y, -100, 0.0, scale, True, not frozen, False
+                                )
+
                             ms, peak = _kernel_ms_and_peak(fn)
-                            out.append({"tokens": n, "vocab": v, "hidden": hdim, "weight_grad": not frozen,
-                                        "chunk_rows": kernel.chunk_rows(n, v, hdim), "default": rows is None,
-                                        "compact": compact, "ms": round(ms, 2),
-                                        "peak_gb": round(peak / 2**30, 3)})
+                            out.append(
+                                {
+                                    "tokens": n,
+                                    "vocab": v,
+                                    "hidden": hdim,
+                                    "weight_grad": not frozen,
+                                    "chunk_rows": kernel.chunk_rows(n, v, hdim),
+                                    "default": rows is None,
+                                    "compact": compact,
+                                    "ms": round(ms, 2),
+                                    "peak_gb": round(peak / 2**30, 3),
+                                }
+                            )
                             print(out[-1], flush=True)
                     del h, w, y
                     gc.collect()
@@ -303,12 +348,24 @@ def online_sweep(tokens, vocabs, hiddens):
 
                         def fn():
                             return kernel.linear_cross_entropy_forward_backward(
-                                h, w, None, y, -100, 0.0, scale, True, False, False, online=path == "online")
+                                h, w, None, y, -100, 0.0, scale, True, False, False, online=path == "online"
+                            )
+
                         ms, peak = _kernel_ms_and_peak(fn)
                         if path == "online" and rows is None:  # the budget's rows, as the path picked them
                             rows = f"budget:{online.block_rows(int((y != -100).sum()), v, hdim, h.element_size())}"
-                        out.append({"tokens": n, "vocab": v, "hidden": hdim, "path": path, "rows": rows,
-                                    "cols": cols, "ms": round(ms, 2), "peak_gb": round(peak / 2**30, 3)})
+                        out.append(
+                            {
+                                "tokens": n,
+                                "vocab": v,
+                                "hidden": hdim,
+                                "path": path,
+                                "rows": rows,
+                                "cols": cols,
+                                "ms": round(ms, 2),
+                                "peak_gb": round(peak / 2**30, 3),
+                            }
+                        )
                         print(out[-1], flush=True)
                     del h, w, y
                     gc.collect()
@@ -331,21 +388,32 @@ def _summary(case):
         cols.append(f"{name} {r['ms']:.1f}ms/{r['peak_gb']:.2f}GB" if isinstance(r, dict) else f"{name} -")
     r = case.get("foak")
     if isinstance(r, dict):
-        cols.append(f"err loss {r.get('loss_rel_err', 0):.1e} dh {r.get('dh_rel_err', 0):.1e} "
-                    f"dw {r.get('dw_rel_err', 0) if 'dw_rel_err' in r else float('nan'):.1e}")
+        cols.append(
+            f"err loss {r.get('loss_rel_err', 0):.1e} dh {r.get('dh_rel_err', 0):.1e} "
+            f"dw {r.get('dw_rel_err', 0) if 'dw_rel_err' in r else float('nan'):.1e}"
+        )
     return " | ".join(cols)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/cross_entropy.json")
-    p.add_argument("--modes", nargs="*", choices=("trained", "frozen"), default=["trained", "frozen"],
-                   help="trained: weight and hidden grads; frozen (LoRA): hidden grads only; none given: no cases (sweeps only)")
+    p.add_argument(
+        "--modes",
+        nargs="*",
+        choices=("trained", "frozen"),
+        default=["trained", "frozen"],
+        help="trained: weight and hidden grads; frozen (LoRA): hidden grads only; none given: no cases (sweeps only)",
+    )
     p.add_argument("--frozen", action="store_true", help="only the frozen case (= --modes frozen)")
     p.add_argument("--sweep", action="store_true", help="also the kernel and chunk-size sweeps")
     p.add_argument("--online-sweep", action="store_true", help="also the online path's rows × columns sweep")
-    p.add_argument("--online-cols", type=int, default=None,
-                   help="vocabulary columns per piece of the online path (online.COLS) for the whole run")
+    p.add_argument(
+        "--online-cols",
+        type=int,
+        default=None,
+        help="vocabulary columns per piece of the online path (online.COLS) for the whole run",
+    )
     p.add_argument("--softcap", type=float, default=0.0, help="Gemma 2's final-logit softcap between lm_head and loss")
     p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     p.add_argument("--vocabs", type=int, nargs="+", default=VOCABS)
@@ -357,10 +425,16 @@ def main():
     if args.online_cols:
         online.COLS = args.online_cols
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    res = {"env": environment(), "dtype": "bfloat16", "ignored_label_share": IGNORED, "softcap": SOFTCAP,
-           "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1), "foak_chunk_rows_min_max": [kernel.CHUNK_ROWS_MIN, kernel.CHUNK_ROWS_MAX],
-           "online_cols": online.COLS,
-           "cases": []}
+    res = {
+        "env": environment(),
+        "dtype": "bfloat16",
+        "ignored_label_share": IGNORED,
+        "softcap": SOFTCAP,
+        "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1),
+        "foak_chunk_rows_min_max": [kernel.CHUNK_ROWS_MIN, kernel.CHUNK_ROWS_MAX],
+        "online_cols": online.COLS,
+        "cases": [],
+    }
     t0 = time.time()
     if args.sweep:
         res["kernel_sweep"] = kernel_sweep(res["copy_bandwidth_gbs"])

@@ -9,6 +9,7 @@ Times are medians of CUDA-event-timed fwd+bwd steps (x requires grad, as in any 
 first; lora_A/lora_B trained, the base frozen); peak memory is the step's high-water mark above
 what was allocated before it. Without bitsandbytes the NF4 cases say so in the JSON.
 """
+
 import argparse
 import traceback
 
@@ -48,6 +49,7 @@ class Holder(nn.Module):
 def _bnb():
     try:
         import bitsandbytes as bnb
+
         return bnb, None
     except Exception as err:  # missing, or no CUDA build for this machine
         return None, f"bitsandbytes unavailable: {err!r}"
@@ -56,22 +58,28 @@ def _bnb():
 def peft_layer(in_f, out_f, base_kind, adapter_dtype):
     """A peft LoRA layer over a dense bf16 or a bitsandbytes NF4 base, on the GPU."""
     from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=DTYPE)
     if base_kind == "nf4":
         bnb, _ = _bnb()
-        base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=DTYPE, compress_statistics=True,
-                                 quant_type="nf4")
-        base.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, compress_statistics=True,
-                                        quant_type="nf4", module=base)
+        base = bnb.nn.Linear4bit(
+            in_f, out_f, bias=False, compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4"
+        )
+        base.weight = bnb.nn.Params4bit(
+            dense.weight.data.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4", module=base
+        )
         base = base.to("cuda")  # quantises
     else:
         base = dense
     holder = Holder(base)
     if base_kind == "nf4":
         holder.is_loaded_in_4bit = True
-    model = get_peft_model(holder, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"]),
-                           autocast_adapter_dtype=(adapter_dtype == torch.float32))
+    model = get_peft_model(
+        holder,
+        LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"]),
+        autocast_adapter_dtype=(adapter_dtype == torch.float32),
+    )
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = torch.randn_like(p, dtype=adapter_dtype) * 0.02  # non-zero B: the adapter really runs
@@ -88,11 +96,13 @@ def foak_op(model, base_kind):
         return lambda x: torch.ops.foak.lora_linear(x, w, None, a, b, s, 0.0, DTYPE)[0]
     qw = layer.base_layer.weight
     qs = qw.quant_state
-    nested = ((qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize) if qs.nested
-              else (None, None, None, 256))
+    nested = (
+        (qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize) if qs.nested else (None, None, None, 256)
+    )
     args = (qw, qs.absmax, nested[0], nested[1], nested[2], None)
-    return lambda x: torch.ops.foak.lora_linear_4bit(x, *args, a, b, s, 0.0, qs.quant_type, qs.blocksize, nested[3],
-                                                     list(qs.shape), DTYPE, DTYPE)[0]
+    return lambda x: torch.ops.foak.lora_linear_4bit(
+        x, *args, a, b, s, 0.0, qs.quant_type, qs.blocksize, nested[3], list(qs.shape), DTYPE, DTYPE
+    )[0]
 
 
 def step_fn(fn, x, dy, params):
@@ -101,6 +111,7 @@ def step_fn(fn, x, dy, params):
         for p in params:
             p.grad = None
         fn(x).backward(dy)
+
     return step
 
 
@@ -180,8 +191,18 @@ def dequant_case(in_f, out_f):
     bnb, _ = _bnb()
     w = torch.randn(out_f, in_f, device="cuda", dtype=DTYPE)
     q, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    ours = lambda: bnb4.dequantize_4bit(q, qs.absmax, 64, "nf4", qs.shape, DTYPE, qs.state2.absmax,  # noqa: E731
-                                         qs.state2.code, qs.offset, qs.state2.blocksize)
+    ours = lambda: bnb4.dequantize_4bit(
+        q,
+        qs.absmax,
+        64,
+        "nf4",
+        qs.shape,
+        DTYPE,
+        qs.state2.absmax,  # noqa: E731
+        qs.state2.code,
+        qs.offset,
+        qs.state2.blocksize,
+    )
     theirs = lambda: bnb.functional.dequantize_4bit(q, qs)  # noqa: E731
     exact = bool(torch.equal(ours(), theirs()))
     nbytes = out_f * in_f * (2 + 0.5)
@@ -196,8 +217,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/lora.json")
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--fp32-adapters", action="store_true",
-                   help="also time peft's default on a bf16 base: fp32 adapters (the op runs them in bf16)")
+    p.add_argument(
+        "--fp32-adapters",
+        action="store_true",
+        help="also time peft's default on a bf16 base: fp32 adapters (the op runs them in bf16)",
+    )
     return p.parse_args(argv)
 
 
@@ -206,8 +230,15 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora needs a CUDA GPU")
     bnb, why = _bnb()
-    res = {"env": environment(), "tokens": TOKENS, "rank": RANK, "alpha": ALPHA, "dtype": "bfloat16",
-           "nf4": why or "bitsandbytes NF4, double-quantised, blocksize 64", "cases": {}}
+    res = {
+        "env": environment(),
+        "tokens": TOKENS,
+        "rank": RANK,
+        "alpha": ALPHA,
+        "dtype": "bfloat16",
+        "nf4": why or "bitsandbytes NF4, double-quantised, blocksize 64",
+        "cases": {},
+    }
     if bnb is not None:
         res["env"]["bitsandbytes"] = getattr(bnb, "__version__", "?")
     adapter_dtypes = [torch.bfloat16] + ([torch.float32] if args.fp32_adapters else [])

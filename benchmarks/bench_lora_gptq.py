@@ -13,6 +13,7 @@ grad; lora_A/lora_B trained, the base frozen); peak memory is the step's high-wa
 what was allocated before it. quantize_linears() turns any model's nn.Linear layers into packed
 gptqmodel layers (for the train-step benchmark).
 """
+
 import argparse
 import os
 import traceback
@@ -36,6 +37,7 @@ def _gptqmodel():
         os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")  # no JIT C++ build for the CPU packer
         from gptqmodel.nn_modules.qlinear.torch import TorchLinear
         import gptqmodel
+
         return TorchLinear, gptqmodel.__version__, None
     except Exception as err:  # missing, or it does not import on this machine
         return None, None, f"gptqmodel unavailable: {err!r}"
@@ -53,9 +55,11 @@ def _rtn_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool, act_order:
     groups = int(g_idx.max()) + 1
     wf = w.float()
     lo = torch.full((out_f, groups), float("inf"), device=w.device).scatter_reduce(
-        1, g_idx.expand(out_f, -1), wf, "amin")
+        1, g_idx.expand(out_f, -1), wf, "amin"
+    )
     hi = torch.full((out_f, groups), float("-inf"), device=w.device).scatter_reduce(
-        1, g_idx.expand(out_f, -1), wf, "amax")
+        1, g_idx.expand(out_f, -1), wf, "amax"
+    )
     if sym:
         scale = (torch.maximum(lo.abs(), hi.abs()) * 2 / maxq).clamp_min(1e-8)
         zero = torch.full_like(scale, (maxq + 1) // 2)
@@ -71,8 +75,16 @@ def gptq_linear(linear: nn.Linear, bits=BITS, group_size=GROUP_SIZE, sym=True, a
     if TorchLinear is None:
         raise RuntimeError(why)
     scale, zero, g_idx = _rtn_grid(linear.weight.detach().to(device), bits, group_size, sym, act_order)
-    m = TorchLinear(bits=bits, group_size=group_size, sym=sym, desc_act=act_order, in_features=linear.in_features,
-                    out_features=linear.out_features, bias=linear.bias is not None, pack_dtype=torch.int32)
+    m = TorchLinear(
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=act_order,
+        in_features=linear.in_features,
+        out_features=linear.out_features,
+        bias=linear.bias is not None,
+        pack_dtype=torch.int32,
+    )
     packed = False
     if torch.device(device).type == "cuda" and hasattr(m, "pack_gpu"):
         try:  # gptqmodel's CUDA packer: seconds instead of minutes for a whole model
@@ -90,8 +102,9 @@ def gptq_linear(linear: nn.Linear, bits=BITS, group_size=GROUP_SIZE, sym=True, a
     return m.train()
 
 
-def quantize_linears(model: nn.Module, bits=BITS, group_size=GROUP_SIZE, sym=True, act_order=False,
-                     skip=("lm_head",)) -> nn.Module:
+def quantize_linears(
+    model: nn.Module, bits=BITS, group_size=GROUP_SIZE, sym=True, act_order=False, skip=("lm_head",)
+) -> nn.Module:
     """Every nn.Linear of `model` but `skip` → a packed gptqmodel TorchLinear, in place; sets the
     attributes peft reads to dispatch its GPTQ LoRA layer."""
     for mod in list(model.modules()):
@@ -119,12 +132,16 @@ class Holder(nn.Module):
 
 def peft_layer(in_f, out_f, act_order, adapter_dtype):
     from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=DTYPE)
     holder = Holder(gptq_linear(dense, act_order=act_order))
     del dense
-    model = get_peft_model(holder, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"]),
-                           autocast_adapter_dtype=(adapter_dtype == torch.float32))
+    model = get_peft_model(
+        holder,
+        LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"]),
+        autocast_adapter_dtype=(adapter_dtype == torch.float32),
+    )
     assert type(model.base_model.model.proj).__name__ == "GPTQLoraLinear", type(model.base_model.model.proj)
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -138,8 +155,9 @@ def foak_op(model):
     base = layer.base_layer
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     s = layer.scaling["default"]
-    return lambda x: torch.ops.foak.lora_linear_gptq(x, base.qweight, base.qzeros, base.scales, base.g_idx, None,
-                                                     a, b, s, 0.0, base.bits, 2, DTYPE, DTYPE)[0]
+    return lambda x: torch.ops.foak.lora_linear_gptq(
+        x, base.qweight, base.qzeros, base.scales, base.g_idx, None, a, b, s, 0.0, base.bits, 2, DTYPE, DTYPE
+    )[0]
 
 
 def run_case(in_f, out_f, act_order, adapter_dtype):
@@ -177,8 +195,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/lora_gptq.json")
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--act-order", action="store_true", help="also time act-order (desc_act) layers")
-    p.add_argument("--fp32-adapters", action="store_true",
-                   help="also time peft's default on a bf16 base: fp32 adapters (the op runs them in bf16)")
+    p.add_argument(
+        "--fp32-adapters",
+        action="store_true",
+        help="also time peft's default on a bf16 base: fp32 adapters (the op runs them in bf16)",
+    )
     return p.parse_args(argv)
 
 
@@ -187,9 +208,15 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora_gptq needs a CUDA GPU")
     TorchLinear, version, why = _gptqmodel()
-    res = {"env": environment(), "tokens": TOKENS, "rank": RANK, "alpha": ALPHA, "dtype": "bfloat16",
-           "gptq": why or f"gptqmodel {version} TorchLinear, {BITS}-bit, group size {GROUP_SIZE}, sym, fp16 scales",
-           "cases": {}}
+    res = {
+        "env": environment(),
+        "tokens": TOKENS,
+        "rank": RANK,
+        "alpha": ALPHA,
+        "dtype": "bfloat16",
+        "gptq": why or f"gptqmodel {version} TorchLinear, {BITS}-bit, group size {GROUP_SIZE}, sym, fp16 scales",
+        "cases": {},
+    }
     if why:
         write_json(args.out, res)
         raise SystemExit(why)

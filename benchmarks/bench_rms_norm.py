@@ -1,5 +1,6 @@
 """RMSNorm forward+backward on a GPU: foak's kernel vs eager (HF LlamaRMSNorm) vs inductor's own
 generated kernel. `python -m benchmarks.bench_rms_norm --out benchmarks/results/rms_norm.json`"""
+
 import argparse
 
 import torch
@@ -34,6 +35,7 @@ def measure(module, x, dy, train_weight):
         x.grad = None
         module.weight.grad = None
         module(x).backward(dy)
+
     return graph_ms(fwd), graph_ms(fwd_bwd), bench_ms(fwd_bwd)
 
 
@@ -56,13 +58,19 @@ def run(rows, hidden, dtype, peak_gbs):
         case = out["weight_trained" if train_weight else "weight_frozen"] = {}
         for name, mod in variants.items():
             f, fb, wall = measure(mod, x, dy, train_weight)
-            case[name] = {"fwd_ms": round(f, 4), "fwd_bwd_ms": round(fb, 4), "fwd_bwd_wall_ms": round(wall, 4),
-                          "fwd_gbs": round(fwd_bytes / f / 1e6, 1), "fwd_bwd_gbs": round(fb_bytes / fb / 1e6, 1),
-                          "fwd_pct_of_copy_bw": round(100 * fwd_bytes / f / 1e6 / peak_gbs, 1),
-                          "fwd_bwd_pct_of_copy_bw": round(100 * fb_bytes / fb / 1e6 / peak_gbs, 1)}
+            case[name] = {
+                "fwd_ms": round(f, 4),
+                "fwd_bwd_ms": round(fb, 4),
+                "fwd_bwd_wall_ms": round(wall, 4),
+                "fwd_gbs": round(fwd_bytes / f / 1e6, 1),
+                "fwd_bwd_gbs": round(fb_bytes / fb / 1e6, 1),
+                "fwd_pct_of_copy_bw": round(100 * fwd_bytes / f / 1e6 / peak_gbs, 1),
+                "fwd_bwd_pct_of_copy_bw": round(100 * fb_bytes / fb / 1e6 / peak_gbs, 1),
+            }
         for base in ("eager", "inductor"):
-            case[f"foak_speedup_vs_{base}"] = {k: round(case[base][k] / case["foak"][k], 3)
-                                               for k in ("fwd_ms", "fwd_bwd_ms")}
+            case[f"foak_speedup_vs_{base}"] = {
+                k: round(case[base][k] / case["foak"][k], 3) for k in ("fwd_ms", "fwd_bwd_ms")
+            }
     return out
 
 
@@ -73,16 +81,23 @@ def sweep(rows, hidden, dtype):
     dy = torch.randn_like(x)
     defaults = kernel._tile, kernel._dw_tile, kernel._dw_schedule
     bh = kernel._tile(hidden)[1]
-    res = {"heuristic (tile, dw tile, dw per-SM/stages)": [kernel._tile(hidden), kernel._dw_tile(hidden),
-                                                           kernel._dw_schedule(hidden)]}
+    res = {
+        "heuristic (tile, dw tile, dw per-SM/stages)": [
+            kernel._tile(hidden),
+            kernel._dw_tile(hidden),
+            kernel._dw_schedule(hidden),
+        ]
+    }
     for br in (1, 2, 4, 8, 16, 32):
         for nw in (2, 4, 8, 16):
             if br * bh > 16384 or br * bh < 32 * nw:
                 continue
             kernel._tile = kernel._dw_tile = lambda n, br=br, nw=nw: (br, bh, nw)
             try:
-                row = [graph_ms(lambda: kernel.rms_norm_forward(x, w, 1e-6, dtype, dtype)),
-                       graph_ms(lambda: kernel.rms_norm_backward(dy, x, w, 1e-6, dtype, True, False))]
+                row = [
+                    graph_ms(lambda: kernel.rms_norm_forward(x, w, 1e-6, dtype, dtype)),
+                    graph_ms(lambda: kernel.rms_norm_backward(dy, x, w, 1e-6, dtype, True, False)),
+                ]
                 for stages in (1, 2, 3):
                     for per_sm in (1, 2, 4):
                         kernel._dw_schedule = lambda n, s=(per_sm, stages): s

@@ -16,6 +16,7 @@ measured device-to-device copy bandwidth.
 
     python -m benchmarks.bench_rope --out $OUT/rope.json [--sweep]
 """
+
 import argparse
 
 import torch
@@ -75,6 +76,7 @@ def _steps(fn, q, k, cos, sin, gq, gk):
         q.grad = k.grad = None
         qe, ke = fn(q, k, cos, sin)
         torch.autograd.backward((qe, ke), (gq, gk))
+
     return fwd, fwd_bwd
 
 
@@ -88,8 +90,10 @@ def time_method(fn, q, k, cos, sin, gq, gk):
     # the better of two interleaved medians: a burst of outside load on the GPU skews one, rarely both
     g = [graph_ms(fwd), graph_ms(fwd_bwd)]
     g = min(g[0], graph_ms(fwd)), min(g[1], graph_ms(fwd_bwd))
-    w = (do_bench(fwd, grad_to_none=[q, k], return_mode="median"),
-         do_bench(fwd_bwd, grad_to_none=[q, k], return_mode="median"))
+    w = (
+        do_bench(fwd, grad_to_none=[q, k], return_mode="median"),
+        do_bench(fwd_bwd, grad_to_none=[q, k], return_mode="median"),
+    )
     return g, w
 
 
@@ -146,10 +150,12 @@ def kernel_times(shape, peak):
     nbytes = io_bytes(*shape)[0]
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    runs = {"fwd": lambda: kernel.rope(q, k, cos, sin, 1, DTYPE, DTYPE),
-            "bwd_contiguous_grads": lambda: kernel.rope(gq, gk, cos, sin, 1, DTYPE, DTYPE, True, st),
-            "bwd_grads_in_q_layout": lambda: kernel.rope(gq_s, gk_s, cos, sin, 1, DTYPE, DTYPE, True, st),
-            "copy_same_bytes": lambda: dst.copy_(src)}
+    runs = {
+        "fwd": lambda: kernel.rope(q, k, cos, sin, 1, DTYPE, DTYPE),
+        "bwd_contiguous_grads": lambda: kernel.rope(gq, gk, cos, sin, 1, DTYPE, DTYPE, True, st),
+        "bwd_grads_in_q_layout": lambda: kernel.rope(gq_s, gk_s, cos, sin, 1, DTYPE, DTYPE, True, st),
+        "copy_same_bytes": lambda: dst.copy_(src),
+    }
     out = {}
     for name, f in runs.items():
         ms = graph_ms(f)
@@ -163,18 +169,30 @@ def run_case(shape, peak):
     fwd_bytes, bwd_bytes = io_bytes(*shape, elem=q.element_size(), cos_elem=cos.element_size())
     ms = methods()
     ref = results_of(ms["eager"][0], q, k, cos, sin, gq, gk)
-    case = {"shape": dict(zip(("batch", "seq", "q_heads", "kv_heads", "head_dim"), shape)),
-            "dtype": str(DTYPE).split(".")[-1], "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "methods": {}}
+    case = {
+        "shape": dict(zip(("batch", "seq", "q_heads", "kv_heads", "head_dim"), shape)),
+        "dtype": str(DTYPE).split(".")[-1],
+        "fwd_bytes": fwd_bytes,
+        "bwd_bytes": bwd_bytes,
+        "methods": {},
+    }
     for name, (fn, be) in ms.items():
         got = results_of(fn, q, k, cos, sin, gq, gk)
         (f, fb), (wf, wfb) = time_method(fn, q, k, cos, sin, gq, gk)
         b = max(fb - f, 1e-6)
         m = case["methods"][name] = {
-            "fwd_ms": round(f, 4), "bwd_ms": round(b, 4), "fwd_bwd_ms": round(fb, 4),
-            "fwd_gbs": gbs(fwd_bytes, f), "bwd_gbs": gbs(bwd_bytes, b), "fwd_bwd_gbs": gbs(fwd_bytes + bwd_bytes, fb),
-            "fwd_pct_of_copy_bw": pct(fwd_bytes, f, peak), "bwd_pct_of_copy_bw": pct(bwd_bytes, b, peak),
+            "fwd_ms": round(f, 4),
+            "bwd_ms": round(b, 4),
+            "fwd_bwd_ms": round(fb, 4),
+            "fwd_gbs": gbs(fwd_bytes, f),
+            "bwd_gbs": gbs(bwd_bytes, b),
+            "fwd_bwd_gbs": gbs(fwd_bytes + bwd_bytes, fb),
+            "fwd_pct_of_copy_bw": pct(fwd_bytes, f, peak),
+            "bwd_pct_of_copy_bw": pct(bwd_bytes, b, peak),
             "fwd_bwd_pct_of_copy_bw": pct(fwd_bytes + bwd_bytes, fb, peak),
-            "wall_fwd_ms": round(wf, 4), "wall_bwd_ms": round(max(wfb - wf, 1e-6), 4), "wall_fwd_bwd_ms": round(wfb, 4),
+            "wall_fwd_ms": round(wf, 4),
+            "wall_bwd_ms": round(max(wfb - wf, 1e-6), 4),
+            "wall_fwd_bwd_ms": round(wfb, 4),
             # bf16 eager rounds each product; foak reproduces that, so 0 is expected: q_embed, k_embed, dq, dk
             "max_abs_diff_vs_eager": [(a.float() - r.float()).abs().max().item() for a, r in zip(got, ref)],
         }
@@ -185,15 +203,21 @@ def run_case(shape, peak):
     for base in ("eager", "inductor"):
         case[f"foak_op_speedup_vs_{base}"] = {
             key: round(case["methods"][base][key] / case["methods"]["foak_op"][key], 3)
-            for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "wall_fwd_ms", "wall_fwd_bwd_ms")}
+            for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "wall_fwd_ms", "wall_fwd_bwd_ms")
+        }
     case["kernel"] = kernel_times(shape, peak)
     return case
 
 
 def sweep_configs(half):
     """Tiles around the heuristic: 1, 2 or 4 16-byte vectors per thread and half-row."""
-    return [(bt, bh, nw) for bt in (1, 2, 4, 8, 16, 32) for bh in (2, 4, 8, 16) for nw in (2, 4, 8)
-            if bt * bh * half // (32 * nw) in (8, 16, 32)]
+    return [
+        (bt, bh, nw)
+        for bt in (1, 2, 4, 8, 16, 32)
+        for bh in (2, 4, 8, 16)
+        for nw in (2, 4, 8)
+        if bt * bh * half // (32 * nw) in (8, 16, 32)
+    ]
 
 
 def sweep(shape):
@@ -209,8 +233,11 @@ def sweep(shape):
     st = (q.stride(), k.stride())
     bwd = lambda: kernel.rope(gq, gk, cos, sin, 1, DTYPE, DTYPE, True, st)  # noqa: E731
     want = fwd(), bwd()
-    res = {"heuristic": list(default(half, hq, hk)),
-           "heuristic_ms": [round(graph_ms(fwd), 4), round(graph_ms(bwd), 4)], "tiles (fwd, bwd ms)": {}}
+    res = {
+        "heuristic": list(default(half, hq, hk)),
+        "heuristic_ms": [round(graph_ms(fwd), 4), round(graph_ms(bwd), 4)],
+        "tiles (fwd, bwd ms)": {},
+    }
     for bt, bh, nw in sweep_configs(half):
         kernel._tile = lambda *a, c=(bt, bh, triton.next_power_of_2(half), nw): c
         try:

@@ -1,4 +1,5 @@
 """Shared GPU timing helpers for the benchmarks (CUDA only)."""
+
 import json
 import os
 import platform
@@ -52,9 +53,16 @@ def environment():
     import triton
     import transformers
     import peft
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def device_slug(gpu=None):

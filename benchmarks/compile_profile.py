@@ -4,6 +4,7 @@
 
 Writes DIR/<variant>_<quant>_<layers>l.txt: the first-step wall time and the top functions by
 cumulative and by own time (the compile is host work, so cProfile sees all of it)."""
+
 import argparse
 import cProfile
 import io
@@ -22,9 +23,11 @@ def main():
     p.add_argument("--out", default="benchmarks/results/compile_profile")
     a = p.parse_args()
     import torch
+
     args = argparse.Namespace(**dict(train_step.SHAPES["1b"], layers=a.layers), dropout=0.0, quant=a.quant)
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # a cold cache: what a first compile costs
         import tempfile
+
         cache = tempfile.mkdtemp(prefix="foak_compile_profile_")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache, "inductor")
         os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
@@ -35,8 +38,10 @@ def main():
         fwd = torch.compile(model)
     else:
         import foak_compile
-        fwd = torch.compile((lambda **kw: model(**kw).loss) if a.variant == "foak_loss" else model,
-                            backend=foak_compile.backend())
+
+        fwd = torch.compile(
+            (lambda **kw: model(**kw).loss) if a.variant == "foak_loss" else model, backend=foak_compile.backend()
+        )
     prof = cProfile.Profile()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -51,13 +56,15 @@ def main():
     buf.write(f"# first step of {a.variant} ({a.quant}, {a.layers} layers): {wall:.1f} s\n")
     # torch's own per-phase timers (dynamo, AOTAutograd, inductor lowering/codegen, async compile)
     from torch._dynamo.utils import compile_times
+
     buf.write("\n## torch compile phases (torch._dynamo.utils.compile_times)\n" + compile_times(aggregate=True) + "\n")
     st = pstats.Stats(prof, stream=buf)
     buf.write("\n## compile phases (cumulative)\n")
     st.sort_stats("cumulative").print_stats(
         r"identify_accessed_tensors|generate_ttir|_compile_fx_inner|fx_codegen_and_compile|aot_dispatch|"
         r"min_cut_rematerialization|_update_scheduler|codegen_with_cpp_wrapper|wait_for|get_result|"
-        r"_compile_inner|__call__.*backend|lower|run_node|precompile|benchmark_gpu")
+        r"_compile_inner|__call__.*backend|lower|run_node|precompile|benchmark_gpu"
+    )
     st.sort_stats("cumulative").print_stats(60)
     st.sort_stats("tottime").print_stats(30)
     path = os.path.join(a.out, f"{a.variant}_{a.quant}_{a.layers}l.txt")

@@ -17,6 +17,7 @@ No softmax is computed: G is just a bf16 buffer, so every row is a lower bound o
 
     python -m benchmarks.gemm_bound --out $OUT/gemm_bound.json [--shapes 16384x256000x2048 ...]
 """
+
 import argparse
 
 import torch
@@ -30,7 +31,7 @@ CHUNKS = (128, 256, 512)
 
 def gemm_rows(n, v, hdim, kept):
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(v, hdim, device="cuda", generator=g) / hdim ** 0.5).to(torch.bfloat16)
+    w = (torch.randn(v, hdim, device="cuda", generator=g) / hdim**0.5).to(torch.bfloat16)
     h = torch.randn(n, hdim, device="cuda", generator=g, dtype=torch.bfloat16)
     hk = h[:kept]
     dw = torch.empty_like(w)
@@ -56,6 +57,7 @@ def gemm_rows(n, v, hdim, kept):
                 else:
                     dw.addmm_(piece.t(), hk[s:e])
             return dh
+
         return fn
 
     def four():
@@ -73,8 +75,13 @@ def gemm_rows(n, v, hdim, kept):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/gemm_bound.json")
-    p.add_argument("--shapes", nargs="+", default=None, metavar="TOKENSxVOCABxHIDDEN",
-                   help="instead of SHAPES, e.g. 16384x256000x2048")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        metavar="TOKENSxVOCABxHIDDEN",
+        help="instead of SHAPES, e.g. 16384x256000x2048",
+    )
     args = p.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     rows = []
@@ -85,8 +92,14 @@ def main():
         res, _ = ce.measure(inductor, h, w, y, None)
         del h, w, y
         torch.cuda.empty_cache()
-        row = {"tokens": n, "vocab": v, "hidden": hdim, "kept": kept, "inductor": res["ms"],
-               **gemm_rows(n, v, hdim, kept)}
+        row = {
+            "tokens": n,
+            "vocab": v,
+            "hidden": hdim,
+            "kept": kept,
+            "inductor": res["ms"],
+            **gemm_rows(n, v, hdim, kept),
+        }
         rows.append(row)
         print(row, flush=True)
         write_json(args.out, {"env": environment(), "rows": rows})

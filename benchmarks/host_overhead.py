@@ -7,6 +7,7 @@ waits (benchmarks/results/session8/lce_profile.json: GPU busy 5.6 of 9.5 ms at 4
 
     python -m benchmarks.host_overhead --out $OUT/host_overhead.json
 """
+
 import argparse
 import time
 
@@ -47,8 +48,9 @@ def per_op():
     out = {
         "mm_out": host_us(lambda: torch.mm(h, wpt, out=piece)),
         "mm_out_slicing_each_call": host_us(lambda: torch.mm(h, w[0:width].t(), out=piece)),
-        "piece_kernel": host_us(lambda: online._piece[(r,)](
-            piece, y, state, acc, epi_vals, width, 0, hdim, -100, **args)),
+        "piece_kernel": host_us(
+            lambda: online._piece[(r,)](piece, y, state, acc, epi_vals, width, 0, hdim, -100, **args)
+        ),
         "addmm_dtype_out": host_us(lambda: online._addmm_fp32_ops(acc, piece, wp)),
         "mm_dtype_out": host_us(lambda: online._mm_fp32_ops(piece, wp, acc)),
         "addmm_out_dtype_public": host_us(lambda: online._addmm_fp32_public(acc, piece, wp)),
@@ -76,8 +78,9 @@ def cpu_table():
         for _ in range(3):
             _step(fn, h, w, y)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
             for _ in range(3):
                 _step(fn, h, w, y)
             torch.cuda.synchronize()
@@ -91,14 +94,14 @@ def cpu_table():
         scale = (1.0 / (y != -100).sum()).float().reshape(1)
         for _ in range(6):
             t0 = time.perf_counter()
-            kernel.linear_cross_entropy_forward_backward(h.detach(), w, None, y, -100, 0.0, scale, True, False,
-                                                         False, online=True)
+            kernel.linear_cross_entropy_forward_backward(
+                h.detach(), w, None, y, -100, 0.0, scale, True, False, False, online=True
+            )
             torch.cuda.synchronize()
             kernel_wall.append((time.perf_counter() - t0) * 1e3)
     finally:
         foak_compile.config.reset()
-    return {"case_wall_ms": round(wall, 2), "kernel_wall_ms": [round(t, 2) for t in kernel_wall[1:]],
-            "table": table}
+    return {"case_wall_ms": round(wall, 2), "kernel_wall_ms": [round(t, 2) for t in kernel_wall[1:]], "table": table}
 
 
 def main():

@@ -14,6 +14,7 @@ Peaks are above the inputs, outputs included, as bench_cross_entropy's case rows
 
     python -m benchmarks.profile_lce --out $OUT/lce_profile.json
 """
+
 import argparse
 import gc
 import time
@@ -50,8 +51,11 @@ def profile(fn, reps=3):
             per[ev.name][1] += 1
     busy = sum(t for t, _ in per.values())
     top = sorted(per.items(), key=lambda kv: -kv[1][0])[:10]
-    return {"wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2),
-            "kernels": [{"name": k[:90], "ms": round(t, 3), "launches": n // reps} for k, (t, n) in top]}
+    return {
+        "wall_ms": round(wall, 2),
+        "gpu_busy_ms": round(busy, 2),
+        "kernels": [{"name": k[:90], "ms": round(t, 3), "launches": n // reps} for k, (t, n) in top],
+    }
 
 
 def _measured(fn):
@@ -65,16 +69,19 @@ def case_level(h, w, y, frozen):
     out = {}
     h = h.detach().requires_grad_(True)
     w = w.detach().requires_grad_(not frozen)
-    foak = torch.compile(loss_fn, backend=foak_compile.backend(patterns=["linear_cross_entropy", "cross_entropy"]),
-                         dynamic=False)  # the path is picked per call: one compile serves the forced rows
+    foak = torch.compile(
+        loss_fn, backend=foak_compile.backend(patterns=["linear_cross_entropy", "cross_entropy"]), dynamic=False
+    )  # the path is picked per call: one compile serves the forced rows
     variants = {"inductor": (torch.compile(loss_fn, dynamic=False), None), "foak": (foak, None)}
     if frozen:
         variants.update(foak_online=(foak, True), foak_chunked=(foak, False))
     for name, (fn, flag) in variants.items():
         foak_compile.config.configure(lce_online=flag)  # None: by size
         try:
+
             def step():
                 return _step(fn, h, w, y)
+
             step()
             out[name] = {"ms": round(bench_ms(step, warmup=1, reps=5), 2), "profile": profile(step)}
         finally:
@@ -98,7 +105,9 @@ def main():
 
             def call(online_flag=None):
                 return kernel.linear_cross_entropy_forward_backward(
-                    hd, wd, None, y, -100, 0.0, scale, True, not frozen, False, online=online_flag)
+                    hd, wd, None, y, -100, 0.0, scale, True, not frozen, False, online=online_flag
+                )
+
             paths = {"online": True, "chunked": False} if frozen else {"chunked": None}
             for name, flag in paths.items():
                 case[f"kernel_{name}"] = dict(_measured(lambda: call(flag)), profile=profile(lambda: call(flag)))

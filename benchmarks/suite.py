@@ -11,6 +11,7 @@ Each preset runs `python -m benchmarks.<module>` with its arguments; `python -m 
 tables, `python -m benchmarks.render --readme` rewrites the README's results block from results/train_step/.
 All of them need a CUDA GPU except `train-step --device cpu` (a smoke test of the harness).
 """
+
 import argparse
 import os
 import subprocess
@@ -22,28 +23,58 @@ TRAIN_STEP_VARIANTS = "inductor,foak,liger,trainer_inductor,trainer_foak"
 
 
 class Preset(NamedTuple):
-    module: str          # benchmarks.<module>
-    results: str         # results/<results>/<device>.json (or a folder of text reports)
-    args: tuple          # the preset's arguments, before the user's
+    module: str  # benchmarks.<module>
+    results: str  # results/<results>/<device>.json (or a folder of text reports)
+    args: tuple  # the preset's arguments, before the user's
     about: str
     quant_flag: str = ""  # how --quant reaches the module, if it takes one
 
 
 PRESETS = {
-    "train-step": Preset("train_step", "train_step",
-                         ("--all", "--variants", TRAIN_STEP_VARIANTS, "--quants", "none,nf4", "--steps", "20",
-                          "--profile", os.path.join(RESULTS, "train_step", "profiles")),
-                         "LoRA train step, Llama-3.2-1B shape: the default path, Trainer route, Liger", "--quants"),
-    "train-step-8b": Preset("train_step", "train_step_8b",
-                            ("--all", "--shape", "8b", "--variants", "eager,inductor,liger,foak,foak_loss",
-                             "--quants", "nf4", "--steps", "10", "--profile", os.path.join(RESULTS, "train_step_8b", "profiles")),
-                            "QLoRA train step, Llama-3.1-8B shape at full depth", "--quants"),
-    "compile-profile": Preset("compile_profile", "compile_profile", ("--layers", "4"),
-                              "cProfile of the first (compiling) step", "--quant"),
+    "train-step": Preset(
+        "train_step",
+        "train_step",
+        (
+            "--all",
+            "--variants",
+            TRAIN_STEP_VARIANTS,
+            "--quants",
+            "none,nf4",
+            "--steps",
+            "20",
+            "--profile",
+            os.path.join(RESULTS, "train_step", "profiles"),
+        ),
+        "LoRA train step, Llama-3.2-1B shape: the default path, Trainer route, Liger",
+        "--quants",
+    ),
+    "train-step-8b": Preset(
+        "train_step",
+        "train_step_8b",
+        (
+            "--all",
+            "--shape",
+            "8b",
+            "--variants",
+            "eager,inductor,liger,foak,foak_loss",
+            "--quants",
+            "nf4",
+            "--steps",
+            "10",
+            "--profile",
+            os.path.join(RESULTS, "train_step_8b", "profiles"),
+        ),
+        "QLoRA train step, Llama-3.1-8B shape at full depth",
+        "--quants",
+    ),
+    "compile-profile": Preset(
+        "compile_profile", "compile_profile", ("--layers", "4"), "cProfile of the first (compiling) step", "--quant"
+    ),
     "rms-norm": Preset("bench_rms_norm", "rms_norm", (), "RMSNorm fwd+bwd: eager, inductor, foak"),
     "rope": Preset("bench_rope", "rope", (), "rotary embedding fwd+bwd: eager, inductor, Liger, foak"),
-    "cross-entropy": Preset("bench_cross_entropy", "cross_entropy", (),
-                            "lm_head + cross-entropy: eager, inductor, Liger, foak"),
+    "cross-entropy": Preset(
+        "bench_cross_entropy", "cross_entropy", (), "lm_head + cross-entropy: eager, inductor, Liger, foak"
+    ),
     "lora": Preset("bench_lora", "lora", (), "one LoRA layer, dense and NF4 bases"),
     "lora-gptq": Preset("bench_lora_gptq", "lora_gptq", (), "one LoRA layer over a GPTQ base (gptqmodel)"),
     "lce-ab-online": Preset("ab_online", "lce_ab_online", (), "online linear + CE: host-side variants A/B"),
@@ -64,6 +95,7 @@ def command(name: str, quant: str = "", extra: tuple = (), out: str = "", device
     preset = PRESETS[name]
     if not device:
         from .common import device_slug
+
         device = device_slug()
     cmd = [sys.executable, "-m", f"benchmarks.{preset.module}", *preset.args]
     if quant:
@@ -78,11 +110,13 @@ def main(argv=None):
     p.add_argument("preset", nargs="?", choices=list(PRESETS))
     p.add_argument("--list", action="store_true", help="the presets and what they measure")
     p.add_argument("--quant", default="", help="train-step: none, nf4, gptq or a comma list")
-    p.add_argument("--out", default="", help="where the results go (default benchmarks/results/<benchmark>/<device>.json)")
+    p.add_argument(
+        "--out", default="", help="where the results go (default benchmarks/results/<benchmark>/<device>.json)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command only")
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.list or not args.preset:
         for name, preset in PRESETS.items():
             print(f"{name:18} {preset.about}  (benchmarks/{preset.module}.py)")

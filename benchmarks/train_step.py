@@ -12,6 +12,7 @@ model is built (first step, CUDA-graph recording and timed steps alike). Each ro
 compile phase timers and the warnings its process printed, so a row that warns where inductor does
 not shows it (`extra_warnings`).
 """
+
 import argparse
 import json
 import os
@@ -23,9 +24,11 @@ import tempfile
 import time
 from collections import Counter
 
-SHAPES = {"1b": dict(layers=16, hidden=2048, ffn=8192, tied=True, vocab=128256),     # Llama-3.2-1B
-          "8b": dict(layers=32, hidden=4096, ffn=14336, tied=False, vocab=128256),   # Llama-3.1-8B
-          "tiny": dict(layers=2, hidden=64, ffn=96, tied=True, vocab=1000)}          # smoke tests (CPU)
+SHAPES = {
+    "1b": dict(layers=16, hidden=2048, ffn=8192, tied=True, vocab=128256),  # Llama-3.2-1B
+    "8b": dict(layers=32, hidden=4096, ffn=14336, tied=False, vocab=128256),  # Llama-3.1-8B
+    "tiny": dict(layers=2, hidden=64, ffn=96, tied=True, vocab=1000),
+}  # smoke tests (CPU)
 VARIANTS = {
     "eager": "HF eager",
     "inductor": "torch.compile(model)",
@@ -48,6 +51,7 @@ class Clock:
 
     def __init__(self, device):
         import torch
+
         self.cuda, self.torch, self.stamps = device == "cuda", torch, []
 
     def sync(self):
@@ -72,9 +76,19 @@ def build(args):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=args.vocab, rope_theta=500000.0,
-                      max_position_embeddings=8192, tie_word_embeddings=args.tied, attn_implementation="sdpa")
+
+    cfg = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=args.vocab,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=args.tied,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     with torch.device(args.device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -83,6 +97,7 @@ def build(args):
         model.is_loaded_in_4bit = True  # peft then wraps the layers with its bitsandbytes LoRA
     elif args.quant == "gptq":
         from .bench_lora_gptq import quantize_linears
+
         quantize_linears(model.model)
     lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, task_type="CAUSAL_LM", target_modules=TARGETS)
     return get_peft_model(model, lcfg)
@@ -93,14 +108,22 @@ def quantize_nf4(module):
     quantised where it lies (no save and reload), one layer at a time."""
     import bitsandbytes as bnb
     import torch
+
     for mod in list(module.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear):
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, module=q).to(child.weight.device)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, module=q
+                ).to(child.weight.device)
                 setattr(mod, name, q)
                 del child
     torch.cuda.empty_cache()
@@ -109,6 +132,7 @@ def quantize_nf4(module):
 def matmul_tflops():
     """Measured bf16 matmul ceiling (8192³), the denominator of MFU."""
     import torch
+
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -127,8 +151,15 @@ def model_flops_per_step(tokens, seq, layers, hidden, ffn, vocab=128256, heads=3
     weight per token), the adapters also their weight gradient (6); causal attention 4·seq·hidden
     per token per layer, ×3 with backward."""
     kv = hidden // heads * kv_heads
-    projections = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
-                   (hidden, ffn), (hidden, ffn), (ffn, hidden)]
+    projections = [
+        (hidden, hidden),
+        (hidden, kv),
+        (hidden, kv),
+        (hidden, hidden),
+        (hidden, ffn),
+        (hidden, ffn),
+        (ffn, hidden),
+    ]
     base = layers * sum(i * o for i, o in projections) + hidden * vocab
     lora = layers * sum(rank * (i + o) for i, o in projections)
     attn = 3 * 4 * seq * hidden * layers / 2
@@ -138,6 +169,7 @@ def model_flops_per_step(tokens, seq, layers, hidden, ffn, vocab=128256, heads=3
 def compile_phases():
     """torch's compile phase timers (Dynamo, AOTAutograd, inductor), seconds summed over graphs; ≥ 0.5 s."""
     from torch._dynamo.utils import compilation_time_metrics
+
     sums = {k: sum(v) for k, v in compilation_time_metrics.items()}
     return {k: round(v, 1) for k, v in sorted(sums.items(), key=lambda kv: -kv[1]) if v >= 0.5}
 
@@ -145,6 +177,7 @@ def compile_phases():
 def _model_step(args, model, ids):
     """The plain training loop: (step function, the foak reports' owner or None)."""
     import torch
+
     variant = args.variant
     fwd = model
     if variant in ("inductor", "inductor_cg"):
@@ -152,8 +185,9 @@ def _model_step(args, model, ids):
     elif variant == "foak":
         fwd = torch.compile(model, backend="foak")  # the registered entry point, as users write it
     elif variant.startswith("foak_loss"):
-        fwd = torch.compile(lambda **kw: model(**kw).loss, backend="foak",
-                            mode="reduce-overhead" if variant.endswith("_cg") else None)
+        fwd = torch.compile(
+            lambda **kw: model(**kw).loss, backend="foak", mode="reduce-overhead" if variant.endswith("_cg") else None
+        )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cudagraphs = variant.endswith("_cg")
 
@@ -167,6 +201,7 @@ def _model_step(args, model, ids):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
     return step
 
 
@@ -215,14 +250,24 @@ def _time_trainer(args, model, ids, clock):
     callbacks = [Steps()]
     if args.variant.startswith("trainer_foak"):
         from foak_compile.integrations import FoakCallback, compile_for_trainer
+
         compile_for_trainer(model, loss_only=True, mode="reduce-overhead" if args.variant.endswith("_cg") else None)
         callbacks.append(FoakCallback(dump=False))
-    targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="foak_bench_trainer_"), max_steps=steps,
-                              per_device_train_batch_size=args.bs, learning_rate=1e-4, optim="adamw_torch",
-                              lr_scheduler_type="constant", logging_steps=10**6, save_strategy="no",
-                              report_to="none", dataloader_num_workers=0, use_cpu=args.device == "cpu",
-                              max_grad_norm=0.0 if args.variant.endswith("_noclip") else 1.0,
-                              torch_compile=args.variant.startswith("trainer_inductor"))
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="foak_bench_trainer_"),
+        max_steps=steps,
+        per_device_train_batch_size=args.bs,
+        learning_rate=1e-4,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        use_cpu=args.device == "cpu",
+        max_grad_norm=0.0 if args.variant.endswith("_noclip") else 1.0,
+        torch_compile=args.variant.startswith("trainer_inductor"),
+    )
     out = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks).train()
     # stamps: each step's start, then the end of training; the first 3 steps are compile and warm-up
     return callbacks[0].first, [clock.ms(i, i + 1) for i in range(3, steps)], out.training_loss
@@ -230,18 +275,27 @@ def _time_trainer(args, model, ids, clock):
 
 def run_one(args):
     import torch
+
     if args.variant == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+
+        apply_liger_kernel_to_llama(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
+        )
     if "foak" in args.variant:
         import foak_compile
+
         if "foak" not in torch._dynamo.list_backends():
             sys.exit("backend 'foak' is not registered: install the package (pip install -e .)")
     model = build(args)
     model.train()
-    ids = torch.randint(0, args.vocab, (args.bs, args.seq), device=args.device,
-                        generator=torch.Generator(device=args.device).manual_seed(1))
+    ids = torch.randint(
+        0,
+        args.vocab,
+        (args.bs, args.seq),
+        device=args.device,
+        generator=torch.Generator(device=args.device).manual_seed(1),
+    )
     clock = Clock(args.device)
     clock.sync()
     cuda = args.device == "cuda"
@@ -256,20 +310,36 @@ def run_one(args):
         first, times, loss = _time_loop(step, args.steps, clock)
     med = statistics.median(times)
     tokens = args.bs * args.seq
-    res = dict(variant=args.variant, quant=args.quant, shape=args.shape, layers=args.layers, hidden=args.hidden,
-               ffn=args.ffn, bs=args.bs, seq=args.seq, steps=len(times),
-               step_ms=round(med, 2), min_ms=round(min(times), 2), tokens_per_s=round(tokens / med * 1000),
-               mem_gib=round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0, 2),
-               model_gib=round(built / 2**30, 2), first_step_s=round(first, 1), loss=round(loss, 4),
-               model_tflops_per_step=round(model_flops_per_step(tokens, args.seq, args.layers, args.hidden,
-                                                                args.ffn, args.vocab) / 1e12, 2),
-               compile_phases=compile_phases())
+    res = dict(
+        variant=args.variant,
+        quant=args.quant,
+        shape=args.shape,
+        layers=args.layers,
+        hidden=args.hidden,
+        ffn=args.ffn,
+        bs=args.bs,
+        seq=args.seq,
+        steps=len(times),
+        step_ms=round(med, 2),
+        min_ms=round(min(times), 2),
+        tokens_per_s=round(tokens / med * 1000),
+        mem_gib=round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0, 2),
+        model_gib=round(built / 2**30, 2),
+        first_step_s=round(first, 1),
+        loss=round(loss, 4),
+        model_tflops_per_step=round(
+            model_flops_per_step(tokens, args.seq, args.layers, args.hidden, args.ffn, args.vocab) / 1e12, 2
+        ),
+        compile_phases=compile_phases(),
+    )
     if "foak" in args.variant:
         import foak_compile
+
         res["foak_matches"] = foak_compile.total_counts(foak_compile.reports())
         res["foak_graphs"] = len(foak_compile.reports())
     if args.profile and step is not None and cuda:
         from .common import device_slug
+
         res["profile"] = profile(step, args.profile, f"{device_slug()}_{args.variant}_{args.quant}_{args.shape}")
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -279,6 +349,7 @@ def profile(step, out_dir, name, steps=3):
     GPU is busy (kernel time / wall time: what is left is host overhead and synchronisation)."""
     import torch
     from torch.profiler import ProfilerActivity, profile as prof
+
     os.makedirs(out_dir, exist_ok=True)
     torch.cuda.synchronize()
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
@@ -298,8 +369,8 @@ def profile(step, out_dir, name, steps=3):
     return {"wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2), "gpu_busy_pct": round(100 * busy / wall, 1)}
 
 
-_TORCH_LOG = re.compile(r"^\s*(?:\[[^\]]*\]:)?W\d{4} [\d:.]+ \d+ ([^\]]+)\] (.*)$")   # W1205 12:00:00.1 123 file:42] msg
-_PY_WARNING = re.compile(r"^\S+:\d+: (\w*Warning): (.*)$")                            # file.py:42: XWarning: msg
+_TORCH_LOG = re.compile(r"^\s*(?:\[[^\]]*\]:)?W\d{4} [\d:.]+ \d+ ([^\]]+)\] (.*)$")  # W1205 12:00:00.1 123 file:42] msg
+_PY_WARNING = re.compile(r"^\S+:\d+: (\w*Warning): (.*)$")  # file.py:42: XWarning: msg
 
 
 def warnings_of(stderr):
@@ -319,33 +390,59 @@ def drive(args):
     rows = []
     for quant in args.quants.split(","):
         for variant in args.variants.split(","):
-            cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", variant, "--quant", quant,
-                   "--shape", args.shape, "--device", args.device, "--dropout", str(args.dropout), "--steps", str(args.steps),
-                   "--bs", str(args.bs), "--seq", str(args.seq)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.train_step",
+                "--variant",
+                variant,
+                "--quant",
+                quant,
+                "--shape",
+                args.shape,
+                "--device",
+                args.device,
+                "--dropout",
+                str(args.dropout),
+                "--steps",
+                str(args.steps),
+                "--bs",
+                str(args.bs),
+                "--seq",
+                str(args.seq),
+            ]
             cmd += ["--profile", args.profile] if args.profile else []
             # a cold compile cache for each variant: no one reuses kernels another variant compiled
             cache = tempfile.mkdtemp(prefix=f"foak_bench_{variant}_{quant}_")
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
-                       TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+            env = dict(
+                os.environ,
+                TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+            )
             t = time.perf_counter()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                 out, err, rc = p.stdout, p.stderr, p.returncode
             except subprocess.TimeoutExpired as e:
                 out, err, rc = e.stdout or "", (e.stderr or "") + f"\ntimed out after {args.timeout} s", -1
-                out, err = (out.decode() if isinstance(out, bytes) else out), (err.decode() if isinstance(err, bytes) else err)
+                out, err = (
+                    (out.decode() if isinstance(out, bytes) else out),
+                    (err.decode() if isinstance(err, bytes) else err),
+                )
             line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
             if rc or not line:
                 rows.append(dict(variant=variant, quant=quant, shape=args.shape, error=(err or out)[-1500:]))
             else:
-                r = json.loads(line[-1][len("RESULT "):])
+                r = json.loads(line[-1][len("RESULT ") :])
                 if ceiling:
                     r["mfu_pct"] = round(100 * r["model_tflops_per_step"] / (r["step_ms"] / 1000) / ceiling, 1)
                 r["warnings"] = warnings_of(err)
                 rows.append(r)
             rows[-1]["wall_s"] = round(time.perf_counter() - t, 1)
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("compile_phases", "warnings")})[:600],
-                  flush=True)
+            print(
+                json.dumps({k: v for k, v in rows[-1].items() if k not in ("compile_phases", "warnings")})[:600],
+                flush=True,
+            )
             _write(args.out, ceiling, rows)  # after every row: a cut-short run keeps what it measured
     _write(args.out, ceiling, rows)
 
@@ -357,13 +454,25 @@ def compare(rows):
         if "error" in r:
             continue
         ref_variant = "trainer_inductor" if r["variant"].startswith("trainer") else "inductor"
-        ref = next((i for i in rows if "error" not in i and i["variant"] == ref_variant and i.get("run") == r.get("run")
-                    and (i["quant"], i.get("shape")) == (r["quant"], r.get("shape"))), None)
+        ref = next(
+            (
+                i
+                for i in rows
+                if "error" not in i
+                and i["variant"] == ref_variant
+                and i.get("run") == r.get("run")
+                and (i["quant"], i.get("shape")) == (r["quant"], r.get("shape"))
+            ),
+            None,
+        )
         if ref is None:
             continue
         ratio = lambda k: round(r[k] / ref[k], 3) if ref[k] else None
-        r["vs_inductor"] = {"tokens_per_s": ratio("tokens_per_s"), "peak_mem": ratio("mem_gib"),
-                            "first_step": ratio("first_step_s")}
+        r["vs_inductor"] = {
+            "tokens_per_s": ratio("tokens_per_s"),
+            "peak_mem": ratio("mem_gib"),
+            "first_step": ratio("first_step_s"),
+        }
         if "warnings" in r and "warnings" in ref:
             r["extra_warnings"] = {m: n for m, n in r["warnings"].items() if m not in ref["warnings"]}
     return rows
@@ -373,17 +482,26 @@ def merge(paths, out):
     """One results file from several driver calls (one device call each, e.g. one per base): rows tagged
     with their call ("run": the file's name), ratios only within a call, each call's matmul ceiling kept."""
     from .common import write_json
+
     calls = [json.load(open(p)) for p in paths]
     rows = [dict(r, run=os.path.basename(p)) for p, c in zip(paths, calls) for r in c["rows"]]
     for r in rows:
         r.pop("vs_inductor", None), r.pop("extra_warnings", None)
-    write_json(out, {"env": calls[0]["env"], "matmul_tflops": calls[0]["matmul_tflops"],
-                     "runs": [{"run": os.path.basename(p), "matmul_tflops": c["matmul_tflops"]} for p, c in zip(paths, calls)],
-                     "rows": compare(rows)}, echo=False)
+    write_json(
+        out,
+        {
+            "env": calls[0]["env"],
+            "matmul_tflops": calls[0]["matmul_tflops"],
+            "runs": [{"run": os.path.basename(p), "matmul_tflops": c["matmul_tflops"]} for p, c in zip(paths, calls)],
+            "rows": compare(rows),
+        },
+        echo=False,
+    )
 
 
 def _write(path, ceiling, rows):
     from .common import environment, write_json
+
     write_json(path, {"env": environment(), "matmul_tflops": round(ceiling, 1), "rows": compare(rows)}, echo=False)
 
 
@@ -401,10 +519,15 @@ def main():
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout", type=int, default=400, help="seconds per variant")
-    p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "foak_train_step.json"),
-                   help="the JSON (python -m benchmarks.suite train-step: benchmarks/results/train_step/<device>.json)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(tempfile.gettempdir(), "foak_train_step.json"),
+        help="the JSON (python -m benchmarks.suite train-step: benchmarks/results/train_step/<device>.json)",
+    )
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these calls' files into --out and exit")
-    p.add_argument("--profile", default="", help="directory: also profile 3 steps, write <device>_<variant>_<quant>_<shape>.txt")
+    p.add_argument(
+        "--profile", default="", help="directory: also profile 3 steps, write <device>_<variant>_<quant>_<shape>.txt"
+    )
     args = p.parse_args()
     if args.merge:
         return merge(args.merge, args.out)

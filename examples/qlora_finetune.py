@@ -16,6 +16,7 @@ checkpointing, the model compiled in place with backend foak.
 Writes <output-dir>/results.json (losses, tokens/s, peak memory, foak matches), the adapter in
 <output-dir>/adapter and foak's graph reports in <output-dir>/foak/.
 """
+
 import argparse
 import json
 import math
@@ -34,11 +35,27 @@ if ROOT not in sys.path:  # runnable from a checkout without installing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=300),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-               rope_theta=500000.0, max_position_embeddings=8192),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
 }
 
 
@@ -59,8 +76,12 @@ def parse(argv=None):
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--compile", choices=["foak", "none"], default="foak")
     p.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
-    p.add_argument("--keep-logits", dest="loss_only", action="store_false",
-                   help="return the logits in training too (default: loss only, so lm_head + loss fuse)")
+    p.add_argument(
+        "--keep-logits",
+        dest="loss_only",
+        action="store_false",
+        help="return the logits in training too (default: loss only, so lm_head + loss fuse)",
+    )
     p.add_argument("--output-dir", default="qlora_out")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -68,6 +89,7 @@ def parse(argv=None):
 
 def load_model(a):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32
     path = a.model
@@ -81,13 +103,19 @@ def load_model(a):
                 os.rename(tmp, path)
             except OSError:
                 import shutil
+
                 shutil.rmtree(tmp, ignore_errors=True)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
     device = int(os.environ.get("LOCAL_RANK", 0)) if cuda else "cpu"  # under torchrun: this rank's GPU
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=compute,
-                                                 device_map={"": device},
-                                                 attn_implementation="sdpa" if cuda else "eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quant,
+        dtype=compute,
+        device_map={"": device},
+        attn_implementation="sdpa" if cuda else "eager",
+    )
     model.config.use_cache = False
     return model
 
@@ -95,6 +123,7 @@ def load_model(a):
 def dataset(a, model):
     """Rows of --seq token ids (labels = inputs)."""
     import datasets
+
     vocab = model.config.vocab_size
     if a.data is None:
         # learnable synthetic text: each row walks the vocabulary from a random start with a stride of 1..7
@@ -112,6 +141,7 @@ def dataset(a, model):
                 texts = [f.read()]
         if a.model is not None:
             from transformers import AutoTokenizer
+
             tok = AutoTokenizer.from_pretrained(a.model)
             eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
             stream = [t for text in texts for t in tok(text)["input_ids"] + eos]
@@ -119,7 +149,7 @@ def dataset(a, model):
             if vocab < 256:
                 raise SystemExit("byte tokens need a vocabulary of at least 256")
             stream = [b for text in texts for b in text.encode()]
-        ids = [stream[i:i + a.seq] for i in range(0, len(stream) - a.seq + 1, a.seq)]  # packed blocks
+        ids = [stream[i : i + a.seq] for i in range(0, len(stream) - a.seq + 1, a.seq)]  # packed blocks
         if not ids:
             raise SystemExit(f"{a.data} has fewer than --seq {a.seq} tokens")
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
@@ -136,8 +166,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     os.makedirs(a.output_dir, exist_ok=True)
     model = load_model(a)
-    lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=TARGETS,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
     data = dataset(a, model)
@@ -146,12 +175,23 @@ def main(argv=None):
         compile_for_trainer(model, inner=a.inner, loss_only=a.loss_only)
         callbacks.append(FoakCallback())
     args = TrainingArguments(
-        output_dir=a.output_dir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.grad_accum,
-        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=max(1, a.steps // 20),
-        logging_steps=max(1, min(10, a.steps // 10)), save_strategy="no", report_to=[], seed=a.seed,
-        bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0,
+        output_dir=a.output_dir,
+        per_device_train_batch_size=a.batch,
+        gradient_accumulation_steps=a.grad_accum,
+        max_steps=a.steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, a.steps // 20),
+        logging_steps=max(1, min(10, a.steps // 10)),
+        save_strategy="no",
+        report_to=[],
+        seed=a.seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
         gradient_checkpointing=a.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if a.gradient_checkpointing else None)
+        gradient_checkpointing_kwargs={"use_reentrant": False} if a.gradient_checkpointing else None,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -161,12 +201,21 @@ def main(argv=None):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = a.steps * a.batch * a.grad_accum * a.seq
     result = {
-        "compile": a.compile, "inner": a.inner if a.compile == "foak" else None, "model": a.model or a.preset,
-        "steps": a.steps, "batch": a.batch, "grad_accum": a.grad_accum, "seq": a.seq,
-        "gradient_checkpointing": a.gradient_checkpointing, "losses": losses, "train_loss": out.training_loss,
-        "seconds": round(seconds, 1), "tokens_per_s_incl_compile": round(tokens / seconds, 1),
+        "compile": a.compile,
+        "inner": a.inner if a.compile == "foak" else None,
+        "model": a.model or a.preset,
+        "steps": a.steps,
+        "batch": a.batch,
+        "grad_accum": a.grad_accum,
+        "seq": a.seq,
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "losses": losses,
+        "train_loss": out.training_loss,
+        "seconds": round(seconds, 1),
+        "tokens_per_s_incl_compile": round(tokens / seconds, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        "foak_counts": foak_compile.total_counts(), "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "foak_counts": foak_compile.total_counts(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
     if trainer.is_world_process_zero():  # under torchrun (DDP through accelerate) rank 0 writes
         model.save_pretrained(os.path.join(a.output_dir, "adapter"))

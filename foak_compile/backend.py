@@ -1,9 +1,10 @@
 """The `foak` torch.compile backend: pattern passes over Dynamo's graph, then an inner compiler.
 
-    torch.compile(model, backend="foak")                       # all patterns, inductor
-    torch.compile(model, backend=foak_compile.backend(patterns=["rms_norm"], inner="aot_eager",
-                                                      dump_dir="dumps"))
+torch.compile(model, backend="foak")                       # all patterns, inductor
+torch.compile(model, backend=foak_compile.backend(patterns=["rms_norm"], inner="aot_eager",
+                                                  dump_dir="dumps"))
 """
+
 import contextlib
 import itertools
 import json
@@ -31,9 +32,14 @@ CompiledFn = Callable[..., Any]  # what a torch.compile backend returns: the gra
 class FoakBackend:
     """A configured backend; pass an instance to torch.compile(backend=...)."""
 
-    def __init__(self, patterns: Optional[Iterable[str]] = None, inner: str = "inductor",
-                 dump_dir: Optional[str] = None, mode: Optional[str] = None,
-                 options: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        patterns: Optional[Iterable[str]] = None,
+        inner: str = "inductor",
+        dump_dir: Optional[str] = None,
+        mode: Optional[str] = None,
+        options: Optional[dict[str, Any]] = None,
+    ) -> None:
         names = list(DEFAULT) if patterns is None else list(patterns)
         unknown = [n for n in names if n not in PATTERNS]
         if unknown:
@@ -47,16 +53,23 @@ class FoakBackend:
             torch._inductor.list_mode_options(mode)  # raises for an unknown mode
         bad = sorted(set(options) - set(torch._inductor.list_options())) if options else []
         if bad:
-            raise ValueError(f"unknown inductor option(s) {bad} (foak's own take the prefix 'foak.': "
-                             f"{['foak.' + k for k in FOAK_OPTIONS]})")
+            raise ValueError(
+                f"unknown inductor option(s) {bad} (foak's own take the prefix 'foak.': "
+                f"{['foak.' + k for k in FOAK_OPTIONS]})"
+            )
         names = sorted(dict.fromkeys(names), key=list(PATTERNS).index)  # patterns run in their fixed order
         self.pattern_names: list[str] = names
         self.inner, self.dump_dir, self.mode = inner, dump_dir, mode
         self.options: dict[str, Any] = options
         self.reports: list[GraphReport] = []
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
-                 options: Optional[dict[str, Any]] = None) -> CompiledFn:
+    def __call__(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: Sequence[Any],
+        mode: Optional[str] = None,
+        options: Optional[dict[str, Any]] = None,
+    ) -> CompiledFn:
         """torch.compile(..., backend=..., mode=..., options=...) passes its mode and options here."""
         be = self if mode is None and not options else self.with_options(mode, options)
         return be._compile(gm, example_inputs)
@@ -73,9 +86,13 @@ class FoakBackend:
                 ours[key[5:]] = value
             else:
                 inductor_options[key] = value
-        be = FoakBackend(patterns=ours.get("patterns", self.pattern_names), inner=ours.get("inner", self.inner),
-                         dump_dir=ours.get("dump_dir", self.dump_dir), mode=self.mode if mode is None else mode,
-                         options={**self.options, **inductor_options})
+        be = FoakBackend(
+            patterns=ours.get("patterns", self.pattern_names),
+            inner=ours.get("inner", self.inner),
+            dump_dir=ours.get("dump_dir", self.dump_dir),
+            mode=self.mode if mode is None else mode,
+            options={**self.options, **inductor_options},
+        )
         be.reports = self.reports
         return be
 
@@ -97,14 +114,17 @@ class FoakBackend:
         patches = {**(torch._inductor.list_mode_options(self.mode) if self.mode else {}), **self.options}
         if patches:  # e.g. "reduce-overhead": CUDA graphs take the launch cost off the host
             from torch._inductor.compile_fx import compile_fx
+
             # replayed graphs hide an opaque op's host cost: the quantised bases' dequant goes opaque (compile time)
             with config.patch(cuda_graphs=True) if patches.get("triton.cudagraphs") else contextlib.nullcontext():
                 return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(self.inner)(gm, example_inputs)
 
     def __repr__(self) -> str:
-        return (f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, "
-                f"dump_dir={self.dump_dir!r}, mode={self.mode!r}, options={self.options!r})")
+        return (
+            f"foak_compile.backend(patterns={self.pattern_names}, inner={self.inner!r}, "
+            f"dump_dir={self.dump_dir!r}, mode={self.mode!r}, options={self.options!r})"
+        )
 
 
 # Higher-order ops whose body is ordinary model code that runs as written: the same rewrites hold there.
@@ -139,27 +159,37 @@ def _trace_artifact(report: GraphReport) -> None:
         from torch._logging import trace_structured
     except ImportError:
         return
-    trace_structured("artifact", metadata_fn=lambda: {"name": "foak_report", "encoding": "json"},
-                     payload_fn=lambda: json.dumps({**report.to_json(), "text": report.to_text()}))
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "foak_report", "encoding": "json"},
+        payload_fn=lambda: json.dumps({**report.to_json(), "text": report.to_text()}),
+    )
 
 
 def _region_break_reason(reason: str) -> str:
     try:
         import transformers
+
         versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     except ImportError:
         versions = f"torch {torch.__version__}"
-    return (f"a checkpoint region (gradient checkpointing) or another higher-order op fell back to eager before "
-            f"this graph, so the layers inside it are not fused ({versions}): {reason}"
-            + ("" if side_effects_allowed() else
-               "; Dynamo's skip_fwd_side_effects_in_bwd_under_checkpoint is off (FOAK_CHECKPOINT_SIDE_EFFECTS=0,"
-               " or a torch without it)"))
+    return (
+        f"a checkpoint region (gradient checkpointing) or another higher-order op fell back to eager before "
+        f"this graph, so the layers inside it are not fused ({versions}): {reason}"
+        + (
+            ""
+            if side_effects_allowed()
+            else "; Dynamo's skip_fwd_side_effects_in_bwd_under_checkpoint is off (FOAK_CHECKPOINT_SIDE_EFFECTS=0,"
+            " or a torch without it)"
+        )
+    )
 
 
 def _graph_id() -> str:
     n = next(_graph_ids)
     try:  # Dynamo's own id (frame/attempt), so dumps line up with TORCH_LOGS output
         from torch._guards import CompileContext
+
         cid = CompileContext.current_compile_id()
         if cid is not None:
             return f"graph_{n:03d}_frame{str(cid).strip('[]').replace('/', '_')}"
@@ -168,15 +198,24 @@ def _graph_id() -> str:
     return f"graph_{n:03d}"
 
 
-def backend(patterns: Optional[Iterable[str]] = None, inner: str = "inductor", dump_dir: Optional[str] = None,
-            mode: Optional[str] = None, options: Optional[dict[str, Any]] = None) -> FoakBackend:
+def backend(
+    patterns: Optional[Iterable[str]] = None,
+    inner: str = "inductor",
+    dump_dir: Optional[str] = None,
+    mode: Optional[str] = None,
+    options: Optional[dict[str, Any]] = None,
+) -> FoakBackend:
     """A foak backend with a choice of patterns, inner compiler, dump directory, and inductor's `mode`
     ("reduce-overhead" = CUDA graphs, "max-autotune", ...) and `options` (inductor config), as torch.compile
     takes them."""
     return FoakBackend(patterns, inner, dump_dir, mode, options)
 
 
-def foak(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
-         options: Optional[dict[str, Any]] = None) -> CompiledFn:
+def foak(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: Optional[str] = None,
+    options: Optional[dict[str, Any]] = None,
+) -> CompiledFn:
     """The `backend="foak"` entry point: every default pattern, inductor with torch.compile's mode/options."""
     return FoakBackend()(gm, example_inputs, mode=mode, options=options)

@@ -10,6 +10,7 @@ run once, in the forward, and are not replayed by the recompute. Tensor results 
 set-then-reset pair like transformers' has no effect left to replay. foak turns it on when imported
 (`backend="foak"` imports it), unless config.checkpoint_side_effects is off (`FOAK_CHECKPOINT_SIDE_EFFECTS=0`).
 """
+
 import re
 from collections import Counter
 
@@ -43,6 +44,7 @@ _seen: Counter = Counter()
 def new_region_breaks() -> list:
     """Reasons of region graph breaks Dynamo recorded since the last call (each reason once)."""
     from torch._dynamo.utils import counters
+
     out = []
     for kind in ("graph_break", "unimplemented"):  # a break Dynamo recovered from / one that skipped the frame
         for key, n in list(counters[kind].items()):

@@ -17,6 +17,7 @@ foak_compile is imported).
         ...
     foak_compile.config.configure(dump_dir="dumps")     # from now on
 """
+
 import contextlib
 import dataclasses
 import os
@@ -52,7 +53,7 @@ class Config:
 
 
 def _switch(value: Optional[str]) -> Optional[bool]:
-    """"1" / "0": True / False; unset or anything else: None (automatic)."""
+    """ "1" / "0": True / False; unset or anything else: None (automatic)."""
     return {"1": True, "0": False}.get(value or "")
 
 
@@ -65,12 +66,14 @@ def _inline(value: Optional[str]) -> Inline:
 def from_env(environ: Optional[Mapping[str, str]] = None) -> Config:
     """The defaults with the FOAK_* environment variables applied (the only place they are read)."""
     env = os.environ if environ is None else environ
-    return Config(inline=_inline(env.get("FOAK_INLINE")),
-                  ttir_cache=env.get("FOAK_TTIR_CACHE", "1") != "0",
-                  opaque_dequant=_switch(env.get("FOAK_OPAQUE_DEQUANT")),
-                  lce_online=_switch(env.get("FOAK_LCE_ONLINE")),
-                  checkpoint_side_effects=env.get("FOAK_CHECKPOINT_SIDE_EFFECTS", "1") != "0",
-                  dump_dir=env.get("FOAK_DUMP_DIR") or None)
+    return Config(
+        inline=_inline(env.get("FOAK_INLINE")),
+        ttir_cache=env.get("FOAK_TTIR_CACHE", "1") != "0",
+        opaque_dequant=_switch(env.get("FOAK_OPAQUE_DEQUANT")),
+        lce_online=_switch(env.get("FOAK_LCE_ONLINE")),
+        checkpoint_side_effects=env.get("FOAK_CHECKPOINT_SIDE_EFFECTS", "1") != "0",
+        dump_dir=env.get("FOAK_DUMP_DIR") or None,
+    )
 
 
 _overrides: dict[str, Any] = {}  # fields set by configure / patch / use, over the environment's values

@@ -6,6 +6,7 @@ print the losses and what the backend rewrote.
 On a CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by scripts/demo.sh);
 on a GPU they run natively in bf16.
 """
+
 import argparse
 import time
 
@@ -17,12 +18,25 @@ import foak_compile
 def build(device, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=192, intermediate_size=520, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+
+    cfg = LlamaConfig(
+        hidden_size=192,
+        intermediate_size=520,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(device, dtype)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     return get_peft_model(model, lora)
 
 

@@ -5,6 +5,7 @@ A pattern only describes its shape (`Pattern.match`); the engine owns what is co
 of them: the rule that no intermediate may be used outside the match, the graph surgery,
 failure containment, and recording matches and near-misses in the report.
 """
+
 import logging
 import operator
 from dataclasses import dataclass
@@ -24,12 +25,12 @@ class Reject(Exception):
 
 @dataclass
 class Candidate:
-    nodes: list[Node]           # every node the replacement removes, `output` included
+    nodes: list[Node]  # every node the replacement removes, `output` included
     # whose uses the replacement takes over; a list when the fused op returns a tuple
     # (output[i]'s uses go to new[i])
     output: Union[Node, list[Node]]
     replace: Callable[[Graph], Node]  # inserts the fused call (before the first output) and returns it
-    variant: str = ""           # which syntactic variant matched, for the report
+    variant: str = ""  # which syntactic variant matched, for the report
 
     def outputs(self) -> list[Node]:
         return list(self.output) if isinstance(self.output, list) else [self.output]
@@ -37,6 +38,7 @@ class Candidate:
 
 class Pattern:
     """One fusion: `seeds` proposes anchors, `match` checks one and builds its Candidate."""
+
     name: str = ""
     # appended to the near-miss when an intermediate is blocked by being a graph output: how to get the fusion
     graph_output_hint: str = ""
@@ -58,16 +60,21 @@ def outside_users(nodes: list[Node], outputs: list[Node]) -> Optional[str]:
             continue
         outside = [u for u in n.users if u not in inside]
         if outside:
-            return (f"intermediate `{n.name}` has {len(n.users)} users "
-                    f"({len(outside)} outside the pattern: {', '.join(u.name for u in outside)})")
+            return (
+                f"intermediate `{n.name}` has {len(n.users)} users "
+                f"({len(outside)} outside the pattern: {', '.join(u.name for u in outside)})"
+            )
     return None
 
 
 def _outside_users(cand: Candidate, pattern: Pattern) -> Optional[str]:
     reason = outside_users(cand.nodes, cand.outputs())
     outs = set(cand.outputs())
-    if reason and pattern.graph_output_hint and any(
-            u.op == "output" for n in cand.nodes if n not in outs for u in n.users):
+    if (
+        reason
+        and pattern.graph_output_hint
+        and any(u.op == "output" for n in cand.nodes if n not in outs for u in n.users)
+    ):
         reason += f"; {pattern.graph_output_hint}"
     return reason
 
@@ -177,8 +184,9 @@ def run_patterns(gm: GraphModule, patterns: Iterable[Pattern], report: GraphRepo
                 continue
             reason = _outside_users(cand, pattern) or _span_problem(cand, order)
             if reason:
-                report.near_misses.append(NearMiss(pattern.name, reason, nodes=[n.name for n in cand.nodes],
-                                                  **_where(cand.nodes[0])))
+                report.near_misses.append(
+                    NearMiss(pattern.name, reason, nodes=[n.name for n in cand.nodes], **_where(cand.nodes[0]))
+                )
                 continue
             where, names = _where(cand.nodes[0]), [n.name for n in cand.nodes]
             try:
@@ -188,7 +196,6 @@ def run_patterns(gm: GraphModule, patterns: Iterable[Pattern], report: GraphRepo
                 report.near_misses.append(NearMiss(pattern.name, f"rewrite failed: {err!r}", nodes=names, **where))
                 continue
             removed.update(cand.nodes)
-            report.matches.append(Match(pattern.name, variant=cand.variant, nodes=names,
-                                        replacement=new.name, **where))
+            report.matches.append(Match(pattern.name, variant=cand.variant, nodes=names, replacement=new.name, **where))
     gm.graph.lint()
     gm.recompile()

@@ -10,6 +10,7 @@ The replica keeps the architecture's module structure and config flags (rope sca
 tied embeddings, q/k norms, layer types) and shrinks every size, so its counts per layer are what each
 layer of the real model gets. The fused ops run in the Triton interpreter on CPU tensors.
 """
+
 import argparse
 import contextlib
 import difflib
@@ -31,8 +32,10 @@ LORA_CHOICES = ("all", "attn", "mlp", "none")
 QUANT_CHOICES = ("none", "nf4", "gptq")
 LORA_R, LORA_ALPHA = 8, 16
 BATCH, SEQ = 2, 16
-NOTE = ("counts from a tiny random-weight replica on the CPU ({tiny}; kept: {kept}); each of the {real} has "
-        "the same structure and gets the per-layer counts")
+NOTE = (
+    "counts from a tiny random-weight replica on the CPU ({tiny}; kept: {kept}); each of the {real} has "
+    "the same structure and gets the per-layer counts"
+)
 
 
 class ExplainError(Exception):
@@ -42,18 +45,21 @@ class ExplainError(Exception):
 @dataclass
 class Tiny:
     """The replica's config and what was done to get it."""
+
     config: Any
-    source: str                  # "model type", "config.json", "directory"
+    source: str  # "model type", "config.json", "directory"
     real_layers: int
     sizes: dict[str, Any] = field(default_factory=dict)
 
 
 # --- the config ------------------------------------------------------------------------------------
 
+
 def resolve_config(spec: str, trust_remote_code: bool = False):
     """(config, how it was found) for a model directory, a config.json path, or a model type."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     kw = {"trust_remote_code": trust_remote_code}
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
@@ -67,8 +73,10 @@ def resolve_config(spec: str, trust_remote_code: bool = False):
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     if "/" in spec:  # a hub id: nothing is downloaded here
         hint += "; hub ids are not fetched: download the model's config.json and pass its path"
-    raise ExplainError(f"unknown model type {spec!r}: not a local directory, not a config.json, and not a "
-                       f"transformers model type{hint}")
+    raise ExplainError(
+        f"unknown model type {spec!r}: not a local directory, not a config.json, and not a "
+        f"transformers model type{hint}"
+    )
 
 
 def _quant_from_config(cfg) -> Optional[str]:
@@ -148,12 +156,22 @@ def tiny_config(cfg, source: str, quant: str) -> Tiny:
     for k, v in d.items():  # expert / shared-expert sizes: one hidden width each
         if k.endswith("intermediate_size") and isinstance(v, int):
             sizes[k] = 2 * hidden if k == "intermediate_size" else hidden
-    for k, cap in (("num_local_experts", 4), ("num_experts", 4), ("n_routed_experts", 4),
-                   ("num_experts_per_tok", 2), ("n_group", 1), ("topk_group", 1), ("first_k_dense_replace", 1)):
+    for k, cap in (
+        ("num_local_experts", 4),
+        ("num_experts", 4),
+        ("n_routed_experts", 4),
+        ("num_experts_per_tok", 2),
+        ("n_group", 1),
+        ("topk_group", 1),
+        ("first_k_dense_replace", 1),
+    ):
         if isinstance(d.get(k), int):
             sizes[k] = min(d[k], cap)
-    if "rope_parameters" not in d and "rope_scaling" not in d and isinstance(d.get(key("max_position_embeddings")),
-                                                                            int):
+    if (
+        "rope_parameters" not in d
+        and "rope_scaling" not in d
+        and isinstance(d.get(key("max_position_embeddings")), int)
+    ):
         sizes["max_position_embeddings"] = min(d[key("max_position_embeddings")], 1024)  # learned positions
     for name, v in sizes.items():
         if key(name):
@@ -184,8 +202,11 @@ def kept(cfg) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if rope_types:
         out["rope"] = "/".join(sorted(rope_types))
-    act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) \
+    act = (
+        getattr(cfg, "hidden_act", None)
+        or getattr(cfg, "hidden_activation", None)
         or getattr(cfg, "activation_function", None)
+    )
     if act:
         out["activation"] = act
     if getattr(cfg, "tie_word_embeddings", False):
@@ -200,15 +221,18 @@ def kept(cfg) -> dict[str, Any]:
 
 # --- the model -------------------------------------------------------------------------------------
 
+
 def build_model(cfg, dtype: torch.dtype, quant: str, lora: str, dropout: float, seed: int = 0):
     """(model, LoRA targets) at `dtype`, its Linear layers quantised as asked, peft LoRA on top."""
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_config(cfg)
     except ValueError as err:
-        raise ExplainError(f"{cfg.model_type} has no causal-LM class in transformers "
-                           f"(foak targets decoder LLM fine-tuning): {err}") from err
+        raise ExplainError(
+            f"{cfg.model_type} has no causal-LM class in transformers (foak targets decoder LLM fine-tuning): {err}"
+        ) from err
     model = model.to(dtype)
     targets = lora_targets(model, lora)
     if quant == "nf4":
@@ -217,8 +241,13 @@ def build_model(cfg, dtype: torch.dtype, quant: str, lora: str, dropout: float, 
         model = _to_gptq(model, cfg.vocab_size)
     if targets:
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+            ),
+        )
     model.train()  # fine-tuning: dropout (if any) and gradients as in training
     return model, targets
 
@@ -268,10 +297,17 @@ def _to_nf4(model: nn.Module, dtype: torch.dtype) -> None:
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear and child is not head:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, module=q)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True, module=q
+                )
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
                 setattr(mod, name, q.to("cpu"))  # .to() quantises
@@ -289,10 +325,20 @@ def _to_gptq(model: nn.Module, vocab: int) -> nn.Module:
     except ImportError as err:
         raise ExplainError(f"--quant gptq needs gptqmodel and optimum (bash scripts/install_gptq.sh): {err}") from err
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, vocab, (1, 32), generator=g).tolist(), "attention_mask": [[1] * 32]}
-            for _ in range(4)]
-    q = GPTQQuantizer(bits=4, dataset=data, group_size=32, desc_act=True, sym=True, act_group_aware=False,
-                      backend="torch", model_seqlen=32)
+    data = [
+        {"input_ids": torch.randint(0, vocab, (1, 32), generator=g).tolist(), "attention_mask": [[1] * 32]}
+        for _ in range(4)
+    ]
+    q = GPTQQuantizer(
+        bits=4,
+        dataset=data,
+        group_size=32,
+        desc_act=True,
+        sym=True,
+        act_group_aware=False,
+        backend="torch",
+        model_seqlen=32,
+    )
     with contextlib.redirect_stdout(sys.stderr):
         model = q.quantize_model(model)
     for mod in model.modules():  # buffers as a loaded checkpoint holds them, not inference tensors
@@ -303,6 +349,7 @@ def _to_gptq(model: nn.Module, vocab: int) -> nn.Module:
 
 
 # --- compile, run, attribute -----------------------------------------------------------------------
+
 
 def _layer_regexes(container: str) -> tuple[Optional[re.Pattern], Optional[re.Pattern]]:
     """(module path, placeholder name) patterns that name a decoder layer: "model.layers.0.mlp",
@@ -349,8 +396,10 @@ def _new_node_layers(gm: torch.fx.GraphModule, original: set[str], known: dict[s
         if inputs:
             layers = [known[a.name] for a in inputs if a.name in known]
             return Counter(layers).most_common(1)[0][0] if layers else None
-        return next((layer for a in node.all_input_nodes if depth < 4
-                     for layer in [find(a, depth + 1)] if layer is not None), None)
+        return next(
+            (layer for a in node.all_input_nodes if depth < 4 for layer in [find(a, depth + 1)] if layer is not None),
+            None,
+        )
 
     for sub in _graphs(gm):
         for node in sub.graph.nodes:
@@ -414,26 +463,62 @@ def summarize(reports, layers_of: dict[str, dict[str, int]], rx, n_layers: int) 
     graphs, all_matches, all_misses = [], [], []
     for r in reports:
         names = layers_of.get(r.graph_id, {})
-        matches = [{"pattern": m.pattern, "variant": m.variant, "source": m.source, "module": m.module,
-                    "layer": _layer_of(m, names, rx)} for m in r.matches]
-        misses = [{"pattern": m.pattern, "reason": m.reason, "source": m.source, "module": m.module,
-                   "layer": _layer_of(m, names, rx), "graph_id": r.graph_id} for m in r.near_misses]
+        matches = [
+            {
+                "pattern": m.pattern,
+                "variant": m.variant,
+                "source": m.source,
+                "module": m.module,
+                "layer": _layer_of(m, names, rx),
+            }
+            for m in r.matches
+        ]
+        misses = [
+            {
+                "pattern": m.pattern,
+                "reason": m.reason,
+                "source": m.source,
+                "module": m.module,
+                "layer": _layer_of(m, names, rx),
+                "graph_id": r.graph_id,
+            }
+            for m in r.near_misses
+        ]
         found = [(m["pattern"], m["layer"]) for m in matches]
-        graphs.append({"graph_id": r.graph_id, "summary": r.summary(), "counts": r.counts(),
-                       **_split(found, n_layers), "matches": matches, "near_misses": misses})
+        graphs.append(
+            {
+                "graph_id": r.graph_id,
+                "summary": r.summary(),
+                "counts": r.counts(),
+                **_split(found, n_layers),
+                "matches": matches,
+                "near_misses": misses,
+            }
+        )
         all_matches += found
         all_misses += misses
-    return {"graphs": graphs, **_split(all_matches, n_layers), "totals": dict(Counter(p for p, _ in all_matches)),
-            "near_misses": all_misses}
+    return {
+        "graphs": graphs,
+        **_split(all_matches, n_layers),
+        "totals": dict(Counter(p for p, _ in all_matches)),
+        "near_misses": all_misses,
+    }
 
 
 # --- the report ------------------------------------------------------------------------------------
 
+
 def _headline(res: dict[str, Any]) -> str:
     lora = res["lora"]
-    setup = [f"{res['model_type']} ({res['architecture']})", f"{res['tiny']['num_hidden_layers']} tiny layers",
-             f"LoRA r={lora['r']}" + (f" (dropout {lora['dropout']:g})" if lora["dropout"] else "")
-             + f" on {len(lora['targets'])} projection{'s' * (len(lora['targets']) != 1)}" if lora else "no LoRA"]
+    setup = [
+        f"{res['model_type']} ({res['architecture']})",
+        f"{res['tiny']['num_hidden_layers']} tiny layers",
+        f"LoRA r={lora['r']}"
+        + (f" (dropout {lora['dropout']:g})" if lora["dropout"] else "")
+        + f" on {len(lora['targets'])} projection{'s' * (len(lora['targets']) != 1)}"
+        if lora
+        else "no LoRA",
+    ]
     if res["quant"] != "none":
         setup.append({"nf4": "NF4 base (bitsandbytes)", "gptq": "GPTQ 4-bit base"}[res["quant"]])
     setup.append(res["dtype"] + (", loss-only" if res["loss_only"] else ""))
@@ -454,7 +539,9 @@ def _miss_lines(misses: list[dict[str, Any]]) -> list[str]:
     for (pattern, source, _), ms in groups.items():
         layers = sorted({m["layer"] for m in ms if m["layer"] is not None})
         where = "whole model" if not layers else "layer" + "s" * (len(layers) > 1) + " " + ", ".join(map(str, layers))
-        out.append(f"    NEAR-MISS {pattern}" + (f" ×{len(ms)}" if len(ms) > 1 else "") + f" ({where}): {ms[0]['reason']}")
+        out.append(
+            f"    NEAR-MISS {pattern}" + (f" ×{len(ms)}" if len(ms) > 1 else "") + f" ({where}): {ms[0]['reason']}"
+        )
         if source:
             out.append(f"        at {source}")
         if ms[0]["module"]:
@@ -483,14 +570,25 @@ def to_text(res: dict[str, Any]) -> str:
 
 # --- entry points ----------------------------------------------------------------------------------
 
-def explain(model: str, lora: str = "all", quant: Optional[str] = None, dtype: str = "fp32",
-            lora_dropout: float = 0.0, loss_only: bool = False, inner: str = "eager",
-            trust_remote_code: bool = False) -> dict[str, Any]:
+
+def explain(
+    model: str,
+    lora: str = "all",
+    quant: Optional[str] = None,
+    dtype: str = "fp32",
+    lora_dropout: float = 0.0,
+    loss_only: bool = False,
+    inner: str = "eager",
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """What the foak backend fuses in a tiny replica of `model`; the dict `--json` prints."""
     from .kernels.common import INTERPRET
+
     if not INTERPRET:
-        raise ExplainError("explain runs the fused ops on CPU tensors in the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 before foak_compile is imported (python -m foak_compile does)")
+        raise ExplainError(
+            "explain runs the fused ops on CPU tensors in the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before foak_compile is imported (python -m foak_compile does)"
+        )
     cfg, source = resolve_config(model, trust_remote_code)
     quant = quant or _quant_from_config(cfg.get_text_config(decoder=True)) or _quant_from_config(cfg) or "none"
     tiny = tiny_config(cfg, source, quant)
@@ -498,38 +596,70 @@ def explain(model: str, lora: str = "all", quant: Optional[str] = None, dtype: s
     container, n_layers = decoder_layers(built)
     reports, layers_of, rx = compile_and_step(built, loss_only, inner, tiny.config.vocab_size, container)
     res: dict[str, Any] = {
-        "summary": "", "note": "", "model": model, "source": tiny.source, "model_type": tiny.config.model_type,
+        "summary": "",
+        "note": "",
+        "model": model,
+        "source": tiny.source,
+        "model_type": tiny.config.model_type,
         "architecture": type(built.get_base_model() if hasattr(built, "get_base_model") else built).__name__,
-        "real_layers": tiny.real_layers, "tiny": tiny.sizes, "dtype": dtype, "quant": quant,
+        "real_layers": tiny.real_layers,
+        "tiny": tiny.sizes,
+        "dtype": dtype,
+        "quant": quant,
         "lora": {"targets": targets, "r": LORA_R, "alpha": LORA_ALPHA, "dropout": lora_dropout} if targets else None,
-        "loss_only": loss_only, "decoder_layers": container,
-        **summarize(reports, layers_of, rx, n_layers)}
+        "loss_only": loss_only,
+        "decoder_layers": container,
+        **summarize(reports, layers_of, rx, n_layers),
+    }
     t = tiny.sizes
-    desc = (f"{t['num_hidden_layers']} layers, hidden {t['hidden_size']}, {t['num_attention_heads']} heads"
-            + (f" / {t['num_key_value_heads']} kv" if "num_key_value_heads" in t else "") + f", vocab {t['vocab_size']}")
-    real = f"{tiny.real_layers} layers of " + (f"transformers' default {model} config" if source == "model type"
-                                               else "the real model")
+    desc = (
+        f"{t['num_hidden_layers']} layers, hidden {t['hidden_size']}, {t['num_attention_heads']} heads"
+        + (f" / {t['num_key_value_heads']} kv" if "num_key_value_heads" in t else "")
+        + f", vocab {t['vocab_size']}"
+    )
+    real = f"{tiny.real_layers} layers of " + (
+        f"transformers' default {model} config" if source == "model type" else "the real model"
+    )
     res["kept"] = kept(tiny.config)
-    res["note"] = NOTE.format(tiny=desc, kept=", ".join(k if v is True else f"{k} {v}" for k, v in res["kept"].items()) or "-",
-                              real=real)
+    res["note"] = NOTE.format(
+        tiny=desc, kept=", ".join(k if v is True else f"{k} {v}" for k, v in res["kept"].items()) or "-", real=real
+    )
     res["summary"] = _headline(res)
     return res
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a model directory (with config.json), a config.json, or a transformers "
-                                 "model type (llama, qwen3, mistral, gemma2, phi3, ...)")
-    p.add_argument("--lora", choices=LORA_CHOICES, default="all",
-                   help="LoRA (r=8) on every Linear of a decoder layer, attention only, MLP only, or none (all)")
+    p.add_argument(
+        "model",
+        help="a model directory (with config.json), a config.json, or a transformers "
+        "model type (llama, qwen3, mistral, gemma2, phi3, ...)",
+    )
+    p.add_argument(
+        "--lora",
+        choices=LORA_CHOICES,
+        default="all",
+        help="LoRA (r=8) on every Linear of a decoder layer, attention only, MLP only, or none (all)",
+    )
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (0)")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
-                   help="base weights: dense, bitsandbytes NF4 or GPTQ 4-bit (default: the config's "
-                        "quantization_config, else none)")
+    p.add_argument(
+        "--quant",
+        choices=QUANT_CHOICES,
+        default=None,
+        help="base weights: dense, bitsandbytes NF4 or GPTQ 4-bit (default: the config's "
+        "quantization_config, else none)",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (fp32)")
-    p.add_argument("--loss-only", action="store_true",
-                   help="compile `model(**batch).loss` instead of the model, so lm_head + loss can fuse")
-    p.add_argument("--inner", choices=("eager", "aot_eager"), default="eager",
-                   help="what runs the rewritten graph (eager; aot_eager also traces the ops' backward)")
+    p.add_argument(
+        "--loss-only",
+        action="store_true",
+        help="compile `model(**batch).loss` instead of the model, so lm_head + loss can fuse",
+    )
+    p.add_argument(
+        "--inner",
+        choices=("eager", "aot_eager"),
+        default="eager",
+        help="what runs the rewritten graph (eager; aot_eager also traces the ops' backward)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow a directory's custom config code")
     p.add_argument("--json", action="store_true", help="print a machine-readable dict instead of text")
 
@@ -537,9 +667,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # libraries' banners (gptqmodel's, via peft) stay off stdout
-            res = explain(args.model, lora=args.lora, quant=args.quant, dtype=args.dtype,
-                          lora_dropout=args.lora_dropout, loss_only=args.loss_only, inner=args.inner,
-                          trust_remote_code=args.trust_remote_code)
+            res = explain(
+                args.model,
+                lora=args.lora,
+                quant=args.quant,
+                dtype=args.dtype,
+                lora_dropout=args.lora_dropout,
+                loss_only=args.loss_only,
+                inner=args.inner,
+                trust_remote_code=args.trust_remote_code,
+            )
     except ExplainError as err:
         print(f"foak explain: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ column filter (`ValueError: No columns in the dataset match the model's forward 
 `nn.Module.compile` keeps the model object, so Trainer, peft, accelerate's wrapping and saving see the
 model they expect while every call goes through the compiled graph.
 """
+
 import inspect
 import logging
 import os
@@ -28,12 +29,21 @@ from .report import total_counts
 
 log = logging.getLogger("foak_compile")
 
-__all__ = ["compile_for_trainer", "enable_gradient_checkpointing", "prepare_gradient_checkpointing",  # noqa: F822
-           "FoakCallback"]
+__all__ = [
+    "compile_for_trainer",
+    "enable_gradient_checkpointing",
+    "prepare_gradient_checkpointing",  # noqa: F822
+    "FoakCallback",  # noqa: F822  (module __getattr__: transformers loads on first use)
+]
 
 
-def compile_for_trainer(model: torch.nn.Module, backend: Optional[FoakBackend] = None,
-                        dynamic: Optional[bool] = None, loss_only: bool = False, **backend_kw: Any) -> torch.nn.Module:
+def compile_for_trainer(
+    model: torch.nn.Module,
+    backend: Optional[FoakBackend] = None,
+    dynamic: Optional[bool] = None,
+    loss_only: bool = False,
+    **backend_kw: Any,
+) -> torch.nn.Module:
     """Compile `model` in place with the foak backend and return it, ready for Trainer / SFTTrainer.
 
     `backend`: a configured `foak_compile.backend(...)`; otherwise one is built from `backend_kw`
@@ -47,8 +57,10 @@ def compile_for_trainer(model: torch.nn.Module, backend: Optional[FoakBackend] =
     reads the logits while training (TRL's SFTTrainer token accuracy, distillation losses).
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise TypeError("compile_for_trainer takes the model itself, not a torch.compile wrapper: pass "
-                        "`wrapper._orig_mod` (Trainer cannot read a wrapper's forward signature)")
+        raise TypeError(
+            "compile_for_trainer takes the model itself, not a torch.compile wrapper: pass "
+            "`wrapper._orig_mod` (Trainer cannot read a wrapper's forward signature)"
+        )
     be = backend if backend is not None else make_backend(**backend_kw)
     if loss_only and not getattr(model.forward, "_foak_loss_only", False):
         model.forward = _loss_only(model, model.forward)
@@ -60,11 +72,13 @@ def _loss_only(model: torch.nn.Module, forward: Callable[..., Any]) -> Callable[
     """`forward` as a method of `model` that leaves the logits out of a training-mode output carrying
     a loss. Bound, not a closure over `model`: a deep copy (TRL's reference model, an EMA copy) gets
     its own (copy.deepcopy rebinds methods)."""
+
     def loss_only_forward(self, *args, **kwargs):
         out = self._foak_full_forward(*args, **kwargs)
         if self.training and getattr(out, "loss", None) is not None and getattr(out, "logits", None) is not None:
             return type(out)(**{k: v for k, v in out.items() if k != "logits"})
         return out
+
     sig = inspect.signature(forward)  # Trainer reads it to pick dataset columns
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     loss_only_forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
@@ -184,19 +198,20 @@ def _make_callback() -> type:
             if model is not None and prepare_gradient_checkpointing(model):
                 log.info("foak: gradient checkpointing prepared for compilation")
             if getattr(args, "torch_compile", False):
-                log.warning("foak: TrainingArguments.torch_compile is on; compile_for_trainer already compiled "
-                            "the model, leave it off")
+                log.warning(
+                    "foak: TrainingArguments.torch_compile is on; compile_for_trainer already compiled "
+                    "the model, leave it off"
+                )
             self._first = len(all_reports())
 
         def _collect(self):
-            self.reports = all_reports()[self._first:]
+            self.reports = all_reports()[self._first :]
             self.counts = total_counts(self.reports)
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 1:
                 self._collect()
-                log.log(self.log_level, "foak: matched %s in %d graph(s)", self.counts or "nothing",
-                        len(self.reports))
+                log.log(self.log_level, "foak: matched %s in %d graph(s)", self.counts or "nothing", len(self.reports))
 
         def on_train_end(self, args, state, control, **kw):
             self._collect()

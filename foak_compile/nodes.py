@@ -4,6 +4,7 @@ Dynamo records `x * y` as operator.mul, `torch.mul(x, y)` as torch.mul and `x.mu
 call_method; `.float()`, `.to(torch.float32)` and `.type_as(t)` are all casts. `canon` folds
 these spellings into one `Op(kind, args, kwargs)` so patterns are written once.
 """
+
 import functools
 import inspect
 import operator
@@ -16,30 +17,61 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _FUNCTIONS = {
-    operator.mul: "mul", torch.mul: "mul",
-    operator.add: "add", torch.add: "add",
-    operator.sub: "sub", torch.sub: "sub",
-    operator.truediv: "div", torch.div: "div",
-    operator.pow: "pow", torch.pow: "pow",
-    operator.neg: "neg", torch.neg: "neg",
-    torch.rsqrt: "rsqrt", torch.sqrt: "sqrt", torch.reciprocal: "reciprocal",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.add: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    operator.truediv: "div",
+    torch.div: "div",
+    operator.pow: "pow",
+    torch.pow: "pow",
+    operator.neg: "neg",
+    torch.neg: "neg",
+    torch.rsqrt: "rsqrt",
+    torch.sqrt: "sqrt",
+    torch.reciprocal: "reciprocal",
     torch.mean: "mean",
-    F.rms_norm: "rms_norm", F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+    F.rms_norm: "rms_norm",
+    F.layer_norm: "layer_norm",
+    torch.layer_norm: "layer_norm",
     # data movement (rotary embeddings' rotate_half)
-    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat", torch.stack: "stack",
-    torch.unsqueeze: "unsqueeze", operator.getitem: "getitem",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    torch.concatenate: "cat",
+    torch.stack: "stack",
+    torch.unsqueeze: "unsqueeze",
+    operator.getitem: "getitem",
 }
 if hasattr(torch, "rms_norm"):
     _FUNCTIONS[torch.rms_norm] = "rms_norm"
 
-_METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "div", "pow": "pow", "neg": "neg",
-            "rsqrt": "rsqrt", "sqrt": "sqrt", "reciprocal": "reciprocal", "mean": "mean",
-            "unsqueeze": "unsqueeze"}
+_METHODS = {
+    "mul": "mul",
+    "add": "add",
+    "sub": "sub",
+    "div": "div",
+    "pow": "pow",
+    "neg": "neg",
+    "rsqrt": "rsqrt",
+    "sqrt": "sqrt",
+    "reciprocal": "reciprocal",
+    "mean": "mean",
+    "unsqueeze": "unsqueeze",
+}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
 # Losses and the lm_head (patterns/cross_entropy.py).
-_FUNCTIONS.update({F.linear: "linear", F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss",
-                   F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax"})
+_FUNCTIONS.update(
+    {
+        F.linear: "linear",
+        F.cross_entropy: "cross_entropy",
+        F.nll_loss: "nll_loss",
+        F.log_softmax: "log_softmax",
+        torch.log_softmax: "log_softmax",
+    }
+)
 _METHODS.update({"log_softmax": "log_softmax"})
 
 # LoRA's input dropout (patterns/lora.py); args (input, p, training) in both spellings.
@@ -75,8 +107,11 @@ def item_float(node: Any) -> Optional[torch.SymFloat]:
     return v if isinstance(v, torch.SymFloat) and v.node.has_hint() else None
 
 
-_MODE_SWITCHES = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
-                  torch.amp.autocast_mode._exit_autocast}
+_MODE_SWITCHES = {
+    torch._C._set_grad_enabled,
+    torch.amp.autocast_mode._enter_autocast,
+    torch.amp.autocast_mode._exit_autocast,
+}
 
 
 def is_mode_switch(n: Node) -> bool:
@@ -115,8 +150,23 @@ def is_kind(node: Any, kind: str) -> bool:
     return op is not None and op.kind == kind
 
 
-_IN_PLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
-                       "ixor", "ilshift", "irshift", "setitem", "delitem"}
+_IN_PLACE_FUNCTIONS = {
+    "iadd",
+    "isub",
+    "imul",
+    "itruediv",
+    "ifloordiv",
+    "imod",
+    "ipow",
+    "imatmul",
+    "iand",
+    "ior",
+    "ixor",
+    "ilshift",
+    "irshift",
+    "setitem",
+    "delitem",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,7 +216,7 @@ def source_of(node: Node) -> str:
         if ln.startswith("File "):
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             try:
-                path, rest = ln[len('File "'):].split('", line ', 1)
+                path, rest = ln[len('File "') :].split('", line ', 1)
                 lineno, fn = rest.split(", in ", 1)
             except ValueError:
                 return ln
@@ -189,6 +239,7 @@ def module_of(node: Node) -> str:
 def _strip_dynamo_prefix(path: str) -> str:
     # "L['args'][0].model.layers.0" / "L['self'].model.norm" -> "model.layers.0" / "model.norm"
     import re
+
     path = re.sub(r"^[LG]\['[^']*'\](\[\d+\])?\.?", "", path)
     # attribute access Dynamo spells out on wrapper modules (peft): "__dict__['_modules']['base_model']"
     path = re.sub(r"\.?(__dict__\['_modules'\]|_modules)\['([^']*)'\]", r".\2", path)
@@ -196,6 +247,7 @@ def _strip_dynamo_prefix(path: str) -> str:
 
 
 # --- small facts the patterns share ---------------------------------------------------------------
+
 
 def sole_user(n: Node) -> Optional[Node]:
     """n's one user, or None when it has none or several."""

@@ -4,6 +4,7 @@ Reports are kept in-process (`foak_compile.reports()`) and, with a dump director
 (`dump_dir=` or config.dump_dir, FOAK_DUMP_DIR), written as DIR/<graph id>/{report.json, report.txt,
 before.py, after.py}.
 """
+
 import json
 import os
 from collections import Counter
@@ -48,12 +49,16 @@ class GraphReport:
     def summary(self) -> str:
         def fmt(c: dict[str, int]) -> str:
             return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
+
         return f"foak: graph {self.graph_id}: matched {fmt(self.counts())}; near-misses {fmt(self.near_miss_counts())}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"graph_id": self.graph_id, "counts": self.counts(),
-                "matches": [asdict(m) for m in self.matches],
-                "near_misses": [asdict(m) for m in self.near_misses]}
+        return {
+            "graph_id": self.graph_id,
+            "counts": self.counts(),
+            "matches": [asdict(m) for m in self.matches],
+            "near_misses": [asdict(m) for m in self.near_misses],
+        }
 
     def to_text(self) -> str:
         out = [self.summary(), ""]
@@ -71,8 +76,11 @@ class GraphReport:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "report.json"), "w") as f:
             json.dump(self.to_json(), f, indent=1)
-        for name, text in (("report.txt", self.to_text()), ("before.py", self.code_before),
-                           ("after.py", self.code_after)):
+        for name, text in (
+            ("report.txt", self.to_text()),
+            ("before.py", self.code_before),
+            ("after.py", self.code_after),
+        ):
             with open(os.path.join(path, name), "w") as f:
                 f.write(text)
         self.dump_path = path
@@ -98,6 +106,6 @@ def reset_reports() -> None:
 def total_counts(rs: Optional[list[GraphReport]] = None) -> dict[str, int]:
     """Matches per pattern over `rs` (default: every report of this process)."""
     c: Counter[str] = Counter()
-    for r in (reports() if rs is None else rs):
+    for r in reports() if rs is None else rs:
         c.update(r.counts())
     return dict(c)

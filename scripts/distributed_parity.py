@@ -27,6 +27,7 @@ embeddings are sharded. "shard" shards them too: training is still right, but Dy
 bitsandbytes re-wrapping the gathered weight (graph break "Failed to mutate tensor data attribute" in
 Params4bit.__new__), so the graph falls apart and the 4-bit LoRA layers are not fused.
 """
+
 import argparse
 import json
 import os
@@ -48,15 +49,37 @@ if ROOT not in sys.path:  # run as a file from anywhere: import foak_compile fro
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = {
     # CPU CI: odd, tiny sizes
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=131),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=131,
+    ),
     # GPU parity: small enough to build quickly, big enough for real kernels and several FSDP units
-    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=64, vocab_size=32000),
+    "small": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=32000,
+    ),
     # Llama-3.2-1B shape (use --layers to cut depth)
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-               rope_theta=500000.0),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -73,20 +96,28 @@ def parse(argv=None):
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--nf4-fsdp", choices=["replicate", "shard"], default="replicate")
-    p.add_argument("--ddp-compile", choices=["inner", "outer"], default="inner",
-                   help="inner: model.compile() then DDP(model) (what Trainer does); outer: torch.compile(DDP(model)), "
-                        "Dynamo's DDPOptimizer then splits the graph at gradient-bucket boundaries")
+    p.add_argument(
+        "--ddp-compile",
+        choices=["inner", "outer"],
+        default="inner",
+        help="inner: model.compile() then DDP(model) (what Trainer does); outer: torch.compile(DDP(model)), "
+        "Dynamo's DDPOptimizer then splits the graph at gradient-bucket boundaries",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, every layer")
     p.add_argument("--out", required=True, help="JSON written by rank 0")
     # driver
     p.add_argument("--all", action="store_true", help="single, then torchrun ddp and fsdp2 for each base, compared")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--bases", default=None, help="--all: comma list (default: bf16,nf4 on CUDA, fp32 on CPU)")
-    p.add_argument("--modes", default="ddp,fsdp2",
-                   help="--all: distributed runs to compare: ddp, ddp_outer (torch.compile(DDP(model))), fsdp2")
+    p.add_argument(
+        "--modes",
+        default="ddp,fsdp2",
+        help="--all: distributed runs to compare: ddp, ddp_outer (torch.compile(DDP(model))), fsdp2",
+    )
     p.add_argument("--rtol", type=float, default=None, help="--all, loss curve: default 1e-4 fp32, 1e-2 bf16/nf4")
-    p.add_argument("--grad-rtol", type=float, default=None,
-                   help="--all, gradient norms: default 1e-3 fp32, 5e-2 bf16/nf4")
+    p.add_argument(
+        "--grad-rtol", type=float, default=None, help="--all, gradient norms: default 1e-3 fp32, 5e-2 bf16/nf4"
+    )
     p.add_argument("--timeout", type=int, default=1200, help="--all: seconds per launched run")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -101,16 +132,29 @@ def parse(argv=None):
 
 # --- model ---------------------------------------------------------------------------------------
 
+
 def to_nf4(model, compute_dtype, device):
     """Every nn.Linear except lm_head → bitsandbytes Linear4bit (NF4, double quant), quantised on `device`."""
     import bitsandbytes as bnb
+
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.to(compute_dtype), requires_grad=False,
-                                             quant_type="nf4", compress_statistics=True, module=q)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.to(compute_dtype),
+                    requires_grad=False,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                    module=q,
+                )
                 setattr(mod, name, q.to(device))  # .to() quantises, identically on every rank
     model.is_loaded_in_4bit = True  # peft then wraps the 4-bit layers with lora.bnb.Linear4bit
     return model
@@ -119,6 +163,7 @@ def to_nf4(model, compute_dtype, device):
 def build(a, device):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = dict(PRESETS[a.preset], max_position_embeddings=max(256, a.seq))
     if a.layers:
         cfg["num_hidden_layers"] = a.layers
@@ -143,6 +188,7 @@ def build(a, device):
                 p.normal_(0, 0.02)
     if a.gradient_checkpointing:
         from foak_compile.integrations import enable_gradient_checkpointing
+
         enable_gradient_checkpointing(model)
     model.train()
     return model
@@ -155,14 +201,16 @@ def batches(a, vocab, device, rank, world):
     for _ in range(a.steps):
         start = torch.randint(0, vocab, (a.batch, 1), generator=g)
         ids = (start + torch.arange(a.seq)) % vocab
-        yield ids[rank * rows:(rank + 1) * rows].to(device)
+        yield ids[rank * rows : (rank + 1) * rows].to(device)
 
 
 # --- one run -------------------------------------------------------------------------------------
 
+
 def run(a):
     import torch.distributed as dist
     import foak_compile
+
     distributed = a.mode != "single"
     cuda = torch.cuda.is_available()
     if distributed:
@@ -181,6 +229,7 @@ def run(a):
     wrapped = model
     if a.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         if be is not None and a.ddp_compile == "inner":
             model.compile(backend=be)  # in place, inside DDP: what Trainer does with compile_for_trainer
         wrapped = DDP(model, device_ids=[local] if cuda else None)
@@ -188,6 +237,7 @@ def run(a):
             wrapped = torch.compile(wrapped, backend=be)
     elif a.mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
+
         ignored = None
         if a.base == "nf4" and a.nf4_fsdp == "replicate":
             ignored = {p for p in model.parameters() if hasattr(p, "quant_state")}
@@ -227,18 +277,32 @@ def run(a):
             t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards are DTensors
             abs_sum += t.float().abs().sum().item()
     result = {
-        "mode": a.mode, "world": world, "base": a.base, "compile": a.compile, "inner": a.inner, "preset": a.preset,
-        "layers": model.config.num_hidden_layers, "steps": a.steps, "batch": a.batch, "seq": a.seq,
+        "mode": a.mode,
+        "world": world,
+        "base": a.base,
+        "compile": a.compile,
+        "inner": a.inner,
+        "preset": a.preset,
+        "layers": model.config.num_hidden_layers,
+        "steps": a.steps,
+        "batch": a.batch,
+        "seq": a.seq,
         "gradient_checkpointing": a.gradient_checkpointing,
-        "ddp_compile": a.ddp_compile if a.mode == "ddp" else None, "nf4_fsdp": a.nf4_fsdp if a.base == "nf4" else None,
-        "losses": losses, "grad_norms": norms, "lora_abs_sum": abs_sum, "counts": foak_compile.total_counts(),
-        "graphs": len(foak_compile.reports()), "seconds": round(time.time() - t0, 2),
+        "ddp_compile": a.ddp_compile if a.mode == "ddp" else None,
+        "nf4_fsdp": a.nf4_fsdp if a.base == "nf4" else None,
+        "losses": losses,
+        "grad_norms": norms,
+        "lora_abs_sum": abs_sum,
+        "counts": foak_compile.total_counts(),
+        "graphs": len(foak_compile.reports()),
+        "seconds": round(time.time() - t0, 2),
         "step_s": [round(x, 4) for x in step_s],
         "median_step_s": round(sorted(step_s[peak_from:])[len(step_s[peak_from:]) // 2], 4),
         # rank 0's peak allocated memory: over every step, and over the steps after warm-up
         "peak_gib": round(max(total_peak, torch.cuda.max_memory_allocated()) / 2**30, 3) if cuda else None,
         "steady_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
     }
     if distributed:  # the same patterns must have matched on every rank
         counts = [None] * world
@@ -262,6 +326,7 @@ def run(a):
 
 # --- driver --------------------------------------------------------------------------------------
 
+
 def rel_diff(xs, ys):
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(xs, ys))
 
@@ -271,8 +336,19 @@ def drive(a, argv):
     cuda = torch.cuda.is_available()
     bases = (a.bases or ("bf16,nf4" if cuda else "fp32")).split(",")
     keep = []  # pass-through options of a single run
-    skip = {"--all", "--nproc", "--bases", "--modes", "--rtol", "--grad-rtol", "--out", "--timeout", "--base", "--mode",
-            "--ddp-compile"}
+    skip = {
+        "--all",
+        "--nproc",
+        "--bases",
+        "--modes",
+        "--rtol",
+        "--grad-rtol",
+        "--out",
+        "--timeout",
+        "--base",
+        "--mode",
+        "--ddp-compile",
+    }
     it = iter(argv)
     for tok in it:
         name = tok.split("=")[0]
@@ -291,8 +367,16 @@ def drive(a, argv):
         runs = {"single": [sys.executable, script, "--mode", "single"]}
         for mode in a.modes.split(","):
             extra = ["--mode", "ddp", "--ddp-compile", "outer"] if mode == "ddp_outer" else ["--mode", mode]
-            runs[mode] = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
-                          "--master_port", str(_free_port()), script] + extra
+            runs[mode] = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(a.nproc),
+                "--master_port",
+                str(_free_port()),
+                script,
+            ] + extra
         results = {}
         for mode, cmd in runs.items():
             path = os.path.join(out_dir, f"{mode}_{base}.json")
@@ -317,26 +401,33 @@ def drive(a, argv):
                 continue
             entry["max_rel_loss_diff"] = rel_diff(entry["losses"], ref)
             entry["max_rel_grad_norm_diff"] = rel_diff(entry["grad_norms"], results["single"]["grad_norms"])
-            entry["lora_abs_sum_rel_diff"] = abs(entry["lora_abs_sum"] - results["single"]["lora_abs_sum"]) / \
-                results["single"]["lora_abs_sum"]
+            entry["lora_abs_sum_rel_diff"] = (
+                abs(entry["lora_abs_sum"] - results["single"]["lora_abs_sum"]) / results["single"]["lora_abs_sum"]
+            )
             entry["rtol"], entry["grad_rtol"] = rtol, grad_rtol
-            entry["ok"] = (entry["max_rel_loss_diff"] <= rtol and entry["max_rel_grad_norm_diff"] <= grad_rtol
-                           and entry["counts"] == results["single"]["counts"])
+            entry["ok"] = (
+                entry["max_rel_loss_diff"] <= rtol
+                and entry["max_rel_grad_norm_diff"] <= grad_rtol
+                and entry["counts"] == results["single"]["counts"]
+            )
             summary["ok"] &= entry["ok"]
         summary["runs"][base] = results
     with open(a.out, "w") as f:
         json.dump(summary, f, indent=1)
     for base, results in summary["runs"].items():
         for mode, e in results.items():
-            print(f"{base:5s} {mode:7s} rc={e['returncode']} losses={[round(x, 5) for x in e.get('losses', [])]} "
-                  f"diff={e.get('max_rel_loss_diff')} grad-norm diff={e.get('max_rel_grad_norm_diff')} "
-                  f"counts={e.get('counts')} {e.get('error', '')}")
+            print(
+                f"{base:5s} {mode:7s} rc={e['returncode']} losses={[round(x, 5) for x in e.get('losses', [])]} "
+                f"diff={e.get('max_rel_loss_diff')} grad-norm diff={e.get('max_rel_grad_norm_diff')} "
+                f"counts={e.get('counts')} {e.get('error', '')}"
+            )
     print("ok" if summary["ok"] else "MISMATCH OR FAILURE", "->", a.out)
     return 0 if summary["ok"] else 1
 
 
 def _free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,6 +12,7 @@ Writes {"rows": [{base, compile, gradient_checkpointing, peak_gib, steady_peak_g
 tokens_per_s, losses, counts, ...}], "table": "<markdown>"} and prints the table. Losses of the four
 variants of one base agree (the same model and batches): checkpointing changes memory, not the math.
 """
+
 import argparse
 import json
 import os
@@ -47,24 +48,69 @@ def main(argv=None):
                 name = f"{base}_{comp}_{'gc' if gc else 'nogc'}"
                 path = os.path.join(runs_dir, name + ".json")
                 if a.nproc > 1:
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), PARITY,
-                           "--mode", a.mode]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        "--nproc_per_node",
+                        str(a.nproc),
+                        PARITY,
+                        "--mode",
+                        a.mode,
+                    ]
                 else:
                     cmd = [sys.executable, PARITY, "--mode", "single"]
-                cmd += ["--base", base, "--compile", comp, "--preset", a.preset, "--layers", str(a.layers),
-                        "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--out", path]
+                cmd += [
+                    "--base",
+                    base,
+                    "--compile",
+                    comp,
+                    "--preset",
+                    a.preset,
+                    "--layers",
+                    str(a.layers),
+                    "--batch",
+                    str(a.batch),
+                    "--seq",
+                    str(a.seq),
+                    "--steps",
+                    str(a.steps),
+                    "--out",
+                    path,
+                ]
                 cmd += ["--gradient-checkpointing"] if gc else []
                 cmd += ["--inner", a.inner] if a.inner else []
                 print("+", " ".join(cmd), flush=True)
                 t = time.time()
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                row = {"base": base, "compile": comp, "gradient_checkpointing": gc, "returncode": proc.returncode,
-                       "wall_s": round(time.time() - t, 1), "command": " ".join(cmd)}
+                row = {
+                    "base": base,
+                    "compile": comp,
+                    "gradient_checkpointing": gc,
+                    "returncode": proc.returncode,
+                    "wall_s": round(time.time() - t, 1),
+                    "command": " ".join(cmd),
+                }
                 if proc.returncode == 0 and os.path.exists(path):
                     with open(path) as f:
                         r = json.load(f)
-                    row.update({k: r[k] for k in ("peak_gib", "steady_peak_gib", "median_step_s", "losses",
-                                                  "counts", "world", "mode", "device", "torch", "layers")})
+                    row.update(
+                        {
+                            k: r[k]
+                            for k in (
+                                "peak_gib",
+                                "steady_peak_gib",
+                                "median_step_s",
+                                "losses",
+                                "counts",
+                                "world",
+                                "mode",
+                                "device",
+                                "torch",
+                                "layers",
+                            )
+                        }
+                    )
                     row["tokens_per_s"] = round(a.batch * a.seq / r["median_step_s"], 1)
                 else:
                     tail = (proc.stdout + proc.stderr).strip().splitlines()
@@ -78,18 +124,24 @@ def main(argv=None):
 
 
 def table(rows):
-    out = ["| base | compile | checkpointing | peak GiB | steady peak GiB | step s | tokens/s | first/last loss "
-           "| matches |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| base | compile | checkpointing | peak GiB | steady peak GiB | step s | tokens/s | first/last loss "
+        "| matches |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['base']} | {r['compile']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-                       f"failed: {r['error']} | | | | | |")
+            out.append(
+                f"| {r['base']} | {r['compile']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                f"failed: {r['error']} | | | | | |"
+            )
             continue
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r["counts"].items())) or "—"
-        out.append(f"| {r['base']} | {r['compile']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-                   f"{r['peak_gib']} | {r['steady_peak_gib']} | {r['median_step_s']} | {r['tokens_per_s']} | "
-                   f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {counts} |")
+        out.append(
+            f"| {r['base']} | {r['compile']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+            f"{r['peak_gib']} | {r['steady_peak_gib']} | {r['median_step_s']} | {r['tokens_per_s']} | "
+            f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {counts} |"
+        )
     return "\n".join(out)
 
 

@@ -3,7 +3,7 @@
 #   bash scripts/test.sh              the fast tier: everything not marked slow (the developer loop)
 #   bash scripts/test.sh --all        every tier (what CI runs)
 #   bash scripts/test.sh --latest     the same against the newest dependency releases (own venv, .venv-latest)
-# Each first runs `ruff check`. Other arguments go to pytest, e.g. `-k rms_norm`, `-m gpu`.
+# Each first runs `ruff check` and `ruff format --check`. Other arguments go to pytest, e.g. `-k rms_norm`, `-m gpu`.
 tier=(-m "not slow")
 args=()
 for a in "$@"; do
@@ -15,5 +15,6 @@ for a in "$@"; do
 done
 . "$(dirname "$0")/env.sh"
 "$VENV/bin/ruff" check --quiet . || { echo "ruff check failed (lint: pyproject.toml [tool.ruff])" >&2; exit 1; }
+"$VENV/bin/ruff" format --check --quiet . || { echo "ruff format --check failed: run ruff format ." >&2; exit 1; }
 # one worker per core, a test file's tests on one worker (module state, torchrun ports)
 exec "$PY" -m pytest -q -n "${FOAK_TEST_WORKERS:-$(nproc)}" --dist loadfile tests "${tier[@]}" "${args[@]}"

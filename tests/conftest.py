@@ -7,8 +7,9 @@ import torch
 # Without a GPU the kernels run on CPU tensors through the Triton interpreter, which triton.jit
 # picks at decoration time: set it before anything imports triton.
 if not torch.cuda.is_available():
-    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", \
+    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", (
         "triton was imported before TRITON_INTERPRET=1 could be set"
+    )
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -19,6 +20,7 @@ import foak_compile  # noqa: E402
 def pytest_report_header(config):
     # a failure on other releases than constraints.txt names them (bash scripts/test.sh --latest)
     from importlib.metadata import PackageNotFoundError, version
+
     found = []
     for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "gptqmodel"):
         try:

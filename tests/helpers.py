@@ -1,4 +1,5 @@
 """Small comparisons shared by the test modules."""
+
 import torch
 
 

@@ -1,4 +1,5 @@
 """Tiny real transformers models (random weights, odd sizes) and eager-vs-foak comparison."""
+
 import copy
 
 import torch
@@ -7,12 +8,21 @@ import foak_compile
 from tests.helpers import rel_err
 
 # Odd sizes on purpose: hidden and intermediate sizes that are not powers of two.
-TINY = dict(hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=18, vocab_size=131, max_position_embeddings=64)
+TINY = dict(
+    hidden_size=72,
+    intermediate_size=100,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=18,
+    vocab_size=131,
+    max_position_embeddings=64,
+)
 
 
 def tiny_model(family: str, dtype=torch.float32, **overrides):
     import transformers as tf
+
     cfg_cls, model_cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
@@ -39,8 +49,9 @@ def loss_and_grads(model, inputs, call=None):
     model.zero_grad(set_to_none=True)
     loss = (call if call is not None else model)(**inputs).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                           if p.requires_grad and p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+    }
 
 
 def compare_with_eager(model, inputs, inner="aot_eager", patterns=None, rtol=1e-5, atol=1e-5):
@@ -86,6 +97,7 @@ def inference_matches_eager(model, inputs, patterns=("lora",), context=None):
     `context(model)` (e.g. disabled adapters) for both: the logits must equal eager's. Returns
     the backend, whose reports say what matched and why not."""
     import contextlib
+
     context = context or (lambda m: contextlib.nullcontext())
     be = foak_compile.backend(patterns=list(patterns), inner="aot_eager")
     with torch.no_grad():
@@ -95,4 +107,3 @@ def inference_matches_eager(model, inputs, patterns=("lora",), context=None):
             got, want = compiled(**inputs).logits, ref(**inputs).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     return be
-

@@ -1,4 +1,5 @@
 """The backend as users meet it: registration, configuration, dumps, reports, inductor."""
+
 import json
 import logging
 import os
@@ -14,31 +15,40 @@ from tests.models import batch, compare_with_eager, tiny_model
 
 def _fresh_python(code: str, interpret: str = "1") -> str:
     """Run `code` in a new interpreter that has not imported foak_compile; its stdout."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TRITON_INTERPRET": interpret})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": interpret},
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
 
 @pytest.mark.slow
 def test_entry_point_resolves_in_a_fresh_interpreter():
-    code = ("import sys, torch\n"
-            "from torch._dynamo.backends.registry import lookup_backend\n"
-            "be = lookup_backend('foak')\n"
-            "assert 'foak_compile' in sys.modules\n"
-            "print(be.__module__, be.__name__)\n")
+    code = (
+        "import sys, torch\n"
+        "from torch._dynamo.backends.registry import lookup_backend\n"
+        "be = lookup_backend('foak')\n"
+        "assert 'foak_compile' in sys.modules\n"
+        "print(be.__module__, be.__name__)\n"
+    )
     assert _fresh_python(code).strip() == "foak_compile.backend foak"
 
 
 @pytest.mark.slow
 def test_backend_string_compiles_and_runs_in_a_fresh_interpreter():
-    code = ("import torch\n"
-            "m = torch.nn.RMSNorm(37)\n"
-            "f = torch.compile(m, backend='foak')\n"
-            "x = torch.randn(3, 37)\n"
-            "torch.testing.assert_close(f(x), m(x))\n"
-            "import foak_compile\n"
-            "print(foak_compile.total_counts())\n")
+    code = (
+        "import torch\n"
+        "m = torch.nn.RMSNorm(37)\n"
+        "f = torch.compile(m, backend='foak')\n"
+        "x = torch.randn(3, 37)\n"
+        "torch.testing.assert_close(f(x), m(x))\n"
+        "import foak_compile\n"
+        "print(foak_compile.total_counts())\n"
+    )
     assert _fresh_python(code).strip().splitlines()[-1] == "{'rms_norm': 1}"
 
 
@@ -105,6 +115,7 @@ def test_a_failing_rewrite_is_contained():
             def replace(g):
                 g.call_function(torch.relu, (seed,))  # inserted, then the failure: must be undone
                 raise RuntimeError("kernel compilation failed")
+
             return Candidate([seed], seed, replace)
 
     gm = torch.fx.symbolic_trace(lambda x: torch.sin(x) * 2)
@@ -139,7 +150,8 @@ def test_a_replacement_reading_a_removed_node_is_contained():
     run_patterns(gm, [ReadsItself()], report)
     assert gm.code == code and report.matches == []
     assert [m.reason for m in report.near_misses] == [
-        "rewrite failed: ValueError('square would read sin, which the rewrite removes')"]
+        "rewrite failed: ValueError('square would read sin, which the rewrite removes')"
+    ]
     x = torch.randn(5)
     torch.testing.assert_close(gm(x), torch.sin(x) * 3.0)
 
@@ -147,20 +159,24 @@ def test_a_replacement_reading_a_removed_node_is_contained():
 @pytest.mark.slow
 def test_cpu_without_triton_interpreter_falls_back_to_torch():
     """No GPU and no TRITON_INTERPRET: the ops take their torch path; results still match eager."""
-    code = ("import copy, torch, foak_compile\n"
-            "from foak_compile.kernels.common import INTERPRET\n"
-            "from tests.models import tiny_model, batch, loss_and_grads\n"
-            "assert not INTERPRET and not torch.cuda.is_available()\n"
-            "m = tiny_model('llama'); b = batch(m); e = copy.deepcopy(m)\n"
-            "l0, g0 = loss_and_grads(e, b)\n"
-            "l1, g1 = loss_and_grads(m, b, call=torch.compile(m, backend=foak_compile.backend(inner='aot_eager')))\n"
-            "torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)\n"
-            "[torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6) for k in g0]\n"
-            "print(sorted(foak_compile.total_counts().items()))\n")
+    code = (
+        "import copy, torch, foak_compile\n"
+        "from foak_compile.kernels.common import INTERPRET\n"
+        "from tests.models import tiny_model, batch, loss_and_grads\n"
+        "assert not INTERPRET and not torch.cuda.is_available()\n"
+        "m = tiny_model('llama'); b = batch(m); e = copy.deepcopy(m)\n"
+        "l0, g0 = loss_and_grads(e, b)\n"
+        "l1, g1 = loss_and_grads(m, b, call=torch.compile(m, backend=foak_compile.backend(inner='aot_eager')))\n"
+        "torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)\n"
+        "[torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6) for k in g0]\n"
+        "print(sorted(foak_compile.total_counts().items()))\n"
+    )
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the kernels")
-    assert _fresh_python(code, interpret="0").strip().splitlines()[-1] == \
-        "[('cross_entropy', 1), ('rms_norm', 5), ('rope', 2)]"
+    assert (
+        _fresh_python(code, interpret="0").strip().splitlines()[-1]
+        == "[('cross_entropy', 1), ('rms_norm', 5), ('rope', 2)]"
+    )
 
 
 def test_an_in_place_write_inside_a_match_leaves_it_alone():
@@ -206,6 +222,7 @@ def test_the_span_rule_reads_only_the_span():
     """A one-node match (F.rms_norm, a bare cross_entropy) spans nothing: a mode switch or an in-place
     write elsewhere in the graph leaves it matched; `&` / `|` are no in-place ops."""
     import torch.nn.functional as F
+
     w = torch.randn(16)
 
     def f(x, z, logits, labels, keep):
@@ -219,13 +236,16 @@ def test_the_span_rule_reads_only_the_span():
     args = (torch.randn(3, 16), torch.randn(2), torch.randn(5, 7), torch.randint(0, 7, (5,)), torch.rand(5) > 0.3)
     got = torch.compile(f, backend=be)(*[a.clone() for a in args])
     for a, b in zip(got, f(*[a.clone() for a in args])):
-        torch.testing.assert_close(a, b, equal_nan=True)  # every label ignored (keep all False, p=0.3**5): NaN, as torch
+        torch.testing.assert_close(
+            a, b, equal_nan=True
+        )  # every label ignored (keep all False, p=0.3**5): NaN, as torch
     assert be.reports[0].counts() == {"rms_norm": 1, "cross_entropy": 1}, be.reports[0].to_text()
 
 
 def test_an_in_place_flag_by_position_counts():
     """F.relu(h, True) rewrites h between the lm_head (which read h) and the loss: not fused."""
     import torch.nn.functional as F
+
     w = torch.randn(7, 16)
 
     def f(x, labels):
@@ -242,19 +262,28 @@ def test_an_in_place_flag_by_position_counts():
     assert any("writes a tensor in place" in m.reason for m in be.reports[0].near_misses)
 
 
-@pytest.mark.parametrize("mode,env,want", [("reduce-overhead", None, True), ("max-autotune-no-cudagraphs", None, False),
-                                           ("reduce-overhead", False, False), ("max-autotune-no-cudagraphs", True, True)])
+@pytest.mark.parametrize(
+    "mode,env,want",
+    [
+        ("reduce-overhead", None, True),
+        ("max-autotune-no-cudagraphs", None, False),
+        ("reduce-overhead", False, False),
+        ("max-autotune-no-cudagraphs", True, True),
+    ],
+)
 def test_opaque_dequant_follows_cuda_graphs(mode, env, want, monkeypatch, foak_config):
     """The 4-bit dequant is traced as an opaque op exactly when the backend compiles for CUDA graphs
     (mode="reduce-overhead"), unless FOAK_OPAQUE_DEQUANT (here: config.opaque_dequant) says always/never."""
     import torch._inductor.compile_fx as cfx
     from foak_compile.ops import dequant
+
     foak_config(opaque_dequant=env)
     seen = []
 
     def spy(gm, example_inputs, config_patches=None):
         seen.append(dequant.opaque())
         return gm.forward
+
     monkeypatch.setattr(cfx, "compile_fx", spy)
     torch._dynamo.reset()
     fn = torch.compile(lambda x: x * 2 + 1, backend=foak_compile.backend(mode=mode))
@@ -269,33 +298,45 @@ def _norm_model():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,options", [("max-autotune-no-cudagraphs", None), (None, {"trace.enabled": False}),
-                                          (None, {"foak.patterns": ["rms_norm"], "max_autotune": False})])
+@pytest.mark.parametrize(
+    "mode,options",
+    [
+        ("max-autotune-no-cudagraphs", None),
+        (None, {"trace.enabled": False}),
+        (None, {"foak.patterns": ["rms_norm"], "max_autotune": False}),
+    ],
+)
 def test_torch_compile_mode_and_options_reach_inductor(mode, options, monkeypatch):
     """torch.compile(model, backend="foak", mode=..., options=...), the spellings torch.compile users know:
     inductor gets the mode's and the options' config, foak's own options take the prefix 'foak.'."""
     import torch._inductor.compile_fx as cfx
+
     real, seen = cfx.compile_fx, []
 
     def spy(gm, example_inputs, config_patches=None, **kw):
         seen.append(dict(config_patches or {}))
         return real(gm, example_inputs, config_patches=config_patches, **kw)
+
     monkeypatch.setattr(cfx, "compile_fx", spy)
     model, x = _norm_model()
     foak_compile.reset_reports()
     out = torch.compile(model, backend="foak", mode=mode, options=options)(x)
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
-    want = {**(torch._inductor.list_mode_options(mode) if mode else {}),
-            **{k: v for k, v in (options or {}).items() if not k.startswith("foak.")}}
+    want = {
+        **(torch._inductor.list_mode_options(mode) if mode else {}),
+        **{k: v for k, v in (options or {}).items() if not k.startswith("foak.")},
+    }
     assert seen[0] == want  # (compile_fx calls itself again inside the patched config)
     assert foak_compile.total_counts() == {"rms_norm": 1}
 
 
 def test_unknown_options_are_named():
     model, x = _norm_model()
-    for options, match in (({"trace.enabld": True}, "unknown inductor option.*trace.enabld"),
-                           ({"foak.pattern": ["rope"]}, "unknown foak option 'foak.pattern'"),
-                           ({"foak.patterns": ["rmsnorm"]}, "unknown foak pattern")):
+    for options, match in (
+        ({"trace.enabld": True}, "unknown inductor option.*trace.enabld"),
+        ({"foak.pattern": ["rope"]}, "unknown foak option 'foak.pattern'"),
+        ({"foak.patterns": ["rmsnorm"]}, "unknown foak pattern"),
+    ):
         torch._dynamo.reset()
         with pytest.raises(Exception, match=match):
             torch.compile(model, backend="foak", options=options)(x)
@@ -314,10 +355,12 @@ def test_foak_options_reach_the_patterns():
 def test_torch_logs_and_structured_trace(tmp_path):
     """TORCH_LOGS=foak_compile prints each graph's summary line; TORCH_TRACE gets a foak_report artifact
     (what tlparse renders) with the matches."""
-    code = ("import torch, foak_compile\n"
-            "f = torch.compile(lambda x: torch.nn.functional.rms_norm(x, (8,), eps=1e-6),"
-            " backend=foak_compile.backend(inner='aot_eager'))\n"
-            "f(torch.randn(3, 8))\n")
+    code = (
+        "import torch, foak_compile\n"
+        "f = torch.compile(lambda x: torch.nn.functional.rms_norm(x, (8,), eps=1e-6),"
+        " backend=foak_compile.backend(inner='aot_eager'))\n"
+        "f(torch.randn(3, 8))\n"
+    )
     env = dict(os.environ, TORCH_LOGS="foak_compile", TORCH_TRACE=str(tmp_path), TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "matched rms_norm 1" in out.stderr

@@ -1,5 +1,6 @@
 """Checkpoint regions with Python side effects (transformers >= 5.2x sets a context variable inside every
 attention forward): traced whole with foak imported, and a near-miss when a region falls back to eager."""
+
 import os
 import subprocess
 import sys
@@ -82,8 +83,10 @@ def test_a_region_that_falls_back_is_a_near_miss():
 @pytest.mark.slow  # fresh interpreters
 @pytest.mark.parametrize("env,want", [(None, True), ("0", False)])
 def test_importing_foak_sets_the_flag_unless_opted_out(env, want):
-    code = ("import torch; assert not torch._dynamo.config.%s; import foak_compile; "
-            "print(torch._dynamo.config.%s)" % (FLAG, FLAG))
+    code = "import torch; assert not torch._dynamo.config.%s; import foak_compile; print(torch._dynamo.config.%s)" % (
+        FLAG,
+        FLAG,
+    )
     environ = {k: v for k, v in os.environ.items() if k != "FOAK_CHECKPOINT_SIDE_EFFECTS"}
     if env is not None:
         environ["FOAK_CHECKPOINT_SIDE_EFFECTS"] = env

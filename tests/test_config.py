@@ -1,4 +1,5 @@
 """foak_compile.config: the environment variables' meaning, and patch / configure / use over them."""
+
 import ast
 import dataclasses
 
@@ -10,18 +11,23 @@ from foak_compile.kernels import cross_entropy_online as online
 from foak_compile.ops import dequant
 
 
-@pytest.mark.parametrize("env,want", [
-    ({}, Config()),
-    ({"FOAK_INLINE": "1", "FOAK_TTIR_CACHE": "0"}, Config(inline=True, ttir_cache=False)),
-    ({"FOAK_INLINE": "0", "FOAK_TTIR_CACHE": "1"}, Config(inline=False)),
-    ({"FOAK_INLINE": " lora, rms_norm,"}, Config(inline=frozenset({"lora", "rms_norm"}))),
-    ({"FOAK_INLINE": ""}, Config(inline=frozenset())),  # set but empty: no op inlined
-    ({"FOAK_OPAQUE_DEQUANT": "1", "FOAK_LCE_ONLINE": "0"}, Config(opaque_dequant=True, lce_online=False)),
-    ({"FOAK_OPAQUE_DEQUANT": "yes", "FOAK_LCE_ONLINE": ""}, Config()),  # neither 1 nor 0: automatic
-    ({"FOAK_CHECKPOINT_SIDE_EFFECTS": "0", "FOAK_DUMP_DIR": "/tmp/d"},
-     Config(checkpoint_side_effects=False, dump_dir="/tmp/d")),
-    ({"FOAK_CHECKPOINT_SIDE_EFFECTS": "no", "FOAK_DUMP_DIR": ""}, Config()),
-])
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({}, Config()),
+        ({"FOAK_INLINE": "1", "FOAK_TTIR_CACHE": "0"}, Config(inline=True, ttir_cache=False)),
+        ({"FOAK_INLINE": "0", "FOAK_TTIR_CACHE": "1"}, Config(inline=False)),
+        ({"FOAK_INLINE": " lora, rms_norm,"}, Config(inline=frozenset({"lora", "rms_norm"}))),
+        ({"FOAK_INLINE": ""}, Config(inline=frozenset())),  # set but empty: no op inlined
+        ({"FOAK_OPAQUE_DEQUANT": "1", "FOAK_LCE_ONLINE": "0"}, Config(opaque_dequant=True, lce_online=False)),
+        ({"FOAK_OPAQUE_DEQUANT": "yes", "FOAK_LCE_ONLINE": ""}, Config()),  # neither 1 nor 0: automatic
+        (
+            {"FOAK_CHECKPOINT_SIDE_EFFECTS": "0", "FOAK_DUMP_DIR": "/tmp/d"},
+            Config(checkpoint_side_effects=False, dump_dir="/tmp/d"),
+        ),
+        ({"FOAK_CHECKPOINT_SIDE_EFFECTS": "no", "FOAK_DUMP_DIR": ""}, Config()),
+    ],
+)
 def test_from_env(env, want):
     assert config.from_env(env) == want
 
@@ -29,8 +35,11 @@ def test_from_env(env, want):
 def test_every_knob_has_a_docstring():
     tree = ast.parse(open(config.__file__).read())
     body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config").body
-    documented = {a.target.id for a, doc in zip(body, body[1:])
-                  if isinstance(a, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+    documented = {
+        a.target.id
+        for a, doc in zip(body, body[1:])
+        if isinstance(a, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }
     assert documented == {f.name for f in dataclasses.fields(Config)}
 
 

@@ -1,4 +1,5 @@
 """torch.ops.foak.cross_entropy / linear_cross_entropy and their kernels against float64 torch."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,13 @@ def _check_ce(x, y, ignore_index=-100, reduction="mean", label_smoothing=0.0, ou
     xr = x.clone().requires_grad_()
     loss, lse = torch.ops.foak.cross_entropy(xr, y, ignore_index, label_smoothing, reduction, out_dtype)
     xd = x.double().requires_grad_()
-    ref = F.cross_entropy(xd.view(-1, x.shape[-1]), y.view(-1), ignore_index=ignore_index,
-                          reduction=reduction, label_smoothing=label_smoothing)
+    ref = F.cross_entropy(
+        xd.view(-1, x.shape[-1]),
+        y.view(-1),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
     ref = ref.view(y.shape) if reduction == "none" else ref
     assert loss.dtype == out_dtype and loss.shape == ref.shape and lse.dtype == torch.float32
     g = _upstream(ref)
@@ -95,8 +101,9 @@ def test_out_of_range_labels_raise(bad, device):
     with pytest.raises(RuntimeError, match="label out of range"):
         torch.ops.foak.cross_entropy(x, y, -100, 0.0, "mean", torch.float32)
     with pytest.raises(RuntimeError, match="label out of range"):
-        torch.ops.foak.linear_cross_entropy(torch.randn(4, 8), torch.randn(131, 8), None, y, -100, 0.0, "sum",
-                                            torch.float32)
+        torch.ops.foak.linear_cross_entropy(
+            torch.randn(4, 8), torch.randn(131, 8), None, y, -100, 0.0, "sum", torch.float32
+        )
     x, y = x.to(device), y.to(device)
     # the kernel itself never reads out of bounds and marks the row NaN
     loss, _ = torch.empty(4, device=device), torch.empty(4, device=device)
@@ -156,32 +163,52 @@ def test_torch_path_agrees_with_kernel(device):
     torch.testing.assert_close(loss_t, loss)
     torch.testing.assert_close(lse_t, lse)
     scale = torch.rand(13, device=device)
-    torch.testing.assert_close(kernel._torch_grad(x, y, lse, scale, -100, 0.05),
-                               kernel.cross_entropy_backward(x, y, lse, scale, -100, 0.05))
+    torch.testing.assert_close(
+        kernel._torch_grad(x, y, lse, scale, -100, 0.05), kernel.cross_entropy_backward(x, y, lse, scale, -100, 0.05)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # lm_head + cross-entropy
+
 
 def _epilogue_f64(z, epi):
     z = z * epi.scale / epi.divisor
     return torch.tanh(z / epi.softcap) * epi.softcap if epi.softcap else z
 
 
-def _check_linear_ce(hidden, weight, bias, y, reduction="mean", label_smoothing=0.0, out_dtype=torch.float32,
-                     op=None, epi=kernel.NO_EPILOGUE, grad_tol=None):
+def _check_linear_ce(
+    hidden,
+    weight,
+    bias,
+    y,
+    reduction="mean",
+    label_smoothing=0.0,
+    out_dtype=torch.float32,
+    op=None,
+    epi=kernel.NO_EPILOGUE,
+    grad_tol=None,
+):
     """Loss and grads against F.cross_entropy(epi(F.linear(...))) in float64 on the same input
     values; the grads' relative errors (each below grad_tol, default twice the dtype's TOL;
     "eager": twice eager's own error on the same inputs and upstream gradient, at least 3×TOL)."""
+
     def leaves(cast):
-        return [cast(t.detach()).requires_grad_(t.requires_grad) if t is not None else None
-                for t in (hidden, weight, bias)]
+        return [
+            cast(t.detach()).requires_grad_(t.requires_grad) if t is not None else None for t in (hidden, weight, bias)
+        ]
+
     args, ref_args = leaves(torch.clone), leaves(torch.Tensor.double)
     op = op or torch.ops.foak.linear_cross_entropy
     loss, _ = op(*args, y, -100, label_smoothing, reduction, out_dtype, *epi)
     logits = _epilogue_f64(F.linear(*ref_args), epi)
-    ref = F.cross_entropy(logits.view(-1, weight.shape[0]), y.view(-1), ignore_index=-100, reduction=reduction,
-                          label_smoothing=label_smoothing)
+    ref = F.cross_entropy(
+        logits.view(-1, weight.shape[0]),
+        y.view(-1),
+        ignore_index=-100,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
     ref = ref.view(y.shape) if reduction == "none" else ref
     g = _upstream(ref)
     loss.backward(g.to(out_dtype))
@@ -190,11 +217,19 @@ def _check_linear_ce(hidden, weight, bias, y, reduction="mean", label_smoothing=
     eager_tols = None
     if grad_tol == "eager":  # eager's steps (linear, epilogue) round in the inputs' dtype
         eager_args = leaves(torch.clone)
-        e = F.cross_entropy(_epilogue_f64(F.linear(*eager_args), epi).float().view(-1, weight.shape[0]), y.view(-1),
-                            ignore_index=-100, reduction=reduction, label_smoothing=label_smoothing)
+        e = F.cross_entropy(
+            _epilogue_f64(F.linear(*eager_args), epi).float().view(-1, weight.shape[0]),
+            y.view(-1),
+            ignore_index=-100,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
         (e.view(y.shape) if reduction == "none" else e).backward(g.float())
-        eager_tols = [max(3 * tol, 2 * rel_err(a.grad, b.grad)) for a, b in zip(eager_args, ref_args)
-                      if b is not None and b.requires_grad]
+        eager_tols = [
+            max(3 * tol, 2 * rel_err(a.grad, b.grad))
+            for a, b in zip(eager_args, ref_args)
+            if b is not None and b.requires_grad
+        ]
         grad_tol = None
     assert loss.dtype == out_dtype and rel_err(loss, ref) < (1e-5 if hidden.dtype == torch.float32 else 1e-2)
     errors = []
@@ -222,7 +257,7 @@ def test_linear_cross_entropy_vs_float64(dtype, chunk_elements, compact, device,
     monkeypatch.setattr(kernel, "COMPACT", compact)
     n, h, vocab = 19, 24, 131
     hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(vocab, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, h, device=device) / h**0.5).to(dtype).requires_grad_()
     bias = torch.randn(vocab, device=device, dtype=dtype, requires_grad=True)
     y = _labels(n, vocab, device)
     _check_linear_ce(hidden, weight, None, y)
@@ -252,8 +287,17 @@ def test_linear_cross_entropy_epilogue_vs_float64(dtype, name, op, device, monke
         y = _labels(n, vocab, device)
         # eager's own steps round too (rounded, half dtypes): allow twice its error on the same inputs
         grad_tol = "eager" if dtype != torch.float32 and epi.rounded else None
-        _check_linear_ce(hidden, weight, None, y, reduction=reduction, label_smoothing=smoothing,
-                         op=getattr(torch.ops.foak, op), epi=epi, grad_tol=grad_tol)
+        _check_linear_ce(
+            hidden,
+            weight,
+            None,
+            y,
+            reduction=reduction,
+            label_smoothing=smoothing,
+            op=getattr(torch.ops.foak, op),
+            epi=epi,
+            grad_tol=grad_tol,
+        )
 
 
 def test_epilogue_rounds_like_eager_in_bf16(device):
@@ -266,8 +310,9 @@ def test_epilogue_rounds_like_eager_in_bf16(device):
     epi = kernel.Epilogue(divisor=1.7, softcap=3.0, rounded=True)
     ours, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "sum", torch.float32, *epi)
     assert rel_err(ours, eager) < 1e-6
-    exact, _ = torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "sum", torch.float32,
-                                                   *epi._replace(rounded=False))
+    exact, _ = torch.ops.foak.linear_cross_entropy(
+        hidden, weight, None, y, -100, 0.0, "sum", torch.float32, *epi._replace(rounded=False)
+    )
     # the unrounded epilogue is measurably further off (a random draw has put it as close as 6e-6)
     assert rel_err(exact, eager) > max(2e-6, 4 * rel_err(ours, eager))
 
@@ -299,8 +344,10 @@ def test_epilogue_torch_path_agrees_with_kernel(device):
     torch.testing.assert_close(lse_t, lse)
     scale = torch.rand(13, device=device)
     out = torch.empty_like(x)
-    torch.testing.assert_close(kernel._torch_grad(x, y, lse, scale, -100, 0.1, epi),
-                               kernel._backward_rows(x, y, lse, scale, -100, 0.1, out, epi=epi))
+    torch.testing.assert_close(
+        kernel._torch_grad(x, y, lse, scale, -100, 0.1, epi),
+        kernel._backward_rows(x, y, lse, scale, -100, 0.1, out, epi=epi),
+    )
 
 
 def test_kernel_tanh_is_accurate(device):
@@ -313,8 +360,9 @@ def test_kernel_tanh_is_accurate(device):
         i = tl.arange(0, N)
         tl.store(Y + i, ce_epilogue._tanh(tl.load(X + i)))
 
-    special = torch.tensor([float("nan"), 0.0, -0.0, 0.25, -0.25, 1e-30, 88.0, -90.0, float("inf"), float("-inf")],
-                           device=device)
+    special = torch.tensor(
+        [float("nan"), 0.0, -0.0, 0.25, -0.25, 1e-30, 88.0, -90.0, float("inf"), float("-inf")], device=device
+    )
     x = torch.cat([special] + [torch.randn(2045, device=device) * s for s in (0.01, 0.3, 3.0, 30.0)])
     x = torch.cat([x, torch.linspace(-1, 1, 8192 - x.numel(), device=device)])
     y = torch.empty_like(x)
@@ -333,10 +381,10 @@ def test_epilogue_arguments_are_checked(device):
 
 def test_chunk_rows_policy():
     """About as many logits per chunk as hidden values, a power of two of rows, within the bounds."""
-    assert kernel.chunk_rows(16384, 128256, 4096) == 512      # 523 rows' worth, rounded down
+    assert kernel.chunk_rows(16384, 128256, 4096) == 512  # 523 rows' worth, rounded down
     assert kernel.chunk_rows(65536, 128256, 4096) == 2048
     assert kernel.chunk_rows(4096, 256000, 2048) == kernel.CHUNK_ROWS_MIN
-    assert kernel.chunk_rows(10 ** 6, 32000, 8192) == kernel.CHUNK_ROWS_MAX
+    assert kernel.chunk_rows(10**6, 32000, 8192) == kernel.CHUNK_ROWS_MAX
     assert kernel.chunk_rows(100, 128256, 4096) == 100
     assert kernel.chunk_rows(4096, 1000, 64, chunk_elements=1000 * 300) == 256
 
@@ -358,9 +406,19 @@ def test_linear_cross_entropy_frozen_weight(device, monkeypatch):
     _check_linear_ce(hidden, weight, bias.requires_grad_(), _labels(17, 131, device), reduction="sum")
     _check_linear_ce(hidden.detach(), weight, bias, _labels(17, 131, device), label_smoothing=0.1)
     bias.requires_grad_(False)
-    dh, dw, db = kernel.linear_cross_entropy_backward(torch.ones(1, device=device), hidden.detach(), weight, bias,
-                                                      _labels(17, 131, device), torch.zeros(17, device=device),
-                                                      -100, 0.0, True, False, False)
+    dh, dw, db = kernel.linear_cross_entropy_backward(
+        torch.ones(1, device=device),
+        hidden.detach(),
+        weight,
+        bias,
+        _labels(17, 131, device),
+        torch.zeros(17, device=device),
+        -100,
+        0.0,
+        True,
+        False,
+        False,
+    )
     assert dh.shape == hidden.shape and dw is None and db is None
 
 
@@ -382,10 +440,17 @@ def test_recompute_path_vs_float64(reduction, compact, device, monkeypatch):
     monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 131 * 4)
     monkeypatch.setattr(kernel, "COMPACT", compact)
     hidden = torch.randn(19, 24, device=device, dtype=torch.bfloat16, requires_grad=True)
-    weight = (torch.randn(131, 24, device=device) / 24 ** 0.5).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(131, 24, device=device) / 24**0.5).to(torch.bfloat16).requires_grad_()
     bias = torch.randn(131, device=device, dtype=torch.bfloat16, requires_grad=True)
-    _check_linear_ce(hidden, weight, bias, _labels(19, 131, device), reduction=reduction, label_smoothing=0.1,
-                     op=torch.ops.foak.linear_cross_entropy_recompute)
+    _check_linear_ce(
+        hidden,
+        weight,
+        bias,
+        _labels(19, 131, device),
+        reduction=reduction,
+        label_smoothing=0.1,
+        op=torch.ops.foak.linear_cross_entropy_recompute,
+    )
 
 
 @pytest.mark.slow
@@ -394,7 +459,7 @@ def test_weight_grad_summed_in_bf16_over_many_chunks(device, monkeypatch):
     √chunks × eager's single rounding (~0.009 here against 0.003), still within tolerance."""
     monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 1000 * 24)
     hidden = torch.randn(400, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
-    weight = (torch.randn(1000, 32, device=device) / 32 ** 0.5).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(1000, 32, device=device) / 32**0.5).to(torch.bfloat16).requires_grad_()
     y = _labels(400, 1000, device, p_ignore=0.1)
     for reduction in ("sum", "mean"):
         _check_linear_ce(hidden, weight, None, y, reduction=reduction)
@@ -403,9 +468,11 @@ def test_weight_grad_summed_in_bf16_over_many_chunks(device, monkeypatch):
 def _count_calls(monkeypatch, names):
     calls = []
     for name in names:
+
         def counted(*args, _fn=getattr(kernel, name), _name=name, **kwargs):
             calls.append(_name)
             return _fn(*args, **kwargs)
+
         monkeypatch.setattr(kernel, name, counted)
     return calls
 
@@ -413,8 +480,10 @@ def _count_calls(monkeypatch, names):
 def test_composite_picks_the_path(device, monkeypatch):
     """Gradients wanted of a mean/sum: one fused forward, no recompute; otherwise lse is kept and
     only a backward (reduction 'none') recomputes the logits."""
-    calls = _count_calls(monkeypatch, ["linear_cross_entropy_forward", "linear_cross_entropy_forward_backward",
-                                       "linear_cross_entropy_backward"])
+    calls = _count_calls(
+        monkeypatch,
+        ["linear_cross_entropy_forward", "linear_cross_entropy_forward_backward", "linear_cross_entropy_backward"],
+    )
     h = torch.randn(9, 8, device=device, requires_grad=True)
     w = torch.randn(131, 8, device=device, requires_grad=True)
     y = _labels(9, 131, device)
@@ -435,8 +504,7 @@ def test_composite_picks_the_path(device, monkeypatch):
 def test_double_backward_raises(device):
     h = torch.randn(9, 8, device=device, requires_grad=True)
     w = torch.randn(131, 8, device=device, requires_grad=True)
-    loss, _ = torch.ops.foak.linear_cross_entropy(h, w, None, _labels(9, 131, device), -100, 0.0, "mean",
-                                                  torch.float32)
+    loss, _ = torch.ops.foak.linear_cross_entropy(h, w, None, _labels(9, 131, device), -100, 0.0, "mean", torch.float32)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, (h, w), create_graph=True)
 
@@ -451,15 +519,39 @@ def test_nan_logits_give_nan_loss(device):
 
 def test_fake_impls_match_real():
     y = torch.tensor([3, -100, 7, 130, 0])
-    torch.library.opcheck(torch.ops.foak.cross_entropy.default,
-                          (torch.randn(5, 131, requires_grad=True), y, -100, 0.1, "mean", torch.float32),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    torch.library.opcheck(torch.ops.foak.linear_cross_entropy.default,
-                          (torch.randn(5, 8, requires_grad=True), torch.randn(131, 8, requires_grad=True),
-                           torch.randn(131, requires_grad=True), y, -100, 0.0, "none", torch.float32),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    for op, extra in ((torch.ops.foak.linear_cross_entropy_fused.default, ("mean", torch.float32, True, True, True)),
-                      (torch.ops.foak.linear_cross_entropy_recompute.default, ("sum", torch.float32))):
-        torch.library.opcheck(op, (torch.randn(5, 8, requires_grad=True), torch.randn(131, 8, requires_grad=True),
-                                   torch.randn(131, requires_grad=True), y, -100, 0.1, *extra),
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.foak.cross_entropy.default,
+        (torch.randn(5, 131, requires_grad=True), y, -100, 0.1, "mean", torch.float32),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    torch.library.opcheck(
+        torch.ops.foak.linear_cross_entropy.default,
+        (
+            torch.randn(5, 8, requires_grad=True),
+            torch.randn(131, 8, requires_grad=True),
+            torch.randn(131, requires_grad=True),
+            y,
+            -100,
+            0.0,
+            "none",
+            torch.float32,
+        ),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    for op, extra in (
+        (torch.ops.foak.linear_cross_entropy_fused.default, ("mean", torch.float32, True, True, True)),
+        (torch.ops.foak.linear_cross_entropy_recompute.default, ("sum", torch.float32)),
+    ):
+        torch.library.opcheck(
+            op,
+            (
+                torch.randn(5, 8, requires_grad=True),
+                torch.randn(131, 8, requires_grad=True),
+                torch.randn(131, requires_grad=True),
+                y,
+                -100,
+                0.1,
+                *extra,
+            ),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )

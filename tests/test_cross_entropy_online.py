@@ -1,5 +1,6 @@
 """The frozen-lm_head online-softmax path of linear_cross_entropy (kernels/cross_entropy_online.py)
 against float64 torch and against the chunked path, on many row blocks and vocabulary pieces."""
+
 import pytest
 import torch
 
@@ -27,13 +28,14 @@ def _online_calls(monkeypatch):
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(online, "forward_backward", counted)
     return calls
 
 
 def _inputs(n, h, vocab, dtype, device, scale=1.0):
     hidden = (torch.randn(n, h, device=device) * scale).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, h, device=device) / h ** 0.5).to(dtype)
+    weight = (torch.randn(vocab, h, device=device) / h**0.5).to(dtype)
     return hidden, weight
 
 
@@ -75,7 +77,7 @@ def test_fp16_large_scale_stays_out_of_p(small_tiles, foak_config, device):
     hidden = (torch.randn(n, h, device=device) * 1e-3).to(torch.float16).requires_grad_()
     weight = torch.randn(vocab, h, device=device).to(torch.float16)
     bias = torch.zeros(vocab, device=device)
-    bias[0] = 0.5             # the first piece's max: the reference, 64 · 0.5 = 32
+    bias[0] = 0.5  # the first piece's max: the reference, 64 · 0.5 = 32
     bias[50] = 0.5 + 7.5 / 64  # the second piece's: 7.5 above it
     bias = bias.to(torch.float16)
     y = _labels(n, vocab, device, p_ignore=0.0)
@@ -113,7 +115,7 @@ def test_confident_target_keeps_its_precision(device):
     same bf16 logits, so only the gradient's arithmetic is measured."""
     torch.manual_seed(0)
     n, h, vocab = 11, 64, 131
-    weight = torch.randn(vocab, h) / h ** 0.5
+    weight = torch.randn(vocab, h) / h**0.5
     y = torch.randint(37, vocab, (n,))  # targets past the first piece: the reference m is another logit
     hidden = (10 * weight[y] / weight[y].square().sum(-1, keepdim=True)).to(torch.bfloat16).to(device)
     weight, y = weight.to(torch.bfloat16).to(device), y.to(device)
@@ -127,8 +129,9 @@ def test_confident_target_keeps_its_precision(device):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(online, "ROWS", rows or online.ROWS)
             mp.setattr(online, "COLS", cols or online.COLS)
-            dh = kernel.linear_cross_entropy_forward_backward(hidden, weight, None, y, -100, 0.0, scale, True,
-                                                              False, False, online=use_online)[2]
+            dh = kernel.linear_cross_entropy_forward_backward(
+                hidden, weight, None, y, -100, 0.0, scale, True, False, False, online=use_online
+            )[2]
         errors.append(rel_err(dh, ref))
     assert errors[0] < max(2 * errors[1], 1e-3) and errors[0] < 1e-2
 
@@ -171,8 +174,9 @@ def test_out_of_range_label(small_tiles, device):
     y = torch.tensor([1, 2, 131, 4, -100])
     with pytest.raises(RuntimeError, match="label out of range"):
         torch.ops.foak.linear_cross_entropy(hidden, weight, None, y, -100, 0.0, "mean", torch.float32)
-    loss, lse, dh = online.forward_backward(hidden.detach().to(device), weight.to(device), None, y.to(device),
-                                            -100, torch.ones(1, device=device), None)
+    loss, lse, dh = online.forward_backward(
+        hidden.detach().to(device), weight.to(device), None, y.to(device), -100, torch.ones(1, device=device), None
+    )
     assert loss[2].isnan() and loss[[0, 1, 3]].isfinite().all() and loss[4] == 0
     assert dh[[0, 1, 3]].isfinite().all() and (dh[4] == 0).all()
 
@@ -185,9 +189,11 @@ def test_one_block_one_piece_and_explicit_switch(monkeypatch, foak_config, devic
     y = _labels(17, 131, device)
     scale = torch.ones(1, device=device)
     loss, lse, dh, dw, db = kernel.linear_cross_entropy_forward_backward(
-        hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False, online=True)
+        hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False, online=True
+    )
     ref = kernel.linear_cross_entropy_forward_backward(
-        hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False, online=False)
+        hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False, online=False
+    )
     assert len(calls) == 1 and dw is None and db is None
     torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref[1], rtol=1e-5, atol=1e-5)
@@ -200,7 +206,7 @@ def test_live_memory_is_what_peak_bytes_says(dtype):
     """Measured: beyond its outputs the op holds one block's piece, accumulator and gathered rows, as
     peak_bytes says, and never more than BUDGET at 4× the tokens (the chunked path would hold 512 rows × vocab)."""
     n_cols, n_hidden = 32001, 256
-    weight = torch.randn(n_cols, n_hidden, device="cuda", dtype=dtype) / n_hidden ** 0.5
+    weight = torch.randn(n_cols, n_hidden, device="cuda", dtype=dtype) / n_hidden**0.5
     scale = torch.ones(1, device="cuda")
     peaks = []
     for n_rows in (3000, 12000):
@@ -219,7 +225,9 @@ def test_live_memory_is_what_peak_bytes_says(dtype):
         del res
         bound = online.peak_bytes(idx.numel(), n_cols, n_hidden, hidden.element_size())
         assert peaks[-1] <= bound * 1.05 + 2**20, (peaks[-1], bound)
-    assert max(peaks) <= online.BUDGET * 1.05 + 2**20 and peaks[1] > peaks[0]  # 2 blocks under the bound, then full ones
+    assert (
+        max(peaks) <= online.BUDGET * 1.05 + 2**20 and peaks[1] > peaks[0]
+    )  # 2 blocks under the bound, then full ones
 
 
 def _captured(run):
@@ -243,7 +251,7 @@ def test_captured_in_a_cuda_graph(epilogue):
     host-to-device copy, no sync) and the graph's replay on new hidden states gives the eager results."""
     n_rows, n_hidden, n_cols = 1000, 192, 32001
     dtype = torch.bfloat16
-    weight = torch.randn(n_cols, n_hidden, device="cuda", dtype=dtype) / n_hidden ** 0.5
+    weight = torch.randn(n_cols, n_hidden, device="cuda", dtype=dtype) / n_hidden**0.5
     hidden = torch.randn(n_rows, n_hidden, device="cuda", dtype=dtype)
     y = _labels(n_rows, n_cols, "cuda", p_ignore=0.3)
     idx = (y != -100).nonzero().view(-1)
@@ -266,8 +274,9 @@ def test_a_captured_call_takes_the_online_path(monkeypatch, foak_config):
     hidden, weight = _inputs(300, 128, 5003, torch.bfloat16, "cuda")
     y = _labels(300, 5003, "cuda")
     scale = torch.ones(1, device="cuda")
-    run = lambda: kernel.linear_cross_entropy_forward_backward(hidden.detach(), weight, None, y, -100, 0.0, scale,
-                                                               True, False, False)
+    run = lambda: kernel.linear_cross_entropy_forward_backward(
+        hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False
+    )
     run()
     assert not calls  # eager: by size, chunked
     graph, captured = _captured(run)
@@ -279,14 +288,17 @@ def test_a_captured_call_takes_the_online_path(monkeypatch, foak_config):
     assert rel_err(captured[2], want[2]) < TOL[torch.bfloat16]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny models run on the CPU, where a GPU box has no "
-                                                    "Triton interpreter: the op takes its torch path")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the tiny models run on the CPU, where a GPU box has no Triton interpreter: the op takes its torch path",
+)
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_lora_loss_only_step_through_the_online_path(family, small_tiles):
     """A LoRA model (frozen lm_head) compiled with backend="foak", loss only: linear_cross_entropy
     takes the online path (Gemma 2: through its final-logit softcap); loss and LoRA grads vs eager."""
     from tests.test_cross_entropy_pattern import _batch, _compare_loss_only, _counts, _lora
     from tests.models import tiny_model
+
     calls = _online_calls(small_tiles)
     model = _lora(tiny_model(family))
     be = _compare_loss_only(model, _batch(model))
@@ -303,15 +315,23 @@ def test_size_rule_and_switch_pick_the_path(monkeypatch, foak_config, device):
     scale = torch.ones(1, device=device)
     results = []
     logits = n * 131
-    cases = [(None, logits + 1, h + 1, 0), (None, logits, h + 1, 1), (None, logits + 1, h, 1),  # (switch,
-             (True, logits + 1, h + 1, 1), (False, logits, h, 0)]                             # thresholds, online?)
+    cases = [
+        (None, logits + 1, h + 1, 0),
+        (None, logits, h + 1, 1),
+        (None, logits + 1, h, 1),  # (switch,
+        (True, logits + 1, h + 1, 1),
+        (False, logits, h, 0),
+    ]  # thresholds, online?)
     for switch, min_logits, min_hidden, want in cases:
         foak_config(lce_online=switch)
         monkeypatch.setattr(online, "MIN_LOGITS", min_logits)
         monkeypatch.setattr(online, "MIN_HIDDEN", min_hidden)
         before = len(calls)
-        results.append(kernel.linear_cross_entropy_forward_backward(
-            hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False))
+        results.append(
+            kernel.linear_cross_entropy_forward_backward(
+                hidden.detach(), weight, None, y, -100, 0.0, scale, True, False, False
+            )
+        )
         assert len(calls) - before == want, (switch, min_logits, min_hidden)
     for got in results[1:]:
         torch.testing.assert_close(got[0], results[0][0], rtol=1e-5, atol=1e-5)
@@ -330,14 +350,14 @@ def test_block_rows_fill_the_budget_in_equal_whole_tiles():
     per_row = online._bytes_per_row(128256, 2048, 2, True, None)
     assert per_row == 8192 * 2 + 2048 * 4 + 20 + 2048 * 2 + 32
     assert online.BUDGET // per_row == 1131  # bf16, hidden 2048, rows gathered
-    assert online.block_rows(3080, 128256, 2048, 2) == 1088     # 3 blocks (1088, 1088, 904), not 4
-    assert online.block_rows(3060, 128256, 2048, 2) == 1024     # 1024, 1024, 1012
-    assert online.block_rows(12288, 128256, 2048, 2) == 1024    # 12 blocks of 1024, not 11 of 1118
-    assert online.block_rows(1200, 128256, 2048, 2) == 640      # 2 blocks: 600 rounded up to a tile
+    assert online.block_rows(3080, 128256, 2048, 2) == 1088  # 3 blocks (1088, 1088, 904), not 4
+    assert online.block_rows(3060, 128256, 2048, 2) == 1024  # 1024, 1024, 1012
+    assert online.block_rows(12288, 128256, 2048, 2) == 1024  # 12 blocks of 1024, not 11 of 1118
+    assert online.block_rows(1200, 128256, 2048, 2) == 640  # 2 blocks: 600 rounded up to a tile
     assert online.block_rows(40, 128256, 2048, 2) == 40
     assert online.BUDGET // online._bytes_per_row(128256, 4096, 2, True, None) == 792
-    assert online.block_rows(3080, 128256, 4096, 2) == 640      # 5 blocks: 3080 > 4 × 768
-    assert online.block_rows(50, 131, 24, 4, rows=7) == 7        # a fixed bound under a tile: equal blocks
+    assert online.block_rows(3080, 128256, 4096, 2) == 640  # 5 blocks: 3080 > 4 × 768
+    assert online.block_rows(50, 131, 24, 4, rows=7) == 7  # a fixed bound under a tile: equal blocks
     assert online.block_rows(50, 131, 24, 4, rows=20) == 17
     for n in (3080, 12288, 999):
         assert online.peak_bytes(n, 128256, 2048, 2) <= online.BUDGET

@@ -1,5 +1,6 @@
 """The cross_entropy and linear_cross_entropy patterns on real transformers models and on
 hand-written losses, variants and near-misses."""
+
 import copy
 import re
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ def _batch(model, bs=2, seq=11):
 
 def _lora(model):
     from peft import LoraConfig, get_peft_model
+
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 
 
@@ -119,9 +121,9 @@ def test_num_items_in_batch_gives_a_sum():
 
 
 EPILOGUE_MODELS = {  # what each family does to its logits before the loss, as the match reports it
-    "gemma2": ({}, "softcap 30"),                          # c·tanh(logits/c), c = final_logit_softcapping
-    "granite": ({"logits_scaling": 8.0}, "logits / 8"),    # logits / logits_scaling
-    "cohere": ({}, "logits * 0.0625"),                     # logits * logit_scale
+    "gemma2": ({}, "softcap 30"),  # c·tanh(logits/c), c = final_logit_softcapping
+    "granite": ({"logits_scaling": 8.0}, "logits / 8"),  # logits / logits_scaling
+    "cohere": ({}, "logits * 0.0625"),  # logits * logit_scale
 }
 
 
@@ -137,9 +139,14 @@ def test_loss_only_step_fuses_the_lm_head_through_scale_and_softcap(family, dtyp
         be = _compare_loss_only(model, _batch(model))
     else:
         be = foak_compile.backend(patterns=CE, inner="aot_eager")
-        compare_half_with_float64(model, _batch(model),
-                                  lambda m: (lambda fn: lambda **kw: SimpleNamespace(loss=fn(**kw)))(
-                                      torch.compile(lambda **kw: m(**kw).loss, backend=be)), slack=6e-2)
+        compare_half_with_float64(
+            model,
+            _batch(model),
+            lambda m: (lambda fn: lambda **kw: SimpleNamespace(loss=fn(**kw)))(
+                torch.compile(lambda **kw: m(**kw).loss, backend=be)
+            ),
+            slack=6e-2,
+        )
     assert _counts(be) == {"linear_cross_entropy": 1} and not _misses(be, "linear_cross_entropy")
     m = be.reports[0].matches[0]
     assert m.variant.startswith(f"F.linear, {step}, F.cross_entropy"), m.variant
@@ -154,8 +161,9 @@ def test_gemma2_plain_call_fuses_the_loss_over_the_capped_logits():
     be = compare_with_eager(model, _batch(model), patterns=CE)
     assert _counts(be) == {"cross_entropy": 1}
     [reason] = _misses(be, "linear_cross_entropy")
-    assert re.fullmatch(r"intermediate `logits(_\d+)?` has 2 users \(1 outside the pattern: output(_\d+)?\); " + HINT,
-                        reason)
+    assert re.fullmatch(
+        r"intermediate `logits(_\d+)?` has 2 users \(1 outside the pattern: output(_\d+)?\); " + HINT, reason
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ V, H = 131, 24
 
 def _inputs(n=13, dtype=torch.float32, ignore=True):
     h = torch.randn(n, H, dtype=dtype)
-    w = (torch.randn(V, H) / H ** 0.5).to(dtype)
+    w = (torch.randn(V, H) / H**0.5).to(dtype)
     y = torch.randint(0, V, (n,))
     if ignore:
         y[torch.rand(n) < 0.3] = -100
@@ -202,10 +210,12 @@ FUSED = {
     "label_smoothing": lambda h, w, y: F.cross_entropy(_lin(h, w), y, label_smoothing=0.2),
     "ignore_index=3": lambda h, w, y: F.cross_entropy(_lin(h, w), torch.where(y < 0, 3, y), ignore_index=3),
     "nll(log_softmax)": lambda h, w, y: F.nll_loss(F.log_softmax(_lin(h, w), dim=-1), y),
-    "nll(method log_softmax fp32)": lambda h, w, y: F.nll_loss(_lin(h, w).log_softmax(-1, dtype=torch.float32), y,
-                                                               reduction="sum"),
+    "nll(method log_softmax fp32)": lambda h, w, y: F.nll_loss(
+        _lin(h, w).log_softmax(-1, dtype=torch.float32), y, reduction="sum"
+    ),
     "nll(torch.log_softmax 3d).view": lambda h, w, y: F.nll_loss(
-        torch.log_softmax(_lin(h.view(1, -1, H), w), -1).reshape(-1, V), y),
+        torch.log_softmax(_lin(h.view(1, -1, H), w), -1).reshape(-1, V), y
+    ),
     "nn.CrossEntropyLoss": lambda h, w, y: nn.CrossEntropyLoss(ignore_index=-100)(_lin(h, w).contiguous(), y),
     # a hand-written next-token shift: the same rows of the hidden states go through the lm_head
     "shifted rows": lambda h, w, y: F.cross_entropy(_lin(h.view(1, -1, H), w)[:, :-1].flatten(0, 1).float(), y[1:]),
@@ -213,10 +223,12 @@ FUSED = {
     "softcap": lambda h, w, y: F.cross_entropy((torch.tanh(_lin(h, w) / 5.0) * 5.0).float(), y),
     "softcap, method tanh, c first": lambda h, w, y: F.cross_entropy(2.5 * (_lin(h, w) / 2.5).tanh(), y),
     "scale": lambda h, w, y: F.cross_entropy(_lin(h, w).float() * 0.3, y, reduction="sum"),
-    "divide then softcap": lambda h, w, y: F.cross_entropy(torch.tanh(_lin(h, w).div(3.0) / 4.0) * 4.0, y,
-                                                           label_smoothing=0.1),
-    "scale, softcap, none": lambda h, w, y: F.cross_entropy(torch.tanh(-0.5 * _lin(h, w) / 2.0) * 2.0, y,
-                                                            reduction="none"),
+    "divide then softcap": lambda h, w, y: F.cross_entropy(
+        torch.tanh(_lin(h, w).div(3.0) / 4.0) * 4.0, y, label_smoothing=0.1
+    ),
+    "scale, softcap, none": lambda h, w, y: F.cross_entropy(
+        torch.tanh(-0.5 * _lin(h, w) / 2.0) * 2.0, y, reduction="none"
+    ),
 }
 
 
@@ -238,8 +250,10 @@ def test_a_broadcast_bias_is_a_near_miss():
     h, w, y = _inputs()
     b = torch.randn(1)
     fn = lambda h, w, b, y: F.cross_entropy(torch.tanh(F.linear(h, w, b) / 2.0) * 2.0, y)  # noqa: E731
-    assert _run(fn, h, w, b, y) == ({"cross_entropy": 1}, [
-        ("linear_cross_entropy", "lm_head bias (1,) is not a [vocab] tensor of the weight's dtype")])
+    assert _run(fn, h, w, b, y) == (
+        {"cross_entropy": 1},
+        [("linear_cross_entropy", "lm_head bias (1,) is not a [vocab] tensor of the weight's dtype")],
+    )
 
 
 def test_the_op_refuses_a_bias_of_another_length():
@@ -271,14 +285,15 @@ def test_losses_on_given_logits(name, dtype):
         assert _run(LOSS_ONLY[name], x, y, **tol) == ({"cross_entropy": 1}, [])
 
 
-HALF_LOSS = ("loss computed over torch.bfloat16 logits without an fp32 upcast "
-             "(the fp32 kernel would round differently)")
+HALF_LOSS = "loss computed over torch.bfloat16 logits without an fp32 upcast (the fp32 kernel would round differently)"
 
 
 def test_a_loss_over_downcast_logits_is_left_alone():
     """Eager rounds bf16 log-probs along the way; an fp32 kernel would not: a near-miss, bit-exact."""
+
     def fn(x, y):
         return F.cross_entropy(x.to(torch.bfloat16).view(1, -1, V).view(-1, V), y)
+
     assert _run(fn, torch.randn(13, V) * 3, _inputs()[2], rtol=0, atol=0) == ({}, [("cross_entropy", HALF_LOSS)])
 
 
@@ -297,28 +312,43 @@ def test_softcap_and_scale_on_half_precision_logits(steps):
 
 
 EPILOGUE_MISSES = {
-    "softcap with two constants": (lambda z: torch.tanh(z / 4.0) * 5.0,
-                                   "softcap 5·tanh(z/4): only c·tanh(z/c) with one finite c > 0 is fused"),
-    "softcap over z·(1/c)": (lambda z: torch.tanh(z * 0.2) * 5.0,
-                             "softcap 5·tanh(z·0.2): only c·tanh(z/c) with one finite c > 0 is fused"),
-    "scale after the softcap": (lambda z: torch.tanh(z / 5.0) * 5.0 * 0.5,
-                                "a softcap after a logit scale or a second softcap between lm_head and loss"),
+    "softcap with two constants": (
+        lambda z: torch.tanh(z / 4.0) * 5.0,
+        "softcap 5·tanh(z/4): only c·tanh(z/c) with one finite c > 0 is fused",
+    ),
+    "softcap over z·(1/c)": (
+        lambda z: torch.tanh(z * 0.2) * 5.0,
+        "softcap 5·tanh(z·0.2): only c·tanh(z/c) with one finite c > 0 is fused",
+    ),
+    "scale after the softcap": (
+        lambda z: torch.tanh(z / 5.0) * 5.0 * 0.5,
+        "a softcap after a logit scale or a second softcap between lm_head and loss",
+    ),
     "two scales": (lambda z: z * 0.5 / 3.0, "two logit scales between lm_head and loss"),
     "tensor scale": (lambda z: z * torch.tensor(0.5), "logit scale is a tensor, not a constant"),
     "scale 0": (lambda z: z * 0.0, "logit scale 0"),
-    "bf16 scale, fp32 softcap": (lambda z: torch.tanh((z * 0.5).float() / 5.0) * 5.0,
-                                 "logit scale/softcap steps in torch.float32 and torch.bfloat16: only all in the "
-                                 "logits' dtype or all in fp32"),
+    "bf16 scale, fp32 softcap": (
+        lambda z: torch.tanh((z * 0.5).float() / 5.0) * 5.0,
+        "logit scale/softcap steps in torch.float32 and torch.bfloat16: only all in the logits' dtype or all in fp32",
+    ),
 }
 
 
 def test_rows_selected_after_a_reshape_are_a_near_miss():
     """hidden[index] is the selected rows only where the index sees the lm_head's own leading dims."""
+
     def fn(h, w, y):
         return F.cross_entropy(F.linear(h, w).view(1, -1, V)[:, :-1].flatten(0, 1), y[:-1])
-    assert _run(fn, *_inputs()) == ({"cross_entropy": 1}, [(
-        "linear_cross_entropy", "the logits are indexed after a reshape of the lm_head's output (13, 131) to "
-                                "(1, 13, 131)")])
+
+    assert _run(fn, *_inputs()) == (
+        {"cross_entropy": 1},
+        [
+            (
+                "linear_cross_entropy",
+                "the logits are indexed after a reshape of the lm_head's output (13, 131) to (1, 13, 131)",
+            )
+        ],
+    )
 
 
 @pytest.mark.parametrize("name", list(EPILOGUE_MISSES))
@@ -335,20 +365,28 @@ def test_logits_used_elsewhere_are_a_near_miss_for_the_lm_head():
     def fn(h, w, y):
         logits = F.linear(h, w)
         return F.cross_entropy(logits.float(), y) + logits.mean()
+
     assert _run(fn, *_inputs()) == (
         {"cross_entropy": 1},
-        [("linear_cross_entropy", "intermediate `logits` has 2 users (1 outside the pattern: mean)")])
+        [("linear_cross_entropy", "intermediate `logits` has 2 users (1 outside the pattern: mean)")],
+    )
 
 
 NEAR_MISSES = {
-    "class weights": (lambda h, w, y: F.cross_entropy(_lin(h, w), y, weight=torch.linspace(0.5, 2, V)),
-                      "class weights (weight=) are not supported"),
-    "class dim 1": (lambda h, w, y: F.cross_entropy(_lin(h.view(1, -1, H), w).transpose(1, 2),
-                                                    torch.where(y < 0, 0, y).view(1, -1)),
-                    "logits of shape (1, 131, 13) with labels (1, 13): only [tokens, vocab] with [tokens] "
-                    "(the class dim last)"),
-    "probability targets": (lambda h, w, y: F.cross_entropy(_lin(h, w), torch.softmax(h @ w.t() * 0, -1).detach()),
-                            "class-probability (floating point) targets"),
+    "class weights": (
+        lambda h, w, y: F.cross_entropy(_lin(h, w), y, weight=torch.linspace(0.5, 2, V)),
+        "class weights (weight=) are not supported",
+    ),
+    "class dim 1": (
+        lambda h, w, y: F.cross_entropy(
+            _lin(h.view(1, -1, H), w).transpose(1, 2), torch.where(y < 0, 0, y).view(1, -1)
+        ),
+        "logits of shape (1, 131, 13) with labels (1, 13): only [tokens, vocab] with [tokens] (the class dim last)",
+    ),
+    "probability targets": (
+        lambda h, w, y: F.cross_entropy(_lin(h, w), torch.softmax(h @ w.t() * 0, -1).detach()),
+        "class-probability (floating point) targets",
+    ),
 }
 
 
@@ -387,9 +425,12 @@ def test_out_of_range_label_raises():
 def test_inductor():
     def fn(h, w, x, y):  # both ops in one graph
         return F.cross_entropy(F.linear(h, w).float(), y) + F.cross_entropy(x.float(), y, reduction="sum")
+
     h, w, y = _inputs()
     assert _run(fn, h, w, torch.randn(13, V), y, inner="inductor") == (
-        {"linear_cross_entropy": 1, "cross_entropy": 1}, [])
+        {"linear_cross_entropy": 1, "cross_entropy": 1},
+        [],
+    )
 
 
 def test_inductor_scales_the_taken_gradients_in_place():
@@ -397,13 +438,14 @@ def test_inductor_scales_the_taken_gradients_in_place():
     only scales them, in their saved (donated) buffers: no allocation, so dW exists once. Without
     gradients the graph runs the forward alone."""
     from torch._inductor.utils import run_and_get_code
+
     h, w, y = _inputs()
     h.requires_grad_()
     w.requires_grad_()
     fn = torch.compile(FUSED["hf-style"], backend=foak_compile.backend(patterns=CE, inner="inductor"))
     _, (fwd, bwd) = run_and_get_code(lambda: fn(h, w, y).backward())
     assert "foak.linear_cross_entropy_fused.default(" in fwd
-    body = bwd[bwd.index("def call("):]
+    body = bwd[bwd.index("def call(") :]
     body = body[: body.index("return")]
     assert "foak" not in body and "empty_strided" not in body
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """On a GPU: the foak backend with full inductor on CUDA, where the ops are inlined
 (ops/registry.py), against eager; LoRA with and without dropout, bf16 and fp32. Skipped on CPU
 (CI runs the opaque-op path; this is the path GPU users get)."""
+
 import copy
 
 import pytest
@@ -18,6 +19,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lora_llama_matches_eager_on_cuda(dtype, tol, dropout):
     from peft import LoraConfig, get_peft_model
+
     model = tiny_model("llama", dtype).cuda()
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS))
     for n, p in model.named_parameters():  # nonzero B so the adapters change the loss
@@ -32,8 +34,9 @@ def test_lora_llama_matches_eager_on_cuda(dtype, tol, dropout):
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=tol, atol=tol,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name].float(), ref_grads[name].float(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}"
+        )
     counts = foak_compile.total_counts(be.reports)
     assert counts.get("lora") == 14 and counts.get("rms_norm") == 5 and counts.get("rope") == 2, counts
     if dropout:  # ...and in training mode check the compiled step runs and draws fresh masks
@@ -55,6 +58,7 @@ def test_4bit_lora_llama_on_cuda(quant_type, nested, siblings):
     match must still replace all of it, and the result equal eager bitsandbytes."""
     pytest.importorskip("bitsandbytes")
     from tests.test_lora_pattern import PROJECTIONS, peft_llama
+
     model = peft_llama(torch.float32, layers=2, quantize=dict(quant_type=quant_type, nested=nested)).cuda()
     inputs = {k: v.cuda() for k, v in batch(model, seq=29).items()}
     eager = copy.deepcopy(model)
@@ -80,6 +84,7 @@ def test_opaque_dequant_under_inductor(siblings, monkeypatch, foak_config):
     pytest.importorskip("bitsandbytes")
     from foak_compile.kernels import bnb4
     from tests.test_lora_pattern import peft_llama
+
     foak_config(opaque_dequant=True)
     model = peft_llama(torch.bfloat16, layers=1, quantize=dict(quant_type="nf4", nested=True)).cuda()
     inputs = {k: v.cuda() for k, v in batch(model, seq=29).items()}
@@ -105,6 +110,7 @@ def test_linear_ce_compacts_on_cuda_only_after_a_call_that_ignored_many_rows(mon
     """The row compaction's host sync is taken only when the previous call's (asynchronously
     copied) ignored share was ≥ COMPACT_MIN_IGNORED; every decision gives torch's numbers."""
     from foak_compile.kernels import cross_entropy as kernel
+
     monkeypatch.setattr(kernel, "_IGNORED", kernel._IgnoredFraction())
     decisions = []
     real = kernel._kept_rows
@@ -134,6 +140,7 @@ def test_linear_ce_compacts_on_cuda_only_after_a_call_that_ignored_many_rows(mon
 def test_lora_siblings_on_cuda(dtype, tol):
     """The opt-in sibling grouping, inlined into inductor on CUDA, against eager."""
     from peft import LoraConfig, get_peft_model
+
     model = get_peft_model(tiny_model("llama", dtype).cuda(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -144,6 +151,7 @@ def test_lora_siblings_on_cuda(dtype, tol):
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=tol, atol=tol,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name].float(), ref_grads[name].float(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}"
+        )
     assert foak_compile.total_counts(be.reports).get("lora_siblings") == 4

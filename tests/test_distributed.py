@@ -1,6 +1,7 @@
 """scripts/distributed_parity.py on CPU: torchrun with 2 gloo processes, DDP and FSDP2 (fully_shard),
 LoRA compiled with backend foak, against one process on the whole batch (the same script on a GPU box
 runs NCCL with bf16 and NF4 bases)."""
+
 import json
 import os
 import subprocess
@@ -13,16 +14,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "distributed_parity.py")
 FULL = {"lora": 14, "lora_siblings": 4, "lora_swiglu": 2, "rms_norm": 5, "rope": 2, "cross_entropy": 1}
 
-pytestmark = [pytest.mark.slow,  # torchrun subprocesses
-              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                 reason="needs torch.distributed with gloo")]
+pytestmark = [
+    pytest.mark.slow,  # torchrun subprocesses
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+]
 
 
 def _drive(tmp_path, *extra):
     out = tmp_path / "parity.json"
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, SCRIPT, "--all", "--nproc", "2", "--steps", "3", "--inner", "aot_eager",
-                           "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--all",
+            "--nproc",
+            "2",
+            "--steps",
+            "3",
+            "--inner",
+            "aot_eager",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads(out.read_text())
     return summary, proc
@@ -33,6 +57,7 @@ def _checkpoints_module_call() -> bool:
     refuses inside the region: under FSDP2 with checkpointing the layers then run unfused (a documented
     limitation; 5.25 checkpoints forward only)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
+
     return "__init_subclass__" not in GradientCheckpointingLayer.__dict__
 
 

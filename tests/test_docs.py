@@ -1,4 +1,5 @@
 """The README's numbers come from committed JSON, and it stays a page for users."""
+
 import json
 import os
 
@@ -19,11 +20,14 @@ def test_results_block_is_rendered_from_the_committed_json():
     assert paths
     for rel in paths:
         with open(os.path.join(ROOT, rel)) as f:
-            assert render.default_path(json.load(f), rel) in block, f"re-run python -m benchmarks.render --readme ({rel})"
+            assert render.default_path(json.load(f), rel) in block, (
+                f"re-run python -m benchmarks.render --readme ({rel})"
+            )
 
 
 def test_every_preset_has_a_module_and_renders_where_its_results_go():
     from benchmarks import suite
+
     for name, preset in suite.PRESETS.items():
         assert os.path.exists(os.path.join(ROOT, "benchmarks", preset.module + ".py")), name
         cmd = suite.command(name, device="h100")

@@ -3,6 +3,7 @@ torch.compile's default (automatic dynamic), dynamic=True and mark_dynamic. Ever
 eager; foak compiles exactly as often as the same compile with backend="aot_eager" (its pattern
 checks add no guards); every compiled graph, symbolic or not, has every pattern rewritten.
 """
+
 import copy
 from types import SimpleNamespace
 
@@ -56,8 +57,9 @@ def _steps(model, backend, mode, loss_only=False, check=True):
             torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
             assert grads.keys() == ref_grads.keys()
             for name in ref_grads:
-                torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5,
-                                           msg=lambda m: f"step {i}, {name}: {m}")
+                torch.testing.assert_close(
+                    grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"step {i}, {name}: {m}"
+                )
 
 
 @pytest.mark.parametrize("mode", ["default", "dynamic=True", "mark_dynamic"])
@@ -72,7 +74,7 @@ def test_changing_batch_and_sequence_length(mode):
     for r in be.reports:
         assert r.counts() == COUNTS, r.to_text()
     # after the first graph (default) or from the start, the graphs take symbolic sizes
-    assert all("torch.SymInt" in r.code_before for r in be.reports[mode == "default":])
+    assert all("torch.SymInt" in r.code_before for r in be.reports[mode == "default" :])
 
 
 def test_loss_only_compile_fuses_the_lm_head_with_symbolic_token_counts():
@@ -101,6 +103,7 @@ def test_unspecialised_eps_is_guarded_on():
     """dynamic=True passes HF's float `variance_epsilon` as a tensor read with .item(); the
     rewrite specialises on its value, so a changed eps recompiles instead of going stale."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     norm = LlamaRMSNorm(24, eps=1e-6)
     be = foak_compile.backend(inner="aot_eager")
     compiled = torch.compile(norm, backend=be, dynamic=True)
@@ -139,23 +142,34 @@ def test_symbolic_last_dims_are_left_alone():
     """Documented: the fused ops need a static last dim (hidden size, head_dim, vocab), as in
     models, where it comes from the weights. A standalone function compiled with dynamic=True
     makes it symbolic: reported as a near-miss and run as written."""
+
     def fn(x, q, cos, sin, logits, y):
         n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         h = q.shape[-1] // 2
         r = q * cos.unsqueeze(1) + torch.cat((-q[..., h:], q[..., :h]), -1) * sin.unsqueeze(1)
         return n, r, torch.nn.functional.cross_entropy(logits.float(), y)
+
     be = foak_compile.backend(inner="aot_eager")
     compiled = torch.compile(fn, backend=be, dynamic=True)
     for t, d, v in ((3, 8, 11), (5, 6, 13)):
-        args = (torch.randn(t, d), torch.randn(2, 4, t, d), torch.randn(2, t, d), torch.randn(2, t, d),
-                torch.randn(t, v), torch.randint(0, v, (t,)))
+        args = (
+            torch.randn(t, d),
+            torch.randn(2, 4, t, d),
+            torch.randn(2, t, d),
+            torch.randn(2, t, d),
+            torch.randn(t, v),
+            torch.randint(0, v, (t,)),
+        )
         for a, b in zip(compiled(*args), fn(*args)):
             torch.testing.assert_close(a, b)
     [report] = be.reports
     assert report.counts() == {}
     reasons = {m.pattern: m.reason for m in report.near_misses}
-    assert reasons == {"rms_norm": "hidden size is symbolic", "rope": "head_dim is symbolic",
-                       "cross_entropy": "logits: the last dim is symbolic"}, reasons
+    assert reasons == {
+        "rms_norm": "hidden size is symbolic",
+        "rope": "head_dim is symbolic",
+        "cross_entropy": "logits: the last dim is symbolic",
+    }, reasons
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -164,6 +178,7 @@ def test_peft_lora_under_dynamic_true(dropout):
     the lora pattern specialises on the value, as rms_norm does with eps, so the graph the steps
     run is fully rewritten, every step equal to eager."""
     from tests.test_lora_pattern import PROJECTIONS, peft_llama
+
     model = peft_llama(layers=1, dropout=dropout).train()
     if dropout:  # masks differ from eager's by design: check the rewrite, not the numbers
         be = foak_compile.backend(inner="aot_eager")

@@ -1,6 +1,7 @@
 """`python -m foak_compile explain MODEL`: a tiny replica of each matrix family fuses what the model matrix
 expects of that family, from a model type, a config.json or a model directory, dense or NF4; bad input
 exits nonzero with a message that names it."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,11 @@ from tests.matrix import FAMILIES, build, expected_counts
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # the transformers families of the matrix; one in the fast tier, the sweep in the slow one (~6 s each)
-SWEEP = [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow)
-         for f, (cfg, _, _) in FAMILIES.items() if cfg is not None]
+SWEEP = [
+    f if f == "llama" else pytest.param(f, marks=pytest.mark.slow)
+    for f, (cfg, _, _) in FAMILIES.items()
+    if cfg is not None
+]
 
 
 def _model_type(family: str) -> str:
@@ -65,12 +69,27 @@ def test_config_json_path_loss_only(tmp_path):
 def test_model_directory_through_the_cli(tmp_path, capsys):
     """A Llama-3.2-1B-shaped config (GQA 4:1, llama3 rope scaling, tied embeddings) saved as a checkpoint
     directory; --json prints only the dict on stdout."""
-    tf.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                   num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-                   bos_token_id=128000, eos_token_id=[128001, 128008, 128009], max_position_embeddings=131072,
-                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 8192}).save_pretrained(tmp_path)
+    tf.LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ).save_pretrained(tmp_path)
     assert main(["explain", str(tmp_path), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["source"] == "directory" and res["real_layers"] == 16
@@ -96,8 +115,13 @@ def test_nf4_base(capsys):
 
 
 def test_unknown_model_type_exits_nonzero_with_its_name(capsys):
-    r = subprocess.run([sys.executable, "-m", "foak_compile", "explain", "not_a_model"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "foak_compile", "explain", "not_a_model"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and r.stdout == ""
     assert "unknown model type 'not_a_model'" in r.stderr, r.stderr
     assert main(["explain", "lama"]) == 2

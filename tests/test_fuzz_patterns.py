@@ -5,6 +5,7 @@ names it, and no foak op is in the graph).
 
 Each example compiles a small graph with the aot_eager inner compiler; max_examples stays small
 for CI (each test is a few seconds); FOAK_FUZZ_EXAMPLES=500 runs a deeper search locally."""
+
 import os
 
 import pytest
@@ -15,13 +16,19 @@ from hypothesis import strategies as st
 
 import foak_compile
 
-FUZZ = settings(max_examples=int(os.environ.get("FOAK_FUZZ_EXAMPLES", 25)), deadline=None, derandomize=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FOAK_FUZZ_EXAMPLES", 25)),
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 HALF_TOL = dict(rtol=2e-2, atol=2e-2)
 # eps = 0 makes numpy warn inside the Triton interpreter: expected here
-pytestmark = [pytest.mark.slow,  # compiles every generated module
-              pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.slow,  # compiles every generated module
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+]
 
 
 def _tol(dtype):
@@ -93,9 +100,13 @@ def rms_norm_modules(draw):
     eps_t = torch.tensor(eps)
 
     def fn(x, w):
-        xf = {None: lambda: x, "float": x.float, "to": lambda: x.to(torch.float32),
-              "type": lambda: x.type(torch.float32)}[upcast]()
-        sq = {"pow": lambda t: t.pow(2), "mul": lambda t: t * t, "pow-op": lambda t: t ** 2}[square](xf)
+        xf = {
+            None: lambda: x,
+            "float": x.float,
+            "to": lambda: x.to(torch.float32),
+            "type": lambda: x.type(torch.float32),
+        }[upcast]()
+        sq = {"pow": lambda t: t.pow(2), "mul": lambda t: t * t, "pow-op": lambda t: t**2}[square](xf)
         if miss == "centred":
             xf = xf - xf.mean(-1, keepdim=True)
             sq = xf.pow(2)
@@ -119,6 +130,7 @@ def rms_norm_modules(draw):
 
         def back(t):
             return t.to(x.dtype) if cast_back == "to" else t.type_as(x)
+
         if weight == "after-cast":
             y = w * back(n)
         elif weight == "after-cast-right":
@@ -133,12 +145,17 @@ def rms_norm_modules(draw):
         if extra is None:
             extra = {"upcast": xf, "normalised": n}.get(extra_ok)
         return y + extra.mean() if extra is not None else y
+
     return fn, miss, upcast
 
 
 @FUZZ
-@given(case=rms_norm_modules(), rows=st.integers(1, 9), hidden=st.integers(2, 70),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+@given(
+    case=rms_norm_modules(),
+    rows=st.integers(1, 9),
+    hidden=st.integers(2, 70),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+)
 def test_rms_norm_variants(case, rows, hidden, dtype):
     fn, miss, upcast = case
     x, w = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, dtype=dtype)
@@ -154,9 +171,15 @@ def test_rms_norm_variants(case, rows, hidden, dtype):
 
 
 @FUZZ
-@given(spelling=st.sampled_from(["F.rms_norm", "nn.RMSNorm"]), eps=st.sampled_from([None, 1e-6]),
-       affine=st.booleans(), rows=st.integers(1, 9), hidden=st.integers(2, 70),
-       dims=st.sampled_from([1, 1, 2]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    spelling=st.sampled_from(["F.rms_norm", "nn.RMSNorm"]),
+    eps=st.sampled_from([None, 1e-6]),
+    affine=st.booleans(),
+    rows=st.integers(1, 9),
+    hidden=st.integers(2, 70),
+    dims=st.sampled_from([1, 1, 2]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_functional_rms_norm(spelling, eps, affine, rows, hidden, dims, dtype):
     """F.rms_norm / nn.RMSNorm, with or without eps and weight; two trailing dims: a near-miss."""
     shape = (hidden,) if dims == 1 else (3, hidden)
@@ -167,8 +190,10 @@ def test_functional_rms_norm(spelling, eps, affine, rows, hidden, dims, dtype):
         def fn(x, w):
             return mod(x) * w
     else:
+
         def fn(x, w):
             return F.rms_norm(x, shape, w if affine else None, eps)
+
     report = _compile_and_compare(fn, [x, w], _tol(dtype))
     if dims == 1:
         assert report.counts() == {"rms_norm": 1}, report.to_text()
@@ -191,8 +216,9 @@ CE_MISSES = {
 
 @st.composite
 def loss_modules(draw):
-    spelling = draw(st.sampled_from(["cross_entropy", "log_softmax+nll", "method+nll", "module",
-                                     "log_softmax-fp32+nll"]))
+    spelling = draw(
+        st.sampled_from(["cross_entropy", "log_softmax+nll", "method+nll", "module", "log_softmax-fp32+nll"])
+    )
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     ignore = draw(st.sampled_from([-100, 0, 5]))
     smoothing = draw(st.sampled_from([0.0, 0.0, 0.1]))
@@ -212,7 +238,7 @@ def loss_modules(draw):
         kw = dict(ignore_index=ignore, reduction=reduction)
         if miss == "weight":  # in the dtype the loss sees
             fp32_lp = spelling == "log_softmax-fp32+nll" and not smoothing
-            kw["weight"] = class_w[:x.shape[-1]].to(torch.float32 if fp32_lp else xf.dtype)
+            kw["weight"] = class_w[: x.shape[-1]].to(torch.float32 if fp32_lp else xf.dtype)
         if miss == "class-dim-1":
             out = F.cross_entropy(xf.t()[None], labels[None], **kw)
         elif miss == "probabilities":
@@ -233,14 +259,19 @@ def loss_modules(draw):
         else:
             out = F.nll_loss(F.log_softmax(xf, -1), labels, **kw)
         return out + xf.mean() if extra_user else out
+
     # the fp32 log_softmax spelling is only taken when no miss branch replaces the loss call
     fp32_loss = upcast or (spelling == "log_softmax-fp32+nll" and not smoothing and miss in (None, "weight"))
     return fn, miss, fp32_loss, ignore
 
 
 @FUZZ
-@given(case=loss_modules(), rows=st.integers(1, 9), vocab=st.integers(7, 300),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    case=loss_modules(),
+    rows=st.integers(1, 9),
+    vocab=st.integers(7, 300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_cross_entropy_variants(case, rows, vocab, dtype):
     fn, miss, fp32_loss, ignore = case
     x = torch.randn(rows, vocab, dtype=dtype) * 2
@@ -298,30 +329,42 @@ def lm_head_losses(draw):
         if miss == "logits-returned":
             return loss, logits
         return loss + logits.mean() if miss == "logits-used" else loss
+
     return fn, miss, upcast
 
 
 @FUZZ
-@given(case=lm_head_losses(), rows=st.integers(1, 9), hidden=st.integers(1, 24), vocab=st.integers(7, 200),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), frozen=st.booleans())
+@given(
+    case=lm_head_losses(),
+    rows=st.integers(1, 9),
+    hidden=st.integers(1, 24),
+    vocab=st.integers(7, 200),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    frozen=st.booleans(),
+)
 def test_linear_cross_entropy_variants(case, rows, hidden, vocab, dtype, frozen):
     fn, miss, upcast = case
-    h, w, b = (torch.randn(rows, hidden, dtype=dtype), torch.randn(vocab, hidden, dtype=dtype) * 0.5,
-               torch.randn(vocab, dtype=dtype))
+    h, w, b = (
+        torch.randn(rows, hidden, dtype=dtype),
+        torch.randn(vocab, hidden, dtype=dtype) * 0.5,
+        torch.randn(vocab, dtype=dtype),
+    )
     labels = torch.randint(0, vocab, (rows,))
     labels[torch.rand(rows) < 0.3] = -100
     tol = FP32_TOL if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     report = _compile_and_compare(fn, [h, w, b, labels], tol, grad=[True, not frozen, not frozen, False])
     two_constants = "only c·tanh(z/c)"
     if dtype != torch.float32 and not upcast:
-        _assert_left_alone(report, "linear_cross_entropy",
-                           two_constants if miss == "softcap-two-constants" else "without an fp32")
+        _assert_left_alone(
+            report, "linear_cross_entropy", two_constants if miss == "softcap-two-constants" else "without an fp32"
+        )
         _assert_left_alone(report, "cross_entropy", "without an fp32 upcast")
     elif miss is None:
         assert report.counts() == {"linear_cross_entropy": 1}, report.to_text()
     else:  # the lm_head stays; the loss over its (scaled, capped) logits is still fused
-        _assert_left_alone(report, "linear_cross_entropy", two_constants if miss == "softcap-two-constants"
-                           else "users")
+        _assert_left_alone(
+            report, "linear_cross_entropy", two_constants if miss == "softcap-two-constants" else "users"
+        )
         assert report.counts() == {"cross_entropy": 1}, report.to_text()
 
 
@@ -351,7 +394,7 @@ def _halves(x, how):
 def _rotate(x, how, miss=None):
     """HF rotate_half spelt several ways, or a near-miss rotation."""
     if miss == "split":  # cut one element off the middle
-        x1, x2 = x[..., : x.shape[-1] // 2 - 1], x[..., x.shape[-1] // 2 - 1:]
+        x1, x2 = x[..., : x.shape[-1] // 2 - 1], x[..., x.shape[-1] // 2 - 1 :]
         return torch.cat((-x2, x1), dim=-1)
     if miss == "interleaved":
         return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
@@ -405,14 +448,22 @@ def rope_modules(draw):
         if with_k:
             outs += (apply(k, cos, sin, rotate)[0],)
         return outs + ((extra.sum(),) if extra is not None else ())
+
     return fn, miss, with_k
 
 
 @FUZZ
-@given(case=rope_modules(), batch=st.integers(1, 3), seq=st.integers(1, 7),
-       heads=st.sampled_from([(4, 4), (4, 2), (4, 1), (3, 1), (2, 2), (1, 1)]),
-       half=st.integers(1, 9), cos_batch=st.booleans(), odd=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), cos_dtype=st.sampled_from(["same", "fp32"]))
+@given(
+    case=rope_modules(),
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 7),
+    heads=st.sampled_from([(4, 4), (4, 2), (4, 1), (3, 1), (2, 2), (1, 1)]),
+    half=st.integers(1, 9),
+    cos_batch=st.booleans(),
+    odd=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    cos_dtype=st.sampled_from(["same", "fp32"]),
+)
 def test_rope_variants(case, batch, seq, heads, half, cos_batch, odd, dtype, cos_dtype):
     fn, miss, with_k = case
     d = 2 * half + (1 if odd and miss is None else 0)  # odd head_dim: no middle to split at
@@ -424,8 +475,9 @@ def test_rope_variants(case, batch, seq, heads, half, cos_batch, odd, dtype, cos
     pos = torch.randint(0, 50, (batch if cos_batch else 1, seq))
     ang = pos[..., None].float() * torch.rand(d)
     cos, sin = ang.cos().to(cdt), ang.sin().to(cdt)
-    report = _compile_and_compare(fn, [q, k, cos, sin], FP32_TOL if dtype == torch.float32 else HALF_TOL,
-                                  grad=[True, True, False, False])
+    report = _compile_and_compare(
+        fn, [q, k, cos, sin], FP32_TOL if dtype == torch.float32 else HALF_TOL, grad=[True, True, False, False]
+    )
     if d % 2:
         _assert_left_alone(report, "rope", "not at the middle")
         return
@@ -451,6 +503,7 @@ def test_rope_with_cos_sin_requiring_grad_is_left_alone(layout, seq, half):
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         c, s = cos.unsqueeze(dim), sin.unsqueeze(dim)
         return q * c + _rotate(q, "slice") * s, k * c + _rotate(k, "slice") * s
+
     d = 2 * half
     q, k = torch.randn(2, seq, 4, d), torch.randn(2, seq, 2, d)
     cos, sin = torch.randn(1, seq, d), torch.randn(1, seq, d)
@@ -461,6 +514,7 @@ def test_rope_with_cos_sin_requiring_grad_is_left_alone(layout, seq, half):
 # ---------------------------------------------------------------------------------------------
 # Fixed examples of what the properties above found, so that every run checks them
 
+
 def _rope_inputs(d=8):
     ang = torch.rand(1, 5, d) * 6
     return [torch.randn(2, 5, 4, d), torch.randn(2, 5, 2, d), ang.cos(), ang.sin()]
@@ -469,9 +523,11 @@ def _rope_inputs(d=8):
 def test_rope_subtraction_beside_a_rotation_is_not_taken_for_one():
     """x·cos − rot(x)·sin next to k's rotation on the same cos/sin was paired with it as a
     rotation (the partner search did not check for an add): q came out with the wrong sign."""
+
     def fn(q, k, cos, sin):
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)
         return q * c - _rotate(q, "slice") * s, k * c + _rotate(k, "slice") * s
+
     report = _compile_and_compare(fn, _rope_inputs(), FP32_TOL, grad=[True, True, False, False])
     assert [m.variant for m in report.matches] == ["single, unsqueeze_dim=2"], report.to_text()
 
@@ -479,9 +535,11 @@ def test_rope_subtraction_beside_a_rotation_is_not_taken_for_one():
 @pytest.mark.parametrize("rotate, unsq", [("chunk", "index"), ("split", "function"), ("stack", "negative")])
 def test_rope_spellings_once_rejected(rotate, unsq):
     """chunk/split halves, a stack(-2) join, `cos[:, None]` were near-misses before the fuzz."""
+
     def fn(q, k, cos, sin):
         c, s = _unsqueeze(cos, 2, unsq), _unsqueeze(sin, 2, unsq)
         return q * c + _rotate(q, rotate) * s, k * c + _rotate(k, rotate) * s
+
     report = _compile_and_compare(fn, _rope_inputs(), FP32_TOL, grad=[True, True, False, False])
     assert [m.variant for m in report.matches] == ["q+k, unsqueeze_dim=2"], report.to_text()
 
@@ -489,16 +547,19 @@ def test_rope_spellings_once_rejected(rotate, unsq):
 def test_log_softmax_upcast_of_half_logits_is_fused():
     """nll_loss(log_softmax(x_bf16, -1, dtype=torch.float32)) is an exact fp32 loss; it was
     rejected as a loss over bf16 logits."""
+
     def fn(x, y):
         return F.nll_loss(F.log_softmax(x, -1, dtype=torch.float32), y)
-    report = _compile_and_compare(fn, [torch.randn(6, 40, dtype=torch.bfloat16), torch.randint(0, 40, (6,))],
-                                  HALF_TOL)
+
+    report = _compile_and_compare(fn, [torch.randn(6, 40, dtype=torch.bfloat16), torch.randint(0, 40, (6,))], HALF_TOL)
     assert report.counts() == {"cross_entropy": 1}, report.to_text()
 
 
 def test_rms_norm_eps_zero_weight_gradient():
     """eps = 0 with one row: the rows of the kernel's tile past the end made dW NaN."""
+
     def fn(x, w):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 0.0))
+
     report = _compile_and_compare(fn, [torch.randn(1, 6), torch.randn(6)], FP32_TOL)
     assert report.counts() == {"rms_norm": 1}, report.to_text()

@@ -1,4 +1,5 @@
 """Generation with a LoRA model: which spelling compiles anything, and the one that does decodes as eager does."""
+
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ pytestmark = pytest.mark.slow  # several compiles (prefill and decode shapes)
 
 def _generate(model, prompt):
     with torch.no_grad():
-        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
-                              do_sample=False, pad_token_id=0)
+        return model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 gptqmodel's own TorchLinear dequantisation of layers packed by gptqmodel's own packing code
 (both zero-point conventions), and torch.ops.foak.lora_linear_gptq forward and backward against
 float64. The gptqmodel tests need the optional extra (scripts/install_gptq.sh); the rest do not."""
+
 import copy
 
 import pytest
@@ -19,6 +20,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # --- a GPTQ layer from integer codes (independent of any GPTQ library) ---------------------------
+
 
 def _pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Fields of `bits` packed into int32 words along `dim`, field k of word w = value pf·w + k."""
@@ -38,22 +40,26 @@ def _g_idx(n_in, group_size, act_order, gen):
     return (g[torch.randperm(n_in, generator=gen)] if act_order else g).to(torch.int32)
 
 
-def _gptq_layer(n_in, n_out, bits=4, group_size=32, act_order=False, sym=False, scale_dtype=torch.float16,
-                seed=0, zero_format=2):
+def _gptq_layer(
+    n_in, n_out, bits=4, group_size=32, act_order=False, sym=False, scale_dtype=torch.float16, seed=0, zero_format=2
+):
     """(qweight, qzeros, scales, g_idx, W [in, out] in float64 exactly as the format defines it)."""
     gen = torch.Generator().manual_seed(seed)
     maxq = 2**bits - 1
     g_idx = _g_idx(n_in, group_size, act_order, gen)
     groups = int(g_idx.max()) + 1
     codes = torch.randint(0, maxq + 1, (n_in, n_out), generator=gen)
-    zeros = (torch.full((groups, n_out), (maxq + 1) // 2) if sym
-             else torch.randint(0, maxq + 1, (groups, n_out), generator=gen))
+    zeros = (
+        torch.full((groups, n_out), (maxq + 1) // 2)
+        if sym
+        else torch.randint(0, maxq + 1, (groups, n_out), generator=gen)
+    )
     scales = (torch.rand(groups, n_out, generator=gen) * 0.02 + 0.002).to(scale_dtype)
     w = scales.double()[g_idx.long()] * (codes - zeros[g_idx.long()]).double()
     qzeros = _pack(zeros, bits, 1)
     if zero_format == 1:  # v1 stores zero − 1: one subtraction over each packed word, borrows and all
         words = qzeros.to(torch.int64) - gptq._v1_offset(bits)
-        qzeros = torch.where(words < -2**31, words + 2**32, words).to(torch.int32)
+        qzeros = torch.where(words < -(2**31), words + 2**32, words).to(torch.int32)
     return _pack(codes, bits, 0), qzeros, scales, g_idx, w
 
 
@@ -64,8 +70,7 @@ def test_dequant_matches_the_format(bits, group_size, act_order, device):
     Triton kernel and the torch path give the same bits, ragged shapes and v1 zeros included."""
     for scale_dtype in (torch.float16, torch.bfloat16):
         for (n_in, n_out), sym, zf in (((160, 96), False, 2), ((75, 41), True, 2), ((200, 36), False, 1)):
-            qw, qz, s, g, w = _gptq_layer(n_in, n_out, bits, group_size, act_order, sym, scale_dtype,
-                                          zero_format=zf)
+            qw, qz, s, g, w = _gptq_layer(n_in, n_out, bits, group_size, act_order, sym, scale_dtype, zero_format=zf)
             args = [t.to(device) for t in (qw, qz, s, g)]
             assert use_triton(args[0])
             for dtype in DTYPES:
@@ -92,12 +97,14 @@ def test_dequant_rejects_inconsistent_tensors():
 
 # --- bit for bit against gptqmodel --------------------------------------------------------------
 
+
 @pytest.fixture
 def gptqmodel(monkeypatch):
     pytest.importorskip("gptqmodel")
     # gptqmodel's pure-Python packer, not its JIT-compiled C++ one (same layout, no compile in CI)
     monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
     return TorchLinear
 
 
@@ -109,11 +116,22 @@ def _gptqmodel_layer(TorchLinear, n_in, n_out, bits, group_size, act_order, sym,
     groups = int(g_idx.max()) + 1
     lin = nn.Linear(n_in, n_out, bias=False)
     scales = torch.rand(n_out, groups, generator=gen) * 0.02 + 0.002  # gptqmodel's [out, groups]
-    zeros = (torch.full((n_out, groups), (maxq + 1) // 2) if sym
-             else torch.randint(0, maxq + 1, (n_out, groups), generator=gen))
+    zeros = (
+        torch.full((n_out, groups), (maxq + 1) // 2)
+        if sym
+        else torch.randint(0, maxq + 1, (n_out, groups), generator=gen)
+    )
     zeros[0, 0] = 0  # a v1 (zero − 1) word that borrows from its neighbour
-    m = TorchLinear(bits=bits, group_size=group_size, sym=sym, desc_act=act_order, in_features=n_in,
-                    out_features=n_out, bias=False, pack_dtype=torch.int32)
+    m = TorchLinear(
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=act_order,
+        in_features=n_in,
+        out_features=n_out,
+        bias=False,
+        pack_dtype=torch.int32,
+    )
     if n_in % 32 == 0 and n_out % 32 == 0:
         m.pack(lin, scales, zeros, g_idx)  # what optimum's GPTQ quantizer calls
     else:
@@ -134,9 +152,13 @@ def _gptqmodel_dequant(TorchLinear, m):
 
 @pytest.mark.parametrize("bits", gptq.BITS)
 def test_dequant_is_bit_exact_vs_gptqmodel(gptqmodel, bits, device):
-    for (n_in, n_out), group_size, act_order, sym in (((128, 96), 32, False, True), ((128, 64), 64, True, False),
-                                                      ((256, 32), 128, True, True), ((96, 64), -1, False, False),
-                                                      ((72, 50), 32, True, False)):
+    for (n_in, n_out), group_size, act_order, sym in (
+        ((128, 96), 32, False, True),
+        ((128, 64), 64, True, False),
+        ((256, 32), 128, True, True),
+        ((96, 64), -1, False, False),
+        ((72, 50), 32, True, False),
+    ):
         m = _gptqmodel_layer(gptqmodel, n_in, n_out, bits, group_size, act_order, sym)
         for scale_dtype in (torch.float16, torch.bfloat16):  # packed in fp16; model.to(bf16) casts them
             m = m.to(scale_dtype)
@@ -154,6 +176,7 @@ def test_v1_zero_points_decode_like_gptqmodel_loads_them(gptqmodel, bits, device
     zero_format=1 decoding of the v1 words equals gptqmodel's weight after that conversion."""
     from gptqmodel.quantization.config import QuantizeConfig
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module, convert_gptq_v2_to_v1_format_module
+
     m = _gptqmodel_layer(gptqmodel, 128, 64, bits, 32, True, sym=False)
     ref = _gptqmodel_dequant(gptqmodel, m)
     v1 = copy.deepcopy(m)
@@ -167,6 +190,7 @@ def test_v1_zero_points_decode_like_gptqmodel_loads_them(gptqmodel, bits, device
 
 
 # --- the fused op ----------------------------------------------------------------------------------
+
 
 def _adapter(n_in, n_out, r, dtype, device, bias=False, seed=1):
     gen = torch.Generator().manual_seed(seed)
@@ -196,14 +220,16 @@ def _check(y, dy, x, w, bias, a, b, s, keep=None, p=0.0, tol=2e-5):
 
 
 def _quant_args(n_in, n_out, bits, group_size, act_order, scale_dtype, device, zero_format=2):
-    qw, qz, s, g, w = _gptq_layer(n_in, n_out, bits, group_size, act_order, scale_dtype=scale_dtype,
-                                  zero_format=zero_format)
+    qw, qz, s, g, w = _gptq_layer(
+        n_in, n_out, bits, group_size, act_order, scale_dtype=scale_dtype, zero_format=zero_format
+    )
     return [t.to(device) for t in (qw, qz, s, g)], w
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits,group_size,act_order,bias", [(4, 32, True, True), (8, -1, False, False),
-                                                            (4, 64, False, False)])
+@pytest.mark.parametrize(
+    "bits,group_size,act_order,bias", [(4, 32, True, True), (8, -1, False, False), (4, 64, False, False)]
+)
 def test_op_forward_backward_vs_float64(dtype, bits, group_size, act_order, bias, device):
     n_in, n_out, r = 96, 72, 6
     q, w = _quant_args(n_in, n_out, bits, group_size, act_order, torch.float16, device)
@@ -266,8 +292,9 @@ def test_op_grads_only_where_needed_and_quantised_base_is_frozen(device):
     y.sum().backward()
     assert b.grad is not None and a.grad is None
     scales = q[2].float().requires_grad_()
-    y, _, _ = torch.ops.foak.lora_linear_gptq(x, q[0], q[1], scales, q[3], None, a, b, 1.0, 0.0, 4, 2,
-                                              torch.float32, torch.float32)
+    y, _, _ = torch.ops.foak.lora_linear_gptq(
+        x, q[0], q[1], scales, q[3], None, a, b, 1.0, 0.0, 4, 2, torch.float32, torch.float32
+    )
     with pytest.raises(NotImplementedError, match="frozen"):
         y.sum().backward()
 
@@ -276,15 +303,15 @@ def test_op_refuses_shapes_that_do_not_chain(device):
     q, _ = _quant_args(32, 24, 4, 32, False, torch.float16, device)
     a, b, _ = _adapter(32, 24, 4, torch.float32, device)
     with pytest.raises(ValueError, match="do not chain"):
-        torch.ops.foak.lora_linear_gptq(torch.randn(5, 31, device=device), *q, None, a, b, 1.0, 0.0, 4, 2,
-                                        torch.float32, torch.float32)
+        torch.ops.foak.lora_linear_gptq(
+            torch.randn(5, 31, device=device), *q, None, a, b, 1.0, 0.0, 4, 2, torch.float32, torch.float32
+        )
 
 
 def test_fake_impls_match_real():
     q, _ = _quant_args(32, 24, 4, 32, True, torch.float16, "cpu")
     a, b, bias = _adapter(32, 24, 4, torch.float32, "cpu", bias=True)
-    args = (torch.randn(2, 5, 32, requires_grad=True), *q, bias, a, b, 0.5, 0.0, 4, 2, torch.float32,
-            torch.bfloat16)
+    args = (torch.randn(2, 5, 32, requires_grad=True), *q, bias, a, b, 0.5, 0.0, 4, 2, torch.float32, torch.bfloat16)
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.foak.lora_linear_gptq.default, args, test_utils=checks)
 
@@ -294,42 +321,57 @@ def test_opaque_gptq_dequant_ops(bits, device, monkeypatch, foak_config):
     """torch.ops.foak.dequantize_gptq(_stacked), what the GPTQ LoRA ops call under CUDA graphs: the
     kernel's bits, fake impls that match, and the LoRA op the same through either route."""
     from foak_compile.ops import dequant
+
     n_in = int(torch.randint(40, 130, ()))
     outs = [int(v) for v in torch.randint(5, 70, (2,))]
-    layers = [_gptq_layer(n_in, o, bits, 32, act_order=bool(i), seed=int(torch.randint(0, 999, ())))
-              for i, o in enumerate(outs)]
+    layers = [
+        _gptq_layer(n_in, o, bits, 32, act_order=bool(i), seed=int(torch.randint(0, 999, ())))
+        for i, o in enumerate(outs)
+    ]
     layers = [tuple(t.to(device) for t in layer[:4]) for layer in layers]
     for layer in layers:
         args = (*layer, bits, 2, torch.bfloat16, dequant.FORWARD)
         assert torch.equal(torch.ops.foak.dequantize_gptq(*args), gptq.dequantize(*layer, bits, torch.bfloat16, 2))
-        torch.library.opcheck(torch.ops.foak.dequantize_gptq.default, args,
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            torch.ops.foak.dequantize_gptq.default, args, test_utils=("test_schema", "test_faketensor")
+        )
     cols = [list(c) for c in zip(*layers)]
     stacked_args = (*cols, bits, 2, torch.bfloat16, dequant.BACKWARD)
     want = torch.cat([gptq.dequantize(*layer, bits, torch.bfloat16, 2) for layer in layers], dim=1)
     assert torch.equal(torch.ops.foak.dequantize_gptq_stacked(*stacked_args), want)
-    torch.library.opcheck(torch.ops.foak.dequantize_gptq_stacked.default, stacked_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.foak.dequantize_gptq_stacked.default, stacked_args, test_utils=("test_schema", "test_faketensor")
+    )
     x = torch.randn(3, 5, n_in, dtype=torch.bfloat16, device=device)
     a = torch.randn(4, n_in, dtype=torch.bfloat16, device=device) / 8
     b = torch.randn(outs[0], 4, dtype=torch.bfloat16, device=device) / 8
     opaque_calls = []
     for name in ("dequantize_gptq", "dequantize_gptq_stacked"):  # looked up on torch.ops.foak per call
         real = getattr(torch.ops.foak, name)
-        monkeypatch.setattr(torch.ops.foak, name,
-                            lambda *args, _real=real, _name=name: opaque_calls.append(_name) or _real(*args))
+        monkeypatch.setattr(
+            torch.ops.foak, name, lambda *args, _real=real, _name=name: opaque_calls.append(_name) or _real(*args)
+        )
     results = []
     for opaque in (False, True):
         foak_config(opaque_dequant=opaque)
         del opaque_calls[:]
         xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
-        y = torch.ops.foak.lora_linear_gptq(xi, *layers[0], None, ai, bi, 0.5, 0.0, bits, 2, torch.bfloat16,
-                                            torch.bfloat16)[0]
+        y = torch.ops.foak.lora_linear_gptq(
+            xi, *layers[0], None, ai, bi, 0.5, 0.0, bits, 2, torch.bfloat16, torch.bfloat16
+        )[0]
         y.backward(torch.ones_like(y))
-        ys = torch.ops.foak.lora_linear_gptq_siblings(xi.detach(), *cols, [None] * 2, [ai.detach()] * 2,
-                                                      [bi.detach(), torch.zeros(outs[1], 4, dtype=torch.bfloat16,
-                                                                                device=device)],
-                                                      [0.5, 0.5], bits, 2, torch.bfloat16, torch.bfloat16)[0]
+        ys = torch.ops.foak.lora_linear_gptq_siblings(
+            xi.detach(),
+            *cols,
+            [None] * 2,
+            [ai.detach()] * 2,
+            [bi.detach(), torch.zeros(outs[1], 4, dtype=torch.bfloat16, device=device)],
+            [0.5, 0.5],
+            bits,
+            2,
+            torch.bfloat16,
+            torch.bfloat16,
+        )[0]
         results.append((y, xi.grad, ai.grad, bi.grad, ys))
         # forward and backward of the single layer, forward of the group: through the opaque ops or not at all
         assert opaque_calls == (["dequantize_gptq"] * 2 + ["dequantize_gptq_stacked"] if opaque else []), opaque_calls

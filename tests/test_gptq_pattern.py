@@ -3,6 +3,7 @@ optimum's GPTQ quantizer running gptqmodel's own GPTQ algorithm on calibration a
 packed by gptqmodel's own packer into its TorchLinear layers, peft LoRA (GPTQLoraLinear) on every
 projection; loss and LoRA gradients against eager, and the GPTQ layers left alone with a reason.
 Needs the optional extra (scripts/install_gptq.sh); skipped without it."""
+
 import copy
 
 import pytest
@@ -28,17 +29,37 @@ def _gptqmodel(monkeypatch):
     monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
 
 
-def quantized(family="llama", dtype=torch.float32, bits=4, group_size=32, desc_act=True, sym=False, backend="torch",
-              layers=1, loaded=True):
+def quantized(
+    family="llama",
+    dtype=torch.float32,
+    bits=4,
+    group_size=32,
+    desc_act=True,
+    sym=False,
+    backend="torch",
+    layers=1,
+    loaded=True,
+):
     """A tiny model GPTQ-quantised by optimum + gptqmodel on random calibration tokens."""
     from optimum.gptq import GPTQQuantizer
+
     torch.manual_seed(0)
     model = tiny_model(family, dtype, num_hidden_layers=layers, **SIZES)
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, 131, (1, 32), generator=g).tolist(), "attention_mask": [[1] * 32]}
-            for _ in range(4)]
-    q = GPTQQuantizer(bits=bits, dataset=data, group_size=group_size, desc_act=desc_act, sym=sym,
-                      act_group_aware=False, backend=backend, model_seqlen=32)
+    data = [
+        {"input_ids": torch.randint(0, 131, (1, 32), generator=g).tolist(), "attention_mask": [[1] * 32]}
+        for _ in range(4)
+    ]
+    q = GPTQQuantizer(
+        bits=bits,
+        dataset=data,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        act_group_aware=False,
+        backend=backend,
+        model_seqlen=32,
+    )
     model = q.quantize_model(model)
     if loaded:  # the buffers as loading a checkpoint gives them: normal tensors, not inference-mode ones
         for mod in model.modules():
@@ -50,6 +71,7 @@ def quantized(family="llama", dtype=torch.float32, bits=4, group_size=32, desc_a
 
 def with_lora(model, r=4, alpha=8, dropout=0.0, targets=PROJECTIONS):
     from peft import LoraConfig, get_peft_model
+
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # peft starts lora_B at zero, which would hide any error in the adapter's path
@@ -99,8 +121,9 @@ def compare_in_half_precision(model, inputs, half):
     return be
 
 
-@pytest.mark.parametrize("dtype,bits,group_size,desc_act,sym", [(torch.bfloat16, 4, 32, False, True),
-                                                                 (torch.float16, 8, -1, False, False)])
+@pytest.mark.parametrize(
+    "dtype,bits,group_size,desc_act,sym", [(torch.bfloat16, 4, 32, False, True), (torch.float16, 8, -1, False, False)]
+)
 def test_gptq_half_precision(dtype, bits, group_size, desc_act, sym):
     """bf16 / fp16 models (gptqmodel keeps fp16 scales; the weight is cast to the activations' dtype)."""
     model = with_lora(quantized(dtype=dtype, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym))
@@ -170,6 +193,7 @@ def test_gptq_dropout_in_training_uses_one_mask_forward_and_backward():
 
 # --- left alone, with the reason ------------------------------------------------------------------
 
+
 def _fused_kernel_in_eval():
     """gptqmodel's TorchFusedLinear after its first eval forward: repacked for aten's int4 CPU GEMM."""
     model = with_lora(quantized(backend="torch_fused", desc_act=False, sym=True), targets=["q_proj"])
@@ -198,8 +222,10 @@ def _eval_mode():
 
 
 NEAR_MISSES = {
-    "opaque kernel": (_fused_kernel_in_eval, "gptqmodel TorchFusedLinear runs an opaque kernel "
-                                             "(aten._weight_int4pack_mm_for_cpu"),
+    "opaque kernel": (
+        _fused_kernel_in_eval,
+        "gptqmodel TorchFusedLinear runs an opaque kernel (aten._weight_int4pack_mm_for_cpu",
+    ),
     "inference-mode buffers": (_inference_tensors, "inference tensors"),
     "3-bit": (_three_bit, "fit no 2/4/8-bit int32 packing"),
     "adapters disabled": (_disabled, "adapters merged or disabled"),
@@ -212,8 +238,9 @@ def test_gptq_near_misses_are_left_alone_and_reported(name):
     build, reason = NEAR_MISSES[name]
     model = build()
     inputs = batch(model)
-    be = inference_matches_eager(model, inputs,
-                                 context=(lambda m: m.disable_adapter()) if name == "adapters disabled" else None)
+    be = inference_matches_eager(
+        model, inputs, context=(lambda m: m.disable_adapter()) if name == "adapters disabled" else None
+    )
     assert lora_counts(be) == 0
     assert any(reason in r for r in lora_misses(be)), lora_misses(be)
 
@@ -227,6 +254,8 @@ def test_gptq_siblings_are_grouped_and_exact(family):
     counts = foak_compile.total_counts(be.reports)
     assert counts.get("lora") == len(PROJECTIONS) and counts.get("lora_siblings") == 2, counts
     variants = [m.variant for r in be.reports for m in r.matches if m.pattern == "lora_siblings"]
-    assert variants == ["3 GPTQ siblings, one stacked weight (q_proj, k_proj, v_proj)",
-                        "2 GPTQ siblings, one stacked weight (gate_proj, up_proj)"], variants
+    assert variants == [
+        "3 GPTQ siblings, one stacked weight (q_proj, k_proj, v_proj)",
+        "2 GPTQ siblings, one stacked weight (gate_proj, up_proj)",
+    ], variants
     assert "lora_linear_gptq_siblings" in be.reports[0].code_after

@@ -2,6 +2,7 @@
 Llama + peft LoRA, datasets built here, a few steps, against the same run in eager), gradient
 checkpointing (loss and every LoRA gradient against eager, with and without checkpointing), and the
 QLoRA example script in its tiny setting."""
+
 import copy
 import inspect
 import math
@@ -19,8 +20,14 @@ pytestmark = pytest.mark.slow  # Trainer and TRL runs
 
 LAYERS = 2
 # what a 2-layer Llama with LoRA on all seven projections contains
-FULL = {"lora": 7 * LAYERS, "lora_siblings": 2 * LAYERS, "lora_swiglu": LAYERS, "rms_norm": 2 * LAYERS + 1,
-        "rope": LAYERS, "cross_entropy": 1}
+FULL = {
+    "lora": 7 * LAYERS,
+    "lora_siblings": 2 * LAYERS,
+    "lora_swiglu": LAYERS,
+    "rms_norm": 2 * LAYERS + 1,
+    "rope": LAYERS,
+    "cross_entropy": 1,
+}
 # with LoRA dropout each layer draws its own mask: q/k/v and gate/up stay single ops
 FULL_DROPOUT = {k: v for k, v in FULL.items() if k != "lora_siblings"}
 
@@ -33,12 +40,25 @@ def _rows(vocab, n=16, seq=12, seed=0):
 
 def _args(out, steps=4, gc=False, **kw):
     from transformers import TrainingArguments
+
     # gradient_checkpointing(_kwargs) is the name on transformers 5.17 and a deprecated alias on 5.24
-    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=steps,
-                             learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                             report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                             gradient_checkpointing=gc,
-                             gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None, **kw)
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=gc,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
+        **kw,
+    )
 
 
 def _history(trainer, key):
@@ -50,6 +70,7 @@ def _trainer_run(model, out, compiled, gc, loss_only=False):
     from transformers import Trainer
 
     from foak_compile.integrations import FoakCallback
+
     rows = _rows(model.config.vocab_size)
     ds = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     callbacks = []
@@ -115,8 +136,9 @@ def test_trainer_loss_only_fuses_the_lm_head(tmp_path):
     assert model._foak_full_forward.__func__ is not model.forward.__func__
     assert not getattr(model._foak_full_forward, "_foak_loss_only", False)
     # Trainer's column filter reads the signature; a deep copy (TRL's reference model) is its own model
-    assert list(inspect.signature(model.forward).parameters) == list(
-        inspect.signature(type(model).forward).parameters)[1:]
+    assert (
+        list(inspect.signature(model.forward).parameters) == list(inspect.signature(type(model).forward).parameters)[1:]
+    )
     twin = copy.deepcopy(model)
     assert twin.forward.__self__ is twin and twin._foak_full_forward.__self__ is twin
     twin.eval()
@@ -128,6 +150,7 @@ def test_trainer_loss_only_fuses_the_lm_head(tmp_path):
 def test_training_args_backend_is_refused_by_accelerate(tmp_path):
     """Why compile_for_trainer exists: accelerate checks torch_compile_backend against a fixed list."""
     from transformers import Trainer
+
     model = peft_llama(layers=1)
     with pytest.raises(ValueError, match="not a valid DynamoBackend"):
         Trainer(model=model, args=_args(tmp_path, torch_compile_backend="foak"))
@@ -141,10 +164,12 @@ def test_compile_for_trainer_wants_the_module():
 
 # --- TRL -------------------------------------------------------------------------------------------
 
+
 def _word_tokenizer(n_words):
     """A real fast tokenizer built here (no hub): whitespace-split words w0..w{n-1}."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(n_words)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -156,6 +181,7 @@ def _sft_run(model, out, compiled):
     from trl import SFTConfig, SFTTrainer
 
     from foak_compile.integrations import FoakCallback
+
     words = model.config.vocab_size - 3
     tok = _word_tokenizer(words)
     model.config.pad_token_id, model.config.eos_token_id = 0, 1
@@ -165,12 +191,30 @@ def _sft_run(model, out, compiled):
         compile_for_trainer(model, inner="aot_eager")
         callbacks.append(FoakCallback())
     # SFTConfig's defaults: gradient checkpointing on (non-reentrant on transformers 5), bf16 (off on CPU)
-    cfg = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
-                    lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                    bf16=False, seed=0, max_length=32, disable_tqdm=True, dataset_num_proc=None)
+    cfg = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        max_length=32,
+        disable_tqdm=True,
+        dataset_num_proc=None,
+    )
     assert cfg.gradient_checkpointing
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                         processing_class=tok, callbacks=callbacks)
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=tok,
+        callbacks=callbacks,
+    )
     trainer.train()
     return trainer, (callbacks[0] if callbacks else None)
 
@@ -187,11 +231,13 @@ def test_trl_sft_trainer(tmp_path):
     counts = cb.counts
     # TRL computes the loss with its own chunked LM head (add_fused_lm_head), outside foak's reach:
     # no cross_entropy match; everything in the decoder layers is rewritten
-    assert {k: counts.get(k) for k in ("lora", "lora_siblings", "rms_norm", "rope")} == \
-        {k: FULL[k] for k in ("lora", "lora_siblings", "rms_norm", "rope")}, [r.summary() for r in cb.reports]
+    assert {k: counts.get(k) for k in ("lora", "lora_siblings", "rms_norm", "rope")} == {
+        k: FULL[k] for k in ("lora", "lora_siblings", "rms_norm", "rope")
+    }, [r.summary() for r in cb.reports]
 
 
 # --- gradient checkpointing without Trainer ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 def test_gradient_checkpointing_parity(base):
@@ -213,13 +259,18 @@ def test_gradient_checkpointing_parity(base):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         assert grads.keys() == ref_grads.keys()
         for name in grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert len(be.reports) == 1, [r.summary() for r in be.reports]
     report = be.reports[0]
     assert report.code_before.count("tag_activation_checkpoint(") == layers
-    want = {"lora": 7 * layers, "lora_siblings": 2 * layers, "lora_swiglu": layers, "rms_norm": 2 * layers + 1,
-            "rope": layers, "cross_entropy": 1}
+    want = {
+        "lora": 7 * layers,
+        "lora_siblings": 2 * layers,
+        "lora_swiglu": layers,
+        "rms_norm": 2 * layers + 1,
+        "rope": layers,
+        "cross_entropy": 1,
+    }
     assert report.counts() == want, report.summary()
     inside = [m for m in report.matches if m.pattern == "lora"]
     assert all("layers." in m.module for m in inside)
@@ -247,15 +298,31 @@ def test_plain_gradient_checkpointing_enable_still_matches():
 
 # --- the QLoRA example ------------------------------------------------------------------------------
 
+
 def test_qlora_example_tiny(tmp_path):
     pytest.importorskip("bitsandbytes")
     import importlib.util
+
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "qlora_finetune.py")
     spec = importlib.util.spec_from_file_location("qlora_finetune", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    result = mod.main(["--preset", "tiny", "--steps", "2", "--batch", "2", "--seq", "24", "--inner", "aot_eager",
-                       "--output-dir", str(tmp_path)])
+    result = mod.main(
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "24",
+            "--inner",
+            "aot_eager",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
     # NF4 base, dropout 0.05, checkpointing, loss only (the default): all rewritten, lm_head + loss as one
     expected = {k: v for k, v in FULL_DROPOUT.items() if k != "cross_entropy"}

@@ -1,5 +1,6 @@
 """torch.ops.foak.lora_linear / lora_linear_4bit against float64 references, the 4-bit dequant
 kernel bit for bit against bitsandbytes, and the seeded LoRA dropout."""
+
 import pytest
 import torch
 
@@ -15,10 +16,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def _layer(out_f, in_f, r, dtype, device, bias=False, adapter_dtype=None):
     adt = adapter_dtype or dtype
-    w = torch.randn(out_f, in_f, dtype=dtype, device=device) / in_f ** 0.5
+    w = torch.randn(out_f, in_f, dtype=dtype, device=device) / in_f**0.5
     b = torch.randn(out_f, dtype=dtype, device=device) if bias else None
-    a = torch.randn(r, in_f, dtype=adt, device=device) / in_f ** 0.5
-    bb = torch.randn(out_f, r, dtype=adt, device=device) / r ** 0.5  # non-zero: the adapter must count
+    a = torch.randn(r, in_f, dtype=adt, device=device) / in_f**0.5
+    bb = torch.randn(out_f, r, dtype=adt, device=device) / r**0.5  # non-zero: the adapter must count
     return w, b, a, bb
 
 
@@ -65,7 +66,8 @@ def test_dense_forward_backward_vs_float64(dtype, shape, bias, device):
 def _quantized(out_f, in_f, dtype, quant_type, nested, blocksize=64, device="cpu"):
     """(packed weight, quant state, dequantised weight) from bitsandbytes itself."""
     import bitsandbytes.functional as BF
-    w = torch.randn(out_f, in_f, dtype=dtype, device=device) / in_f ** 0.5
+
+    w = torch.randn(out_f, in_f, dtype=dtype, device=device) / in_f**0.5
     q, st = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
     with torch.compiler.set_stance("force_eager"):  # bitsandbytes' odd-shape fallback is torch.compile'd
         ref = BF.dequantize_4bit(q, st)
@@ -87,12 +89,14 @@ def _bnb_reference_dequant(q, st):
     except ImportError:
         return None
     import bitsandbytes.functional as BF
+
     absmax = st.absmax
     with torch.compiler.set_stance("force_eager"):
         if st.nested:
             absmax = BF.dequantize_blockwise(st.absmax, st.state2) + st.offset
-        return _dequantize_4bit_compute(q.reshape(-1), absmax, _get_4bit_code(st.quant_type, q.device),
-                                        st.blocksize, st.shape, st.dtype)
+        return _dequantize_4bit_compute(
+            q.reshape(-1), absmax, _get_4bit_code(st.quant_type, q.device), st.blocksize, st.shape, st.dtype
+        )
 
 
 def _cpu_kernel_is_consistent(in_f, blocksize):
@@ -106,8 +110,14 @@ def _cpu_kernel_is_consistent(in_f, blocksize):
 def test_dequant_is_bit_exact_vs_bitsandbytes(quant_type, nested, device):
     pytest.importorskip("bitsandbytes")
     for dtype in DTYPES:
-        for blocksize, (out_f, in_f) in ((64, (48, 72)), (64, (40, 128)), (128, (37, 51)), (32, (5, 7)),
-                                         (4096, (33, 200)), (256, (96, 64))):
+        for blocksize, (out_f, in_f) in (
+            (64, (48, 72)),
+            (64, (40, 128)),
+            (128, (37, 51)),
+            (32, (5, 7)),
+            (4096, (33, 200)),
+            (256, (96, 64)),
+        ):
             q, st, bnb = _quantized(out_f, in_f, dtype, quant_type, nested, blocksize, device)
             ref = _bnb_reference_dequant(q, st)
             absmax, n_absmax, n_code, offset, n_bs = _state_args(st)
@@ -129,6 +139,7 @@ def test_dequant_round_trip_is_within_half_a_code_step(device):
     """Independent of bitsandbytes' dequantiser: every value comes back to within half the
     widest gap of the NF4 table times its block's absmax."""
     import bitsandbytes.functional as BF
+
     w = torch.randn(96, 64, device=device)
     q, st = BF.quantize_4bit(w, blocksize=128, compress_statistics=False, quant_type="nf4")
     got = bnb4.dequantize_4bit(q, st.absmax, 128, "nf4", st.shape, torch.float32)
@@ -154,7 +165,7 @@ def test_dequant_into_rows_of_a_stacked_buffer(triton_path, device, monkeypatch)
         absmax, *nested = _state_args(st)
         args = (q, absmax, st.blocksize, st.quant_type, st.shape, torch.bfloat16, *nested)
         assert bnb4.dequantize_4bit(*args, out=buf, out_row=row) is buf
-        assert torch.equal(buf[row:row + st.shape[0]], bnb4.dequantize_4bit(*args))
+        assert torch.equal(buf[row : row + st.shape[0]], bnb4.dequantize_4bit(*args))
         row += st.shape[0]
     assert (buf[0] == sentinel).all() and (buf[row:] == sentinel).all()
     with pytest.raises(ValueError, match="out must be"):
@@ -182,8 +193,25 @@ def test_4bit_forward_backward_vs_float64(dtype, quant_type, nested, device):
     _, _, a, b = _layer(out_f, in_f, r, dtype, device)
     x = torch.randn(2, 19, in_f, dtype=dtype, device=device, requires_grad=True)
     a.requires_grad_(), b.requires_grad_()
-    y, _, _ = torch.ops.foak.lora_linear_4bit(x, q, absmax, n_absmax, n_code, offset, None, a, b, 0.5, 0.0,
-                                              quant_type, st.blocksize, n_bs, list(st.shape), dtype, dtype)
+    y, _, _ = torch.ops.foak.lora_linear_4bit(
+        x,
+        q,
+        absmax,
+        n_absmax,
+        n_code,
+        offset,
+        None,
+        a,
+        b,
+        0.5,
+        0.0,
+        quant_type,
+        st.blocksize,
+        n_bs,
+        list(st.shape),
+        dtype,
+        dtype,
+    )
     dy = torch.randn_like(y)
     y.backward(dy)
     _check_against_reference(y, dy, x, wref, None, a, b, 0.5, tol=TOL[dtype])
@@ -196,8 +224,25 @@ def test_4bit_compute_dtype_and_output_dtype_differ_from_input(device):
     absmax, n_absmax, n_code, offset, n_bs = _state_args(st)
     _, _, a, b = _layer(24, 40, 4, torch.float32, device)
     x = torch.randn(9, 40, device=device, requires_grad=True)
-    y, t, _ = torch.ops.foak.lora_linear_4bit(x, q, absmax, n_absmax, n_code, offset, None, a, b, 2.0, 0.0,
-                                              "nf4", st.blocksize, n_bs, [24, 40], torch.bfloat16, torch.float32)
+    y, t, _ = torch.ops.foak.lora_linear_4bit(
+        x,
+        q,
+        absmax,
+        n_absmax,
+        n_code,
+        offset,
+        None,
+        a,
+        b,
+        2.0,
+        0.0,
+        "nf4",
+        st.blocksize,
+        n_bs,
+        [24, 40],
+        torch.bfloat16,
+        torch.float32,
+    )
     assert y.dtype == torch.float32 and t.dtype == torch.bfloat16
     y.sum().backward()
     assert x.grad.dtype == torch.float32
@@ -218,6 +263,7 @@ def test_mixed_precision_adapter(device):
 
 
 # --- dropout ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -245,7 +291,7 @@ def test_dropout_mask_distribution(p, path, device, monkeypatch):
     assert torch.equal(kernel.dropout(ones, 1234, p, torch.float32), y)
     other = kernel.dropout(ones, 99, p, torch.float32) != 0
     agree = (other == keep).float().mean().item()
-    assert abs(agree - ((1 - p) ** 2 + p ** 2)) < 6 * (0.25 / n) ** 0.5
+    assert abs(agree - ((1 - p) ** 2 + p**2)) < 6 * (0.25 / n) ** 0.5
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
@@ -278,8 +324,25 @@ def test_dropout_4bit_backward_uses_the_forward_mask(device):
     _, _, a, b = _layer(30, 64, 4, torch.float32, device)
     x = torch.randn(40, 64, device=device, requires_grad=True)
     a.requires_grad_(), b.requires_grad_()
-    y, _, seed = torch.ops.foak.lora_linear_4bit(x, q, absmax, n_absmax, n_code, offset, None, a, b, 2.0, p,
-                                                 "nf4", 64, n_bs, [30, 64], torch.float32, torch.float32)
+    y, _, seed = torch.ops.foak.lora_linear_4bit(
+        x,
+        q,
+        absmax,
+        n_absmax,
+        n_code,
+        offset,
+        None,
+        a,
+        b,
+        2.0,
+        p,
+        "nf4",
+        64,
+        n_bs,
+        [30, 64],
+        torch.float32,
+        torch.float32,
+    )
     keep = kernel.dropout(torch.ones_like(x), seed, p, torch.float32) != 0
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -300,6 +363,7 @@ def test_seed_follows_torch_manual_seed(device):
 
 # --- what the backward computes ---------------------------------------------------------------------
 
+
 def test_grads_only_where_needed(device):
     w, _, a, b = _layer(20, 24, 4, torch.float32, device)
     x = torch.randn(6, 24, device=device)
@@ -308,9 +372,22 @@ def test_grads_only_where_needed(device):
     y.sum().backward()
     assert b.grad is not None and a.grad is None and x.grad is None
     t = torch.ops.foak.lora_linear(x, w, None, a, b, 1.0, 0.0, torch.float32)[1]
-    dx, dbias, da, db = torch.ops.foak.lora_linear_backward(torch.ones(6, 20, device=device), x, w, None, a, b, t,
-                                                            torch.zeros((), dtype=torch.int64), 1.0, 0.0,
-                                                            False, False, False, True)
+    dx, dbias, da, db = torch.ops.foak.lora_linear_backward(
+        torch.ones(6, 20, device=device),
+        x,
+        w,
+        None,
+        a,
+        b,
+        t,
+        torch.zeros((), dtype=torch.int64),
+        1.0,
+        0.0,
+        False,
+        False,
+        False,
+        True,
+    )
     assert dx.numel() == dbias.numel() == da.numel() == 0 and db.shape == b.shape
 
 
@@ -332,15 +409,40 @@ def test_shapes_that_do_not_chain_are_refused(device):
 
 def test_fake_impls_match_real():
     w, bias, a, b = _layer(12, 16, 4, torch.float32, "cpu", bias=True)
-    args = (torch.randn(2, 5, 16, requires_grad=True), w, bias.requires_grad_(), a.requires_grad_(),
-            b.requires_grad_(), 0.5, 0.0, torch.float32)
+    args = (
+        torch.randn(2, 5, 16, requires_grad=True),
+        w,
+        bias.requires_grad_(),
+        a.requires_grad_(),
+        b.requires_grad_(),
+        0.5,
+        0.0,
+        torch.float32,
+    )
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.foak.lora_linear.default, args, test_utils=checks)
     pytest.importorskip("bitsandbytes")
     q, st, _ = _quantized(12, 16, torch.float32, "nf4", True)
     absmax, n_absmax, n_code, offset, n_bs = _state_args(st)
-    args4 = (torch.randn(2, 5, 16, requires_grad=True), q, absmax, n_absmax, n_code, offset, None,
-             a, b, 0.5, 0.0, "nf4", 64, n_bs, [12, 16], torch.float32, torch.bfloat16)
+    args4 = (
+        torch.randn(2, 5, 16, requires_grad=True),
+        q,
+        absmax,
+        n_absmax,
+        n_code,
+        offset,
+        None,
+        a,
+        b,
+        0.5,
+        0.0,
+        "nf4",
+        64,
+        n_bs,
+        [12, 16],
+        torch.float32,
+        torch.bfloat16,
+    )
     torch.library.opcheck(torch.ops.foak.lora_linear_4bit.default, args4, test_utils=checks)
 
 
@@ -350,25 +452,33 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch, foak_config
     FOAK_OPAQUE_DEQUANT=1: the kernel's bits, fake impls that match, and the same LoRA results."""
     pytest.importorskip("bitsandbytes")
     from foak_compile.ops import dequant
+
     parts = [_quantized(o, 70, torch.bfloat16, quant_type, nested, device=device) for o in (13, 22)]
     states = [(q, *_state_args(st)) for q, st, _ in parts]
-    single = [(q, absmax, na, nc, off, quant_type, st.blocksize, nbs, list(st.shape), torch.bfloat16, dequant.FORWARD)
-              for (q, absmax, na, nc, off, nbs), (_, st, _) in zip(states, parts)]
+    single = [
+        (q, absmax, na, nc, off, quant_type, st.blocksize, nbs, list(st.shape), torch.bfloat16, dequant.FORWARD)
+        for (q, absmax, na, nc, off, nbs), (_, st, _) in zip(states, parts)
+    ]
     for args, (_, _, wref) in zip(single, parts):
         assert torch.equal(torch.ops.foak.dequantize_4bit(*args), wref)
-        torch.library.opcheck(torch.ops.foak.dequantize_4bit.default, args,
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            torch.ops.foak.dequantize_4bit.default, args, test_utils=("test_schema", "test_faketensor")
+        )
     lists = [list(col) for col in zip(*[a[:5] for a in single])]
     stacked_args = (*lists, quant_type, single[0][6], single[0][7], [13, 70, 22, 70], torch.bfloat16, dequant.BACKWARD)
     assert torch.equal(torch.ops.foak.dequantize_4bit_stacked(*stacked_args), torch.cat([w for _, _, w in parts]))
-    torch.library.opcheck(torch.ops.foak.dequantize_4bit_stacked.default, stacked_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.foak.dequantize_4bit_stacked.default, stacked_args, test_utils=("test_schema", "test_faketensor")
+    )
     shapes = [(13, 70), (22, 70)]
     routes = []
     for opaque in (False, True):
         foak_config(opaque_dequant=opaque)
-        routes.append(dequant.stacked_weight(*lists, quant_type, single[0][6], single[0][7], shapes, torch.bfloat16,
-                                             dequant.FORWARD))
+        routes.append(
+            dequant.stacked_weight(
+                *lists, quant_type, single[0][6], single[0][7], shapes, torch.bfloat16, dequant.FORWARD
+            )
+        )
     assert torch.equal(*routes)
     # the LoRA op through either route: the same bits, forward and backward
     q, absmax, na, nc, off, nbs = states[0]
@@ -383,8 +493,25 @@ def test_opaque_dequant_ops(quant_type, nested, device, monkeypatch, foak_config
         foak_config(opaque_dequant=opaque)
         del opaque_calls[:]
         xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
-        y = torch.ops.foak.lora_linear_4bit(xi, q, absmax, na, nc, off, None, ai, bi, 0.5, 0.0, quant_type,
-                                            st.blocksize, nbs, list(st.shape), torch.bfloat16, torch.bfloat16)[0]
+        y = torch.ops.foak.lora_linear_4bit(
+            xi,
+            q,
+            absmax,
+            na,
+            nc,
+            off,
+            None,
+            ai,
+            bi,
+            0.5,
+            0.0,
+            quant_type,
+            st.blocksize,
+            nbs,
+            list(st.shape),
+            torch.bfloat16,
+            torch.bfloat16,
+        )[0]
         y.backward(torch.ones_like(y))
         outs.append((y, xi.grad, ai.grad, bi.grad))
         assert opaque_calls == ([dequant.FORWARD, dequant.BACKWARD] if opaque else []), opaque_calls
@@ -399,15 +526,15 @@ def test_low_rank_add_vs_float64(dtype, m, n, r, col0, extra, device):
     fp32 accumulation's error), the columns outside untouched; u a column slice, v a transposed view
     (as the backward passes A), r beyond one 64-wide step."""
     y = torch.randn(m, col0 + n + extra, dtype=dtype, device=device)
-    u = torch.randn(m, r + 3, dtype=dtype, device=device)[:, 2:2 + r]
+    u = torch.randn(m, r + 3, dtype=dtype, device=device)[:, 2 : 2 + r]
     v = torch.randn(r, n, dtype=dtype, device=device).t()
     alpha = float(torch.empty(()).uniform_(0.3, 3.0))
     want = y.double()
-    want[:, col0:col0 + n] += alpha * (u.double() @ v.double().t())
+    want[:, col0 : col0 + n] += alpha * (u.double() @ v.double().t())
     before = y.clone()
     out = kernel.low_rank_add_(y, u, v, alpha, col0=col0)
     assert out is y
     ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     err = (y.double() - want).abs()
-    assert (err <= 0.5 * ulp * want.abs() + 1e-5 * (r ** 0.5) * alpha).all(), err.max()
-    assert torch.equal(y[:, :col0], before[:, :col0]) and torch.equal(y[:, col0 + n:], before[:, col0 + n:])
+    assert (err <= 0.5 * ulp * want.abs() + 1e-5 * (r**0.5) * alpha).all(), err.max()
+    assert torch.equal(y[:, :col0], before[:, :col0]) and torch.equal(y[:, col0 + n :], before[:, col0 + n :])

@@ -1,5 +1,6 @@
 """The lora pattern on real peft models (dense and bitsandbytes 4-bit bases), hand-written LoRA
 layers, dropout, and the LoRA variants / base layers it leaves alone with a reason."""
+
 import copy
 
 import pytest
@@ -8,8 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import foak_compile
-from tests.models import (batch, compare_half_with_float64, compare_with_eager, inference_matches_eager,
-                          loss_and_grads, tiny_model)
+from tests.models import (
+    batch,
+    compare_half_with_float64,
+    compare_with_eager,
+    inference_matches_eager,
+    loss_and_grads,
+    tiny_model,
+)
 from tests.helpers import rel_err
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,27 +34,50 @@ def _randomize_adapters(model, seed=0):
 def _to_4bit(model, quant_type="nf4", nested=True, compute_dtype=None):
     """Every nn.Linear but lm_head → bitsandbytes Linear4bit, quantised on the CPU."""
     import bitsandbytes as bnb
+
     cdt = compute_dtype or next(model.parameters()).dtype
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear) and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=cdt, compress_statistics=nested, quant_type=quant_type)
-                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type=quant_type,
-                                             compress_statistics=nested, module=q)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=cdt,
+                    compress_statistics=nested,
+                    quant_type=quant_type,
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(),
+                    requires_grad=False,
+                    quant_type=quant_type,
+                    compress_statistics=nested,
+                    module=q,
+                )
                 setattr(mod, name, q.to("cpu"))  # .to() quantises
     model.is_loaded_in_4bit = True  # peft then wraps with lora.bnb.Linear4bit
     return model
 
 
-def peft_llama(dtype=torch.float32, r=8, alpha=16, dropout=0.0, layers=2, targets=PROJECTIONS, quantize=None,
-               sizes=None, **lora_kwargs):
+def peft_llama(
+    dtype=torch.float32,
+    r=8,
+    alpha=16,
+    dropout=0.0,
+    layers=2,
+    targets=PROJECTIONS,
+    quantize=None,
+    sizes=None,
+    **lora_kwargs,
+):
     from peft import LoraConfig, get_peft_model
+
     model = tiny_model("llama", dtype, num_hidden_layers=layers, **(sizes or {}))
     if quantize is not None:
         _to_4bit(model, **quantize)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                             **lora_kwargs))
+    model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
+    )
     _randomize_adapters(model)
     return model
 
@@ -62,6 +92,7 @@ def lora_misses(be):
 
 # --- dense base ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("r,alpha,rslora", [(8, 16, False), (16, 8, True)])
 def test_every_adapted_projection_is_fused_and_exact(r, alpha, rslora):
     model = peft_llama(r=r, alpha=alpha, use_rslora=rslora)
@@ -69,7 +100,7 @@ def test_every_adapted_projection_is_fused_and_exact(r, alpha, rslora):
     assert lora_counts(be) == 2 * len(PROJECTIONS)
     assert not lora_misses(be)
     m = be.reports[0].matches[0]
-    scaling = alpha / r ** 0.5 if rslora else alpha / r
+    scaling = alpha / r**0.5 if rslora else alpha / r
     assert "self_attn.q_proj" in m.module and "tuners/lora/layer.py" in m.source
     assert f"r={r}" in m.variant and f"scaling={scaling:g}" in m.variant and "dense" in m.variant
     assert "torch.ops.foak.lora_linear" in be.reports[0].code_after
@@ -116,8 +147,9 @@ def test_half_precision_model_with_fp32_adapters():
     # the op exceeded twice the other's distance + 0.04 in 5 of 28 seeds; with this bound its largest excess
     # over 60 seeds was 0.09. A wrong scaling or a missing term is off by O(1).
     be = foak_compile.backend(patterns=["lora"], inner="aot_eager")
-    compare_half_with_float64(model, batch(model), lambda m: torch.compile(m, backend=be), slack=0.12,
-                              others=[_bf16_adapters(model)])
+    compare_half_with_float64(
+        model, batch(model), lambda m: torch.compile(m, backend=be), slack=0.12, others=[_bf16_adapters(model)]
+    )
     assert lora_counts(be) == 2 * len(PROJECTIONS)
     assert "float32 adapter run in bfloat16" in be.reports[0].matches[0].variant
 
@@ -131,6 +163,7 @@ def test_only_some_projections_adapted():
 def test_layer_input_that_is_itself_a_cast():
     """Gemma's RMSNorm ends in `.type_as(x)`: that cast is the layer input, read by base and adapter."""
     from peft import LoraConfig, get_peft_model
+
     model = get_peft_model(tiny_model("gemma"), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     _randomize_adapters(model)
     be = compare_with_eager(model, batch(model), patterns=["lora"], rtol=1e-5, atol=1e-5)
@@ -146,6 +179,7 @@ def test_all_patterns_together():
 
 
 # --- dropout ---------------------------------------------------------------------------------------
+
 
 def test_dropout_in_eval_mode_is_the_identity():
     model = peft_llama(dropout=0.1, layers=1)
@@ -215,6 +249,7 @@ def test_dropout_in_training_matches_eager_in_distribution():
 
 # --- bitsandbytes 4-bit base -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("quant_type,nested,dtype", [("nf4", True, torch.float32), ("fp4", False, torch.bfloat16)])
 def test_4bit_base(quant_type, nested, dtype):
     pytest.importorskip("bitsandbytes")
@@ -266,6 +301,7 @@ def test_4bit_base_in_place_repack_is_left_alone():
     `set_` inside the traced forward; that layer is reported, not rewritten."""
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.functional import has_avx512bf16
+
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks for its CPU kernel only on AVX512-BF16 CPUs")
     # the repack needs out_features divisible by 32
@@ -293,6 +329,7 @@ def test_4bit_base_in_place_repack_is_left_alone():
 
 # --- near-misses -----------------------------------------------------------------------------------
 
+
 def _dora():
     return peft_llama(layers=1, targets=["q_proj"], use_dora=True)
 
@@ -303,6 +340,7 @@ def _lora_bias():
 
 def _two_adapters():
     from peft import LoraConfig
+
     model = peft_llama(layers=1, targets=["q_proj"])
     model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     model.base_model.set_adapter(["default", "second"])
@@ -324,6 +362,7 @@ def _trained_base():
 def _8bit_base():
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
+
     model = tiny_model("llama", num_hidden_layers=1)
     lin = model.model.layers[0].self_attn.q_proj
     q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False)
@@ -336,9 +375,21 @@ def _8bit_base():
 def _gpt2_fan_in_fan_out():
     import transformers as tf
     from peft import LoraConfig, get_peft_model
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=72, n_layer=1, n_head=4, vocab_size=131, n_positions=64,
-                                             bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                             attn_pdrop=0.0))
+
+    model = tf.GPT2LMHeadModel(
+        tf.GPT2Config(
+            n_embd=72,
+            n_layer=1,
+            n_head=4,
+            vocab_size=131,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True))
 
 
@@ -374,6 +425,7 @@ def test_disabled_adapters_are_reported():
 
 
 # --- hand-written LoRA layers --------------------------------------------------------------------------
+
 
 class Lora(nn.Module):
     def __init__(self, i, o, r, p=0.0, bias=True, forward=None):

@@ -1,5 +1,6 @@
 """The LoRA ops' declared argument layouts (ops/lora_schema.py) match the registered ops, and patterns
 reach the ops only through foak_compile.ops."""
+
 import ast
 import os
 
@@ -31,8 +32,8 @@ def test_a_drifted_layout_fails_its_check():
 
 def test_the_family_shape():
     for f in schema.FAMILIES:
-        assert f.single.fields[1:len(f.tensors) + 1] == f.tensors and f.weight == f.tensors[0]
-        assert f.single.fields[-len(f.consts) - 1:-1] == f.consts
+        assert f.single.fields[1 : len(f.tensors) + 1] == f.tensors and f.weight == f.tensors[0]
+        assert f.single.fields[-len(f.consts) - 1 : -1] == f.consts
         assert f.swiglu is None or f.swiglu.fields == ("gate", "up") + f.single.fields[1:]
         assert "dropout_p" not in f.siblings.fields and len(f.siblings.fields) == len(f.single.fields) - 1
     assert schema.family_of(schema.BNB4.single.op) is schema.BNB4
@@ -40,8 +41,9 @@ def test_the_family_shape():
 
 
 def _dense_named(**over):
-    named = dict(x="x", weight="w", bias=None, lora_a="a", lora_b="b", scaling=2.0, dropout_p=0.0,
-                 out_dtype=torch.float32)
+    named = dict(
+        x="x", weight="w", bias=None, lora_a="a", lora_b="b", scaling=2.0, dropout_p=0.0, out_dtype=torch.float32
+    )
     return {**named, **over}
 
 
@@ -81,8 +83,16 @@ def test_group_takes_columns_and_shares_the_rest():
 def test_grads_fill_none():
     lay = schema.DENSE.single
     need = [True, False, True, False, True, False, False, False]
-    assert lay.grads(need, x="dx", bias="db", lora_a="da", lora_b="dB") == ("dx", None, "db", None, "dB", None, None,
-                                                                           None)
+    assert lay.grads(need, x="dx", bias="db", lora_a="da", lora_b="dB") == (
+        "dx",
+        None,
+        "db",
+        None,
+        "dB",
+        None,
+        None,
+        None,
+    )
     assert lay.grads(x="dx", lora_a="da") == ("dx", None, None, "da", None, None, None, None)
     with pytest.raises(TypeError):
         lay.grads(dx="dx")

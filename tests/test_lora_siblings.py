@@ -1,5 +1,6 @@
 """Sibling LoRA layers (q/k/v, gate/up: one input) as one op: torch.ops.foak.lora_linear_siblings
 against a float64 reference, and the opt-in `lora_siblings` pattern on real peft models."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,10 @@ def _check_vs_float64(ys, x, weights64, bias, a, b, s, dtype):
     """Each sibling's y, and dx, dA, dB through all of them, against float64 LoRA layers."""
     d = lambda t: t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
     x64, a64, b64 = d(x), [d(t) for t in a], [d(t) for t in b]
-    ref = [F.linear(x64, wi, None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
-           for wi, bi, ai, bj, si in zip(weights64, bias, a64, b64, s)]
+    ref = [
+        F.linear(x64, wi, None if bi is None else bi.double()) + si * (x64 @ ai.t()) @ bj.t()
+        for wi, bi, ai, bj, si in zip(weights64, bias, a64, b64, s)
+    ]
     for y, r in zip(ys, ref):
         assert y.dtype == dtype and rel_err(y, r) < TOL[dtype]
     dys = [torch.randn_like(r) for r in ref]
@@ -51,11 +54,11 @@ def test_gptq_op_matches_float64_reference(dtype, bits, group_size, act_order):
     """lora_linear_gptq_siblings: three GPTQ bases (odd widths, one with a frozen bias) stacked side by
     side; y (split per layer), dx, dA, dB against float64 over the weights as the layers compute with them."""
     from tests.test_gptq_kernel import _gptq_layer
+
     n_in = 96
     outs = [int(torch.randint(3, 50, ())) for _ in range(3)]
     ranks = [int(torch.randint(1, 9, ())) for _ in range(3)]
-    layers = [_gptq_layer(n_in, o, bits, group_size, act_order, seed=int(torch.randint(0, 1000, ())))
-              for o in outs]
+    layers = [_gptq_layer(n_in, o, bits, group_size, act_order, seed=int(torch.randint(0, 1000, ()))) for o in outs]
     quant = [[layer[i] for layer in layers] for i in range(4)]  # qweights, qzeros, scales, g_idxs
     weights = [layer[4].to(torch.float16).to(dtype).double().t() for layer in layers]  # [out, in], as computed
     x = torch.randn(2, 11, n_in, dtype=dtype, requires_grad=True)
@@ -70,13 +73,26 @@ def test_gptq_op_matches_float64_reference(dtype, bits, group_size, act_order):
 
 def test_gptq_op_fake_impl_and_autograd_match_real():
     from tests.test_gptq_kernel import _gptq_layer
+
     layers = [_gptq_layer(64, o, 4, 32, False, seed=o) for o in (24, 40)]
     quant = [[layer[i] for layer in layers] for i in range(4)]
-    args = (torch.randn(3, 64, requires_grad=True), *quant, [None, torch.randn(40)],
-            [torch.randn(4, 64, requires_grad=True) for _ in range(2)],
-            [torch.randn(o, 4, requires_grad=True) for o in (24, 40)], [0.5, 2.0], 4, 2, torch.float32, torch.float32)
-    torch.library.opcheck(torch.ops.foak.lora_linear_gptq_siblings.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    args = (
+        torch.randn(3, 64, requires_grad=True),
+        *quant,
+        [None, torch.randn(40)],
+        [torch.randn(4, 64, requires_grad=True) for _ in range(2)],
+        [torch.randn(o, 4, requires_grad=True) for o in (24, 40)],
+        [0.5, 2.0],
+        4,
+        2,
+        torch.float32,
+        torch.float32,
+    )
+    torch.library.opcheck(
+        torch.ops.foak.lora_linear_gptq_siblings.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 def test_op_rejects_a_lone_layer_and_mismatched_shapes():
@@ -85,8 +101,9 @@ def test_op_rejects_a_lone_layer_and_mismatched_shapes():
     with pytest.raises(ValueError, match="at least two"):
         torch.ops.foak.lora_linear_siblings(x, [w], [None], [a], [b], [1.0], torch.float32)
     with pytest.raises(ValueError, match="do not chain"):
-        torch.ops.foak.lora_linear_siblings(x, [w, w], [None, None], [a, a], [b, torch.randn(5, 3)], [1.0, 1.0],
-                                            torch.float32)
+        torch.ops.foak.lora_linear_siblings(
+            x, [w, w], [None, None], [a, a], [b, torch.randn(5, 3)], [1.0, 1.0], torch.float32
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -112,6 +129,7 @@ def test_llama_q_k_v_and_gate_up_grouped(dtype):
 def test_qwen2_biased_q_k_v():
     from peft import LoraConfig, get_peft_model
     from tests.models import tiny_model
+
     model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS))
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -146,8 +164,9 @@ def test_siblings_run_by_default_after_lora():
 def test_full_inductor_compiles_the_grouped_op():
     """inductor (not just aot_eager) takes the op's list arguments and outputs."""
     model = peft_llama(layers=1, sizes={"hidden_size": 48, "intermediate_size": 80})
-    be = compare_with_eager(model, batch(model), inner="inductor", patterns=["lora", "lora_siblings"],
-                            rtol=1e-4, atol=1e-5)
+    be = compare_with_eager(
+        model, batch(model), inner="inductor", patterns=["lora", "lora_siblings"], rtol=1e-4, atol=1e-5
+    )
     assert foak_compile.total_counts(be.reports)["lora_siblings"] == 2
 
 
@@ -156,6 +175,7 @@ def test_trained_base_bias_is_left_per_layer_with_the_reason():
     layers stay single lora_linear ops (which do give it) and the bias gradients match eager."""
     from peft import LoraConfig, get_peft_model
     from tests.models import tiny_model
+
     model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, bias="all"))
     assert any("q_proj.base_layer.bias" in n and p.requires_grad for n, p in model.named_parameters())
     be = compare_with_eager(model, batch(model), patterns=["lora", "lora_siblings"], rtol=1e-5, atol=1e-5)
@@ -168,31 +188,56 @@ def test_pattern_order_does_not_depend_on_how_they_are_named():
     assert foak_compile.backend(patterns=["lora_siblings", "lora"]).pattern_names == ["lora", "lora_siblings"]
 
 
-@pytest.mark.parametrize("quant_type,nested,dtype", [("nf4", True, torch.float32), ("fp4", False, torch.float32),
-                                                     ("nf4", True, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "quant_type,nested,dtype",
+    [("nf4", True, torch.float32), ("fp4", False, torch.float32), ("nf4", True, torch.bfloat16)],
+)
 def test_4bit_siblings_share_one_stacked_weight(quant_type, nested, dtype):
     """Real bitsandbytes Linear4bit bases: q/k/v and gate/up each dequantised into one stacked
     weight, one base GEMM; loss and every LoRA gradient as eager peft."""
     pytest.importorskip("bitsandbytes")
     model = peft_llama(dtype, layers=1, quantize=dict(quant_type=quant_type, nested=nested))
     if dtype == torch.float32:
-        be = compare_with_eager(model, batch(model, seq=int(torch.randint(5, 30, ()))),
-                                patterns=["lora", "lora_siblings"], rtol=1e-5, atol=1e-5)
+        be = compare_with_eager(
+            model,
+            batch(model, seq=int(torch.randint(5, 30, ()))),
+            patterns=["lora", "lora_siblings"],
+            rtol=1e-5,
+            atol=1e-5,
+        )
     else:
         be = compare_half_with_eager(model, batch(model), patterns=["lora", "lora_siblings"])
     groups = [m.variant for r in be.reports for m in r.matches if m.pattern == "lora_siblings"]
-    assert groups == ["3 4-bit siblings, one stacked weight (q_proj, k_proj, v_proj)",
-                      "2 4-bit siblings, one stacked weight (gate_proj, up_proj)"], groups
+    assert groups == [
+        "3 4-bit siblings, one stacked weight (q_proj, k_proj, v_proj)",
+        "2 4-bit siblings, one stacked weight (gate_proj, up_proj)",
+    ], groups
     code = be.reports[0].code_after
-    assert code.count("foak.lora_linear_4bit_siblings.default(") == 2 and code.count("foak.lora_linear_4bit.default(") == 2
+    assert (
+        code.count("foak.lora_linear_4bit_siblings.default(") == 2 and code.count("foak.lora_linear_4bit.default(") == 2
+    )
 
 
 def test_4bit_op_rejects_a_lone_layer():
     with pytest.raises(ValueError, match="at least two"):
-        torch.ops.foak.lora_linear_4bit_siblings(torch.randn(2, 8), [torch.zeros(16, dtype=torch.uint8)],
-                                                 [torch.ones(1)], [None], [None], [None], [None],
-                                                 [torch.randn(2, 8)], [torch.randn(4, 2)], [1.0], "nf4", 64, 256,
-                                                 [4, 8], torch.float32, torch.float32)
+        torch.ops.foak.lora_linear_4bit_siblings(
+            torch.randn(2, 8),
+            [torch.zeros(16, dtype=torch.uint8)],
+            [torch.ones(1)],
+            [None],
+            [None],
+            [None],
+            [None],
+            [torch.randn(2, 8)],
+            [torch.randn(4, 2)],
+            [1.0],
+            "nf4",
+            64,
+            256,
+            [4, 8],
+            torch.float32,
+            torch.float32,
+        )
 
 
 def test_siblings_inside_gradient_checkpointing_regions():
@@ -200,6 +245,7 @@ def test_siblings_inside_gradient_checkpointing_regions():
     import copy
     from foak_compile.integrations import enable_gradient_checkpointing
     from tests.models import loss_and_grads
+
     model = peft_llama(layers=2).train()
     inputs = batch(model)
     ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), inputs)
@@ -232,6 +278,7 @@ def _two_heads(in_place=False, quantize=None):
     from peft import LoraConfig, get_peft_model
     from tests.test_lora_kernel import _cpu_kernel_is_consistent
     from tests.test_lora_pattern import _randomize_adapters, _to_4bit
+
     n_in = int(torch.randint(17, 40, ())) * 2
     while quantize and not _cpu_kernel_is_consistent(n_in, 64):  # eager's 4-bit reference must be right
         n_in = int(torch.randint(17, 40, ())) * 2
@@ -245,6 +292,7 @@ def _two_heads(in_place=False, quantize=None):
 
 def _grads_vs_eager(model, x, patterns=("lora", "lora_siblings")):
     import copy
+
     ref = copy.deepcopy(model)
     x_ref = x.detach().clone().requires_grad_()
     ref(x_ref).backward()

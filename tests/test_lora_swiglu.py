@@ -1,6 +1,7 @@
 """The SwiGLU product fused into a LoRA down-projection: kernels/swiglu.py against eager's rounding
 and float64, torch.ops.foak.lora_linear_swiglu against float64 (dropout through its mask), and
 the `lora_swiglu` pattern on real peft models and hand-written MLPs."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +28,7 @@ def _randn(*shape, dtype, device, scale=1.0, seed=0):
 
 
 # --- kernels -------------------------------------------------------------------------------------
+
 
 def _two_roundings(g, u, exp):
     """silu in fp32 with the given exp, rounded to g's dtype, times u in fp32, rounded again."""
@@ -74,6 +76,7 @@ def test_backward_kernel_vs_float64(dtype, device):
 
 # --- the op --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_op_forward_backward_vs_float64(dtype, p, device):
@@ -98,8 +101,7 @@ def test_op_forward_backward_vs_float64(dtype, p, device):
     ref = h @ w.double().t() + bias64 + s * ((h * keep / (1.0 - p)) @ a64.t()) @ b64.t()
     ref.backward(dy.double())
     assert rel_err(y, ref) < TOL[dtype]
-    for name, got, want in (("gate", gate, g64), ("up", up, u64), ("bias", bias, bias64), ("A", a, a64),
-                            ("B", b, b64)):
+    for name, got, want in (("gate", gate, g64), ("up", up, u64), ("bias", bias, bias64), ("A", a, a64), ("B", b, b64)):
         assert got.grad.dtype == dtype, name
         assert rel_err(got.grad, want.grad) < TOL[dtype], (name, rel_err(got.grad, want.grad))
 
@@ -116,12 +118,21 @@ def test_op_saves_gate_and_up_not_the_product():
 
 def test_op_rejects_gate_and_up_of_different_dtypes():
     with pytest.raises(ValueError, match="share shape and dtype"):
-        torch.ops.foak.lora_linear_swiglu(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64),
-                                          torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2), 1.0, 0.0,
-                                          torch.float32)
+        torch.ops.foak.lora_linear_swiglu(
+            torch.randn(4, 8),
+            torch.randn(4, 8, dtype=torch.float64),
+            torch.randn(5, 8),
+            None,
+            torch.randn(2, 8),
+            torch.randn(5, 2),
+            1.0,
+            0.0,
+            torch.float32,
+        )
 
 
 # --- the pattern on peft models ------------------------------------------------------------------
+
 
 def _swiglu_variants(be):
     return [m.variant for r in be.reports for m in r.matches if m.pattern == "lora_swiglu"]
@@ -135,8 +146,9 @@ def _swiglu_misses(be):
 def test_llama_down_projection_takes_the_product(siblings):
     model = peft_llama(layers=2)
     patterns = ["lora", "lora_siblings", "lora_swiglu"] if siblings else ["lora", "lora_swiglu"]
-    be = compare_with_eager(model, batch(model, seq=int(torch.randint(5, 30, ()))), patterns=patterns,
-                            rtol=1e-5, atol=1e-5)
+    be = compare_with_eager(
+        model, batch(model, seq=int(torch.randint(5, 30, ()))), patterns=patterns, rtol=1e-5, atol=1e-5
+    )
     assert _swiglu_variants(be) == ["silu(gate_proj)·up_proj → down_proj (dense)"] * 2 and not _swiglu_misses(be)
     code = be.reports[0].code_after
     assert code.count("foak.lora_linear_swiglu.default(") == 2 and "silu" not in code
@@ -180,6 +192,7 @@ def test_4bit_down_base(siblings):
 
 def test_gemma_gelu_is_left_alone_with_the_reason():
     from peft import LoraConfig, get_peft_model
+
     model = get_peft_model(tiny_model("gemma", num_hidden_layers=1), LoraConfig(r=4, target_modules=PROJECTIONS))
     be = compare_with_eager(model, batch(model), patterns=["lora", "lora_swiglu"], rtol=1e-5, atol=1e-5)
     assert not _swiglu_variants(be)
@@ -189,8 +202,9 @@ def test_gemma_gelu_is_left_alone_with_the_reason():
 def test_only_down_adapted_by_inductor():
     """gate and up are plain linears; full inductor compiles around the op."""
     model = peft_llama(layers=1, targets=["down_proj"], sizes={"hidden_size": 48, "intermediate_size": 80})
-    be = compare_with_eager(model, batch(model), inner="inductor", patterns=["lora", "lora_swiglu"],
-                            rtol=1e-4, atol=1e-5)
+    be = compare_with_eager(
+        model, batch(model), inner="inductor", patterns=["lora", "lora_swiglu"], rtol=1e-4, atol=1e-5
+    )
     assert _swiglu_variants(be) == ["silu(gate_proj)·up_proj → down_proj (dense)"]
 
 
@@ -200,6 +214,7 @@ def test_dynamic_shapes():
     and the shape checks add no guard, so a third length reuses that graph."""
     import copy
     from tests.models import loss_and_grads
+
     model = peft_llama(layers=1)
     be = foak_compile.backend(patterns=["lora", "lora_swiglu"], inner="aot_eager")
     compiled = torch.compile(model, backend=be)
@@ -221,8 +236,11 @@ def test_training_with_lora_dropout():
     loss = torch.compile(model, backend=be)(**batch(model)).loss
     loss.backward()
     assert torch.isfinite(loss) and _swiglu_variants(be) == ["silu(gate_proj)·up_proj → down_proj (dense)"]
-    assert "lora_linear_swiglu.default(" in be.reports[0].code_after and ", 0.1, torch.float32)" in \
-        [ln for ln in be.reports[0].code_after.splitlines() if "lora_linear_swiglu" in ln][0]
+    assert (
+        "lora_linear_swiglu.default(" in be.reports[0].code_after
+        and ", 0.1, torch.float32)"
+        in [ln for ln in be.reports[0].code_after.splitlines() if "lora_linear_swiglu" in ln][0]
+    )
     down_a = next(p for n, p in model.named_parameters() if "down_proj.lora_A" in n)
     assert torch.isfinite(down_a.grad).all() and down_a.grad.abs().sum() > 0
 
@@ -233,6 +251,7 @@ def test_inlined_op_under_inductor_on_cuda(dtype, tol):
     """On a GPU the op is a triton_op inductor traces into (ops/registry.py), with every default pattern."""
     import copy
     from tests.models import loss_and_grads
+
     model = peft_llama(dtype, layers=2).cuda()
     inputs = {k: v.cuda() for k, v in batch(model, seq=37).items()}
     ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), inputs)
@@ -240,8 +259,9 @@ def test_inlined_op_under_inductor_on_cuda(dtype, tol):
     loss, grads = loss_and_grads(model, inputs, call=torch.compile(model, backend=be))
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=tol, atol=tol,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name].float(), ref_grads[name].float(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}"
+        )
     assert _swiglu_variants(be) == ["silu(gate_proj)·up_proj → down_proj (dense)"] * 2
     # traced inline, the op's recomputation of h must not have been merged with the forward's
     assert _saved_activations(model, inputs, torch.compile(model, backend=be)) == 2 * 2
@@ -253,6 +273,7 @@ def test_default_and_ordered():
 
 
 # --- hand-written MLPs: what is not the pattern ----------------------------------------------------
+
 
 class _MLP(nn.Module):
     """down(silu(gate(x)) * up(x)); `variant` bends it (operands swapped, an intermediate used again, ...)."""
@@ -279,16 +300,23 @@ class _MLP(nn.Module):
 def _mlp(variant):
     from peft import LoraConfig, get_peft_model
     from tests.test_lora_pattern import _randomize_adapters
+
     model = get_peft_model(_MLP(variant), LoraConfig(r=4, lora_alpha=8, target_modules=["gate", "up", "down"]))
     _randomize_adapters(model)
     return model
 
 
-@pytest.mark.parametrize("variant,reason", [("", None), ("up_first", None),
-                                            ("product_used", "the SwiGLU product has 2 users"),
-                                            ("silu_used", "silu(gate) has 2 users"),
-                                            ("in_place", "silu is applied in place"),
-                                            ("broadcast", "silu(gate) (3, 5, 38) and up (3, 5, 1) differ in shape")])
+@pytest.mark.parametrize(
+    "variant,reason",
+    [
+        ("", None),
+        ("up_first", None),
+        ("product_used", "the SwiGLU product has 2 users"),
+        ("silu_used", "silu(gate) has 2 users"),
+        ("in_place", "silu is applied in place"),
+        ("broadcast", "silu(gate) (3, 5, 38) and up (3, 5, 1) differ in shape"),
+    ],
+)
 def test_hand_written_mlp(variant, reason):
     model = _mlp(variant)
     be = _grads_vs_eager(model, torch.randn(3, 5, 24, requires_grad=True), patterns=("lora", "lora_swiglu"))

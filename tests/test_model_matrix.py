@@ -1,5 +1,6 @@
 """Every popular decoder family: the dump's counts equal what the architecture contains, near-misses
 carry their reason, loss and every trainable gradient match eager, and training tracks eager."""
+
 import copy
 from collections import Counter
 
@@ -21,8 +22,12 @@ def _inputs(model, seq=11):
 
 def _with_lora(model):
     from peft import LoraConfig, get_peft_model
-    targets = [n for n in ("q_proj", "v_proj", "c_attn", "qkv_proj", "mlp") if any(
-        name.endswith(n) and isinstance(m, torch.nn.Linear) for name, m in model.named_modules())]
+
+    targets = [
+        n
+        for n in ("q_proj", "v_proj", "c_attn", "qkv_proj", "mlp")
+        if any(name.endswith(n) and isinstance(m, torch.nn.Linear) for name, m in model.named_modules())
+    ]
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets)), targets
 
 
@@ -52,6 +57,7 @@ def test_family_counts_and_parity(family, variant):
         assert counts.get(pattern, 0) == n, (pattern, counts, misses)
     if variant == "lora":  # every adapted projection is fused: one match per peft LoRA layer
         from peft.tuners.lora import LoraLayer
+
         layers = sum(isinstance(m, LoraLayer) for m in model.modules())
         assert layers and counts.get("lora", 0) == layers, (layers, counts, misses)
     assert grads.keys() == ref_grads.keys() and grads
@@ -70,8 +76,9 @@ def test_bf16_parity(family):
     model = build(family, torch.bfloat16)
     be = foak_compile.backend(inner="aot_eager")
     ref_dtype = torch.float32 if family == "mixtral" else torch.float64  # grouped_mm has no float64
-    compare_half_with_float64(model, _inputs(model), lambda m: torch.compile(m, backend=be), slack=1e-2,
-                              reference_dtype=ref_dtype)
+    compare_half_with_float64(
+        model, _inputs(model), lambda m: torch.compile(m, backend=be), slack=1e-2, reference_dtype=ref_dtype
+    )
     assert foak_compile.total_counts(be.reports)["rms_norm"] == expected_counts(model, family)["rms_norm"]
 
 
@@ -119,6 +126,7 @@ def test_nf4_base_lora_parity(family):
         pytest.skip(f"{family} not in the matrix")
     from peft.tuners.lora import LoraLayer
     from tests.test_lora_pattern import _to_4bit
+
     model = _to_4bit(build(family), quant_type="nf4", nested=True)
     model, _ = _with_lora(model)
     with torch.no_grad():  # nonzero B: the adapters must change the loss
@@ -155,7 +163,8 @@ def test_loss_only_compile_fuses_lm_head_and_loss(family):
     loss, grads = loss_and_grads(model, inputs, call=lambda **kw: type("Out", (), {"loss": step(**kw)}))
     counts = foak_compile.total_counts(be.reports)
     assert {p: counts.get(p, 0) for p in expected} == expected, (counts, _near_misses(be.reports))
-    assert "cross_entropy" not in counts and not [m for r in be.reports for m in r.near_misses
-                                                  if m.pattern == "linear_cross_entropy"]
+    assert "cross_entropy" not in counts and not [
+        m for r in be.reports for m in r.near_misses if m.pattern == "linear_cross_entropy"
+    ]
     errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in ref_grads]
     assert grads.keys() == ref_grads.keys() and max(errs) < 1e-4, max(errs)

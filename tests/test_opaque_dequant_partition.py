@@ -6,6 +6,7 @@ The inlined (triton_op) bodies are traced here on the CPU, through the kernels' 
 (TRITON_INTERPRET=0: the interpreter cannot run a launch on the tracer's fake tensors). INLINE is read at import, so the check runs in a fresh
 interpreter; the dequant is opaque there by FOAK_OPAQUE_DEQUANT=1 or, with it unset, by tracing
 under config.patch(cuda_graphs=True) (what the backend does for a CUDA-graphs mode)."""
+
 import json
 import os
 import subprocess
@@ -94,15 +95,28 @@ print(json.dumps({"forward": len(dequants(fw)), "backward": len(dequants(bw)),
 
 
 @pytest.mark.parametrize("which", ["single", "siblings"])
-@pytest.mark.parametrize("fmt,route", [("nf4", "forced"), ("nf4-nested", "forced"), ("gptq", "forced"),
-                                       ("nf4-nested", "cuda_graphs"), ("gptq", "cuda_graphs")])
+@pytest.mark.parametrize(
+    "fmt,route",
+    [
+        ("nf4", "forced"),
+        ("nf4-nested", "forced"),
+        ("gptq", "forced"),
+        ("nf4-nested", "cuda_graphs"),
+        ("gptq", "cuda_graphs"),
+    ],
+)
 def test_forward_and_backward_each_dequantise(which, fmt, route):
     env = dict(os.environ, FOAK_INLINE="lora", FOAK_OPAQUE_DEQUANT="1", TRITON_INTERPRET="0")
     if route == "cuda_graphs":
         del env["FOAK_OPAQUE_DEQUANT"]
     seed = int.from_bytes(os.urandom(2), "little")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, which, fmt, str(seed), route], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, which, fmt, str(seed), route],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"forward": 1, "backward": 1, "saved_dequant": [], "sites": [0, 1]}, (got, seed)

@@ -1,5 +1,6 @@
 """What `pip install foak-compile` gets: the sdist built from the tracked files, a wheel built from that
 sdist (not from the checkout), installed on its own; the `foak` backend resolves from the installed wheel."""
+
 import os
 import subprocess
 import sys
@@ -58,14 +59,19 @@ def test_wheel_holds_the_package_and_nothing_else(wheel):
 def test_installed_wheel_registers_the_backend(wheel):
     path, tmp = wheel
     site = tmp / "site"
-    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), path],
-         cwd=str(tmp))
-    probe = ("import importlib.metadata as m, torch, foak_compile\n"
-             "assert foak_compile.__file__.startswith(SITE), foak_compile.__file__\n"
-             "assert m.distribution('foak-compile').locate_file('').as_posix().startswith(SITE)\n"
-             "assert torch._dynamo.lookup_backend('foak').__module__ == 'foak_compile.backend'\n"
-             "print(m.version('foak-compile'))")
+    _run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), path],
+        cwd=str(tmp),
+    )
+    probe = (
+        "import importlib.metadata as m, torch, foak_compile\n"
+        "assert foak_compile.__file__.startswith(SITE), foak_compile.__file__\n"
+        "assert m.distribution('foak-compile').locate_file('').as_posix().startswith(SITE)\n"
+        "assert torch._dynamo.lookup_backend('foak').__module__ == 'foak_compile.backend'\n"
+        "print(m.version('foak-compile'))"
+    )
     env = dict(os.environ, PYTHONPATH=str(site))  # ahead of the checkout's editable install
     out = _run([sys.executable, "-c", f"SITE = {str(site)!r}\n" + probe], cwd=str(tmp), env=env)
     import foak_compile
+
     assert out.strip() == foak_compile.__version__

@@ -1,5 +1,6 @@
 """ops/registry.py's cache of torch's Triton access analysis (compile time of inlined ops): one
 analysis per kernel and argument signature, never shared across dtypes or scalar values."""
+
 import torch
 import triton.language as tl
 
@@ -12,6 +13,7 @@ class _Kernel:
     def __init__(self, module="foak_compile.kernels.stand_in"):
         def fn():
             pass
+
         fn.__module__ = module
         self.fn = fn
 
@@ -22,6 +24,7 @@ def _counting():
     def analysis(kernel, kwargs, tma):
         calls.append(dict(kwargs))
         return [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
     return registry._cached(analysis), calls
 
 
@@ -69,12 +72,14 @@ def _spy_wrap_triton(monkeypatch, module):
     """Record, per launch in `module`, whether torch would route a wrap_triton launch through its
     higher-order-op dispatch (the slow eager path)."""
     from torch._library.triton import is_wrap_triton_enabled
+
     seen = []
     real = module.wrap_triton
 
     def spy(kernel):
         seen.append(is_wrap_triton_enabled())
         return real(kernel)
+
     monkeypatch.setattr(module, "wrap_triton", spy)
     return seen
 
@@ -84,8 +89,10 @@ def test_opaque_ops_launch_their_kernels_directly(monkeypatch):
     wrap_triton launches as plain launches: torch's higher-order-op path costs ~1 ms a launch."""
     import foak_compile  # noqa: F401  (registers the ops)
     from foak_compile.kernels import rms_norm as rms_kernel
+
     if registry.is_inlined("foak::rms_norm"):
         import pytest
+
         pytest.skip("rms_norm is inlined here (a triton_op launches directly when called eagerly)")
     seen = _spy_wrap_triton(monkeypatch, rms_kernel)
     n, d = (int(v) for v in torch.randint(3, 70, (2,)))
@@ -95,9 +102,11 @@ def test_opaque_ops_launch_their_kernels_directly(monkeypatch):
 
 def test_opaque_dequant_launches_directly(monkeypatch):
     import pytest
+
     bf = pytest.importorskip("bitsandbytes.functional")
     from foak_compile.kernels import bnb4
     from foak_compile.ops import dequant
+
     seen = _spy_wrap_triton(monkeypatch, bnb4)
     o, i = int(torch.randint(3, 40, ())), 64 * int(torch.randint(1, 4, ()))
     q, st = bf.quantize_4bit(torch.randn(o, i), quant_type="nf4", compress_statistics=False)
@@ -106,4 +115,5 @@ def test_opaque_dequant_launches_directly(monkeypatch):
     torch.ops.foak.dequantize_4bit_stacked(*[[v] for v in args[:5]], *args[5:], [o, i], torch.float32, dequant.BACKWARD)
     assert seen == [False, False]
     from torch._library.triton import is_wrap_triton_enabled
+
     assert is_wrap_triton_enabled()  # switched back after the call

@@ -1,4 +1,5 @@
 """torch.ops.foak.rms_norm forward/backward against a float64 reference."""
+
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def reference(x, w, eps, mid, out):
 @pytest.mark.parametrize("shape", [(1, 7), (3, 5, 33), (67, 3000), (2, 9, 5120), (37, 128)])
 def test_forward_backward_vs_float64(dtype, shape, device):
     x = torch.randn(shape, dtype=dtype, device=device) * 3
-    w = (torch.randn(shape[-1], dtype=dtype, device=device) + 1)
+    w = torch.randn(shape[-1], dtype=dtype, device=device) + 1
     assert use_triton(x), "kernel path must be exercised (CUDA or TRITON_INTERPRET=1)"
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = torch.ops.foak.rms_norm(xr, wr, 1e-6, dtype, dtype)
@@ -97,19 +98,30 @@ def test_torch_path_agrees_with_kernel(device):
     """The fallback for devices without Triton gives the kernel's numbers."""
     x = torch.randn(13, 96, dtype=torch.bfloat16, device=device)
     w = torch.randn(96, dtype=torch.bfloat16, device=device)
-    torch.testing.assert_close(kernel.rms_norm_torch(x, w, 1e-6, torch.bfloat16, torch.bfloat16),
-                               kernel.rms_norm_forward(x, w, 1e-6, torch.bfloat16, torch.bfloat16))
+    torch.testing.assert_close(
+        kernel.rms_norm_torch(x, w, 1e-6, torch.bfloat16, torch.bfloat16),
+        kernel.rms_norm_forward(x, w, 1e-6, torch.bfloat16, torch.bfloat16),
+    )
     dy = torch.randn_like(x)
-    for a, b in zip(kernel.rms_norm_torch_backward(dy, x, w, 1e-6, torch.bfloat16, True, True),
-                    kernel.rms_norm_backward(dy, x, w, 1e-6, torch.bfloat16, True, True)):
+    for a, b in zip(
+        kernel.rms_norm_torch_backward(dy, x, w, 1e-6, torch.bfloat16, True, True),
+        kernel.rms_norm_backward(dy, x, w, 1e-6, torch.bfloat16, True, True),
+    ):
         assert rel_err(a, b) < 1e-2
 
 
 def test_fake_impl_matches_real():
-    torch.library.opcheck(torch.ops.foak.rms_norm.default,
-                          (torch.randn(3, 17, requires_grad=True), torch.randn(17, requires_grad=True),
-                           1e-6, torch.bfloat16, torch.float32),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.foak.rms_norm.default,
+        (
+            torch.randn(3, 17, requires_grad=True),
+            torch.randn(17, requires_grad=True),
+            1e-6,
+            torch.bfloat16,
+            torch.float32,
+        ),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])

@@ -1,4 +1,5 @@
 """The rms_norm pattern on real transformers models and on hand-written variants/near-misses."""
+
 import copy
 
 import pytest
@@ -33,7 +34,10 @@ def test_every_rmsnorm_of_a_real_model_is_rewritten_and_exact(family):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_llama_with_lora(dtype):
     from peft import LoraConfig, get_peft_model
-    model = get_peft_model(tiny_model("llama", dtype), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+    model = get_peft_model(
+        tiny_model("llama", dtype), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     # LoRA grads pass through every norm's backward; half precision: a loose, relative bound
     be = compare_with_eager(model, batch(model), patterns=["rms_norm"], rtol=3e-2, atol=3e-3)
     assert counts(be)["rms_norm"] == 5
@@ -71,11 +75,13 @@ class Norm(nn.Module):
 VARIANTS = {
     "x*x": lambda s, x: s.weight * (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5)),
     "div-sqrt": lambda s, x: s.weight * (x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-5)),
-    "weight-first": lambda s, x: (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-                                  * s.weight).to(x.dtype),
-    "torch.mean": lambda s, x: torch.mul(torch.rsqrt(torch.mean(x ** 2, dim=[-1], keepdim=True) + 1e-6), x),
-    "gemma": lambda s, x: (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-                           * (1.0 + s.weight.float())).type_as(x),
+    "weight-first": lambda s, x: (
+        x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * s.weight
+    ).to(x.dtype),
+    "torch.mean": lambda s, x: torch.mul(torch.rsqrt(torch.mean(x**2, dim=[-1], keepdim=True) + 1e-6), x),
+    "gemma": lambda s, x: (
+        x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + s.weight.float())
+    ).type_as(x),
     "F.rms_norm": lambda s, x: F.rms_norm(x, (x.shape[-1],), s.weight, 1e-6),
     "F.rms_norm-default-eps": lambda s, x: F.rms_norm(x, (x.shape[-1],), s.weight),
 }
@@ -120,8 +126,7 @@ class ManualLayerNorm(nn.Module):
 NEAR_MISSES = {
     "extra-user": (ExtraUser(), "has 2 users"),
     "dim0": (Norm(9, lambda s, x: _rms(x, dim=0)), "not the last dim"),
-    "keepdim-false": (Norm(9, lambda s, x: x * torch.rsqrt(x.pow(2).mean(-1) + 1e-6)[..., None]),
-                      "keepdim"),
+    "keepdim-false": (Norm(9, lambda s, x: x * torch.rsqrt(x.pow(2).mean(-1) + 1e-6)[..., None]), "keepdim"),
     "tensor-eps": (TensorEps(), "eps is a tensor"),
     "layernorm": (nn.LayerNorm(9), "LayerNorm"),
     "manual-layernorm": (ManualLayerNorm(), "mean-centred"),

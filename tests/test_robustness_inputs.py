@@ -4,6 +4,7 @@ and out-of-range labels, NaN/inf. Each gives what torch eager gives (value or er
 the documented fallback asserted here (see README, Robustness).
 
 Rows are kept few so that the Triton interpreter stays fast on CPU."""
+
 import copy
 
 import pytest
@@ -31,6 +32,7 @@ def _close(a, b, tol=1e-5, **kw):
 
 # ---------------------------------------------------------------------------------------------
 # rms_norm(x, weight, eps, mid_dtype, out_dtype)
+
 
 def _rms_eager(x, w, eps=1e-6, mid=None, out=None):
     """The model's own formula (Llama spelling) with float64 statistics, autograd through torch."""
@@ -78,23 +80,27 @@ def test_rms_norm_eps_zero(rows):
     _check_rms(torch.randn(rows, 6), torch.randn(6), eps=0.0)
 
 
-@pytest.mark.parametrize("hidden, dtype", [(16384, torch.float32), (16384, torch.bfloat16),
-                                           (32768, torch.float32), (40000, torch.float32)])
+@pytest.mark.parametrize(
+    "hidden, dtype", [(16384, torch.float32), (16384, torch.bfloat16), (32768, torch.float32), (40000, torch.float32)]
+)
 def test_rms_norm_huge_rows(hidden, dtype):
     """Up to 32768 the kernel holds a whole row; longer rows take the torch path (documented)."""
     x, w = torch.randn(2, hidden, dtype=dtype), torch.rand(hidden, dtype=dtype) + 0.5
     assert rms_kernel.kernel_supported(x) == (hidden <= rms_kernel.MAX_BLOCK_H)
-    _check_rms(x, w, mid=dtype if dtype != torch.float32 else None, out=dtype,
-               tol=1e-5 if dtype == torch.float32 else 2e-2)
+    _check_rms(
+        x, w, mid=dtype if dtype != torch.float32 else None, out=dtype, tol=1e-5 if dtype == torch.float32 else 2e-2
+    )
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided-rows", "strided-cols", "3d-transposed", "expanded"])
 def test_rms_norm_non_contiguous(layout):
-    x = {"transposed": lambda: torch.randn(40, 3).t(),
-         "strided-rows": lambda: torch.randn(6, 40)[::2],
-         "strided-cols": lambda: torch.randn(3, 80)[:, ::2],
-         "3d-transposed": lambda: torch.randn(2, 3, 40).transpose(0, 1),
-         "expanded": lambda: torch.randn(3, 1, 40).expand(3, 2, 40)}[layout]()
+    x = {
+        "transposed": lambda: torch.randn(40, 3).t(),
+        "strided-rows": lambda: torch.randn(6, 40)[::2],
+        "strided-cols": lambda: torch.randn(3, 80)[:, ::2],
+        "3d-transposed": lambda: torch.randn(2, 3, 40).transpose(0, 1),
+        "expanded": lambda: torch.randn(3, 1, 40).expand(3, 2, 40),
+    }[layout]()
     assert not x.is_contiguous()
     w = torch.randn(80)[::2]  # a strided weight too
     _check_rms(x, w)
@@ -108,12 +114,15 @@ def test_rms_norm_expanded_upstream_gradient(upstream):
     _check_rms(x, w, dy=dy)
 
 
-@pytest.mark.parametrize("x_dtype, w_dtype, mid, out", [
-    (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32),  # Llama, bf16 acts + fp32 weight
-    (torch.float32, torch.bfloat16, None, torch.float32),
-    (torch.float16, torch.bfloat16, torch.float16, torch.float32),
-    (torch.bfloat16, None, None, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype, mid, out",
+    [
+        (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32),  # Llama, bf16 acts + fp32 weight
+        (torch.float32, torch.bfloat16, None, torch.float32),
+        (torch.float16, torch.bfloat16, torch.float16, torch.float32),
+        (torch.bfloat16, None, None, torch.bfloat16),
+    ],
+)
 def test_rms_norm_mixed_dtypes(x_dtype, w_dtype, mid, out):
     x = torch.randn(3, 40, dtype=x_dtype)
     w = torch.randn(40, dtype=w_dtype) if w_dtype is not None else None
@@ -164,6 +173,7 @@ def test_rms_norm_through_the_backend_on_unusual_inputs():
 # ---------------------------------------------------------------------------------------------
 # rope(q, k, cos, sin, unsqueeze_dim) / rope_one(x, cos, sin, unsqueeze_dim)
 
+
 def _rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -197,14 +207,27 @@ def _rope_inputs(b, hq, hk, s, d, dim=1, dtype=torch.float32, cos_dtype=None, co
     cb = b if cos_batch is None else cos_batch
     ang = torch.rand(cb, s, d) * 6
     cd = cos_dtype or dtype
-    return (torch.randn(shape(hq), dtype=dtype), torch.randn(shape(hk), dtype=dtype),
-            ang.cos().to(cd), ang.sin().to(cd))
+    return (
+        torch.randn(shape(hq), dtype=dtype),
+        torch.randn(shape(hk), dtype=dtype),
+        ang.cos().to(cd),
+        ang.sin().to(cd),
+    )
 
 
-@pytest.mark.parametrize("b, hq, hk, s, d", [
-    (0, 4, 2, 3, 8), (2, 4, 2, 0, 8), (2, 0, 2, 3, 8), (2, 0, 0, 3, 8), (2, 4, 2, 3, 0),  # empty
-    (1, 1, 1, 1, 8), (1, 1, 1, 1, 2), (1, 3, 1, 2, 6),  # one token, one head, head_dim 2
-])
+@pytest.mark.parametrize(
+    "b, hq, hk, s, d",
+    [
+        (0, 4, 2, 3, 8),
+        (2, 4, 2, 0, 8),
+        (2, 0, 2, 3, 8),
+        (2, 0, 0, 3, 8),
+        (2, 4, 2, 3, 0),  # empty
+        (1, 1, 1, 1, 8),
+        (1, 1, 1, 1, 2),
+        (1, 3, 1, 2, 6),  # one token, one head, head_dim 2
+    ],
+)
 def test_rope_empty_and_tiny(b, hq, hk, s, d):
     _check_rope(*_rope_inputs(b, hq, hk, s, d), 1)
 
@@ -228,12 +251,15 @@ def test_rope_non_contiguous_inputs():
     _check_rope(q, k, cos, sin, 1)
 
 
-@pytest.mark.parametrize("q_dtype, k_dtype, cos_dtype", [
-    (torch.bfloat16, torch.bfloat16, torch.float32),  # fp32 tables with bf16 activations: fp32 out
-    (torch.bfloat16, torch.float32, torch.bfloat16),
-    (torch.float16, torch.float16, torch.bfloat16),  # promotes to fp32
-    (torch.float64, torch.float64, torch.float64),  # torch path (the kernel has no fp64)
-])
+@pytest.mark.parametrize(
+    "q_dtype, k_dtype, cos_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # fp32 tables with bf16 activations: fp32 out
+        (torch.bfloat16, torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16, torch.bfloat16),  # promotes to fp32
+        (torch.float64, torch.float64, torch.float64),  # torch path (the kernel has no fp64)
+    ],
+)
 def test_rope_mixed_dtypes(q_dtype, k_dtype, cos_dtype):
     q, _, cos, sin = _rope_inputs(2, 4, 2, 3, 8, cos_dtype=cos_dtype, dtype=q_dtype)
     k = torch.randn(2, 2, 3, 8, dtype=k_dtype)
@@ -263,9 +289,11 @@ def test_rope_nan_and_inf_propagate_like_torch(dtype):
 
 def test_rope_through_the_backend_with_one_token_and_nan():
     """HF-style q/k rotation compiled: a single token, and NaNs in q, give eager's values."""
+
     def fn(q, k, cos, sin):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
     for s in (1, 4):
         torch._dynamo.reset()
         q, k, cos, sin = _rope_inputs(2, 4, 2, s, 8)
@@ -287,6 +315,7 @@ def test_rope_through_the_backend_with_one_token_and_nan():
 # cross_entropy(logits, labels, ignore_index, label_smoothing, reduction, out_dtype)
 # linear_cross_entropy(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype)
 
+
 def _upstream(ref):
     return torch.randn(ref.shape) if ref.dim() else torch.tensor(1.7)
 
@@ -295,8 +324,13 @@ def _check_ce(x, y, reduction="mean", ignore_index=-100, smoothing=0.0, tol=1e-5
     """Loss and dlogits of the op against F.cross_entropy in float64 (NaN where torch has NaN)."""
     xa, xb = _leaf(x), _leaf(x)
     loss, _ = torch.ops.foak.cross_entropy(xa, y, ignore_index, smoothing, reduction, torch.float32)
-    ref = F.cross_entropy(xb.double().flatten(0, -2), y.reshape(-1), ignore_index=ignore_index,
-                          reduction=reduction, label_smoothing=smoothing)
+    ref = F.cross_entropy(
+        xb.double().flatten(0, -2),
+        y.reshape(-1),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
     ref = ref.view(y.shape) if reduction == "none" else ref
     _close(loss, ref, tol)
     g = _upstream(ref)
@@ -313,8 +347,7 @@ def _check_lce(h, w, b, y, reduction="mean", smoothing=0.0, tol=1e-5):
     ba, bb = (_leaf(b), _leaf(b)) if b is not None else (None, None)
     loss, _ = torch.ops.foak.linear_cross_entropy(ha, wa, ba, y, -100, smoothing, reduction, torch.float32)
     logits = F.linear(hb.double(), wb.double(), bb.double() if bb is not None else None)
-    ref = F.cross_entropy(logits.flatten(0, -2), y.reshape(-1), reduction=reduction,
-                          label_smoothing=smoothing)
+    ref = F.cross_entropy(logits.flatten(0, -2), y.reshape(-1), reduction=reduction, label_smoothing=smoothing)
     ref = ref.view(y.shape) if reduction == "none" else ref
     _close(loss, ref, tol)
     g = _upstream(ref)
@@ -354,8 +387,7 @@ def test_cross_entropy_huge_rows():
     x = torch.randn(2, 40000) * 3
     _check_ce(x, torch.tensor([5, 39999]))
     _check_ce(x.bfloat16(), torch.tensor([-100, 12345]), "none", smoothing=0.1, tol=1e-2)
-    _check_lce(torch.randn(2, 16384), torch.randn(37, 16384) * 0.01, torch.randn(37), torch.tensor([3, 36]),
-               tol=1e-4)
+    _check_lce(torch.randn(2, 16384), torch.randn(37, 16384) * 0.01, torch.randn(37), torch.tensor([3, 36]), tol=1e-4)
 
 
 def test_cross_entropy_non_contiguous():
@@ -370,8 +402,7 @@ def test_cross_entropy_non_contiguous():
     xb = _leaf(xa.detach())
     F.cross_entropy(xb.double(), torch.tensor([1, 2, 3, 4]), reduction="none").sum().backward()
     _close(xa.grad, xb.grad)
-    _check_lce(torch.randn(3, 2, 8).transpose(0, 1), torch.randn(8, 13).t(), None,
-               torch.randint(0, 13, (2, 3)))
+    _check_lce(torch.randn(3, 2, 8).transpose(0, 1), torch.randn(8, 13).t(), None, torch.randint(0, 13, (2, 3)))
 
 
 def test_linear_cross_entropy_grads_are_contiguous_like_the_fakes():
@@ -380,13 +411,15 @@ def test_linear_cross_entropy_grads_are_contiguous_like_the_fakes():
     h, w, y = torch.randn(5, 8), torch.randn(8, 13).t(), torch.randint(0, 13, (5,))
     need = (True, True, False)
     for op in ("linear_cross_entropy_fused", "linear_cross_entropy_recompute"):
-        out = getattr(torch.ops.foak, op)(h, w, None, y, -100, 0.0, "sum", torch.float32,
-                                          *([*need] if op.endswith("fused") else []))
+        out = getattr(torch.ops.foak, op)(
+            h, w, None, y, -100, 0.0, "sum", torch.float32, *([*need] if op.endswith("fused") else [])
+        )
         if op.endswith("fused"):
             dh, dw = out[2], out[3]
         else:
-            dh, dw, _ = torch.ops.foak.linear_cross_entropy_backward(torch.ones(()), h, w, None, y, out[1], -100,
-                                                                      0.0, "sum", *need)
+            dh, dw, _ = torch.ops.foak.linear_cross_entropy_backward(
+                torch.ones(()), h, w, None, y, out[1], -100, 0.0, "sum", *need
+            )
         assert dh.is_contiguous() and dw.is_contiguous(), op
 
 
@@ -418,8 +451,9 @@ def test_linear_cross_entropy_mixed_dtypes():
     with pytest.raises(RuntimeError):
         torch.ops.foak.linear_cross_entropy(h, w, None, y, -100, 0.0, "mean", torch.float32)
     with pytest.raises(RuntimeError, match="bias is torch.bfloat16"):
-        torch.ops.foak.linear_cross_entropy(h.float(), w, torch.randn(13, dtype=torch.bfloat16), y, -100, 0.0,
-                                            "mean", torch.float32)
+        torch.ops.foak.linear_cross_entropy(
+            h.float(), w, torch.randn(13, dtype=torch.bfloat16), y, -100, 0.0, "mean", torch.float32
+        )
 
 
 @pytest.mark.parametrize("bad", [11, 1000, -1, -99])
@@ -432,8 +466,9 @@ def test_out_of_range_labels_raise_torchs_error_class(bad):
     with pytest.raises(IndexError, match=f"label out of range: Target {bad} is out of bounds"):
         torch.ops.foak.cross_entropy(x, y, -100, 0.0, "mean", torch.float32)
     with pytest.raises(ce_kernel.LabelOutOfRange, match="out of bounds"):
-        torch.ops.foak.linear_cross_entropy(torch.randn(4, 8), torch.randn(11, 8), None, y, -100, 0.0, "sum",
-                                            torch.float32)
+        torch.ops.foak.linear_cross_entropy(
+            torch.randn(4, 8), torch.randn(11, 8), None, y, -100, 0.0, "sum", torch.float32
+        )
     assert issubclass(ce_kernel.LabelOutOfRange, RuntimeError)
 
 
@@ -476,10 +511,13 @@ def test_cross_entropy_through_the_backend_on_unusual_inputs():
 
     def fn(h, w, y):
         return F.cross_entropy(F.linear(h, w).float().view(-1, V), y.view(-1), ignore_index=-100)
+
     w = torch.randn(V, 8)
-    cases = [(torch.randn(1, 1, 8), torch.tensor([[3]])),
-             (torch.randn(2, 3, 8), torch.full((2, 3), -100)),
-             (torch.randn(2, 3, 8).index_fill_(1, torch.tensor([1]), NAN), torch.randint(0, V, (2, 3)))]
+    cases = [
+        (torch.randn(1, 1, 8), torch.tensor([[3]])),
+        (torch.randn(2, 3, 8), torch.full((2, 3), -100)),
+        (torch.randn(2, 3, 8).index_fill_(1, torch.tensor([1]), NAN), torch.randint(0, V, (2, 3))),
+    ]
     for h, y in cases:
         torch._dynamo.reset()
         be = foak_compile.backend(inner="aot_eager")

@@ -1,4 +1,5 @@
 """torch.ops.foak.rope / rope_one forward and backward against a float64 reference and eager HF."""
+
 import pytest
 import torch
 
@@ -64,8 +65,11 @@ def check_pair(q, k, cos, sin, dim, out_dtype=None):
     ex, ek = hf_rope(qx, cos, sin, dim), hf_rope(kx, cos, sin, dim)
     torch.autograd.backward((ex, ek), (gq, gk))
     exact = q.dtype != torch.float32 and out_dtype != torch.float32  # fp32 may differ by an FMA
-    cmp = (lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)) if exact else \
-        (lambda a, b: torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6))
+    cmp = (
+        (lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0))
+        if exact
+        else (lambda a, b: torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6))
+    )
     for got, want in ((qe, ex), (ke, ek), (qr.grad, qx.grad), (kr.grad, kx.grad)):
         cmp(got, want)
 
@@ -131,8 +135,7 @@ def test_tiles_with_token_and_head_tails(tile, layout, device, monkeypatch):
     check_pair(q, k, cos, sin, layout)
     x = make(6, 20, torch.float32, device, layout)  # head_dim not a power of two: masked half-rows
     c, s = cos_sin(random_positions(device), 20, torch.float32, device)
-    torch.testing.assert_close(torch.ops.foak.rope_one(x, c, s, layout), hf_rope(x, c, s, layout),
-                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(torch.ops.foak.rope_one(x, c, s, layout), hf_rope(x, c, s, layout), rtol=2e-6, atol=2e-6)
 
 
 def test_int64_offsets(device, monkeypatch):
@@ -204,6 +207,7 @@ def test_grads_come_back_in_the_inputs_layout(layout, device):
         if not t.is_contiguous():
             return torch.randn(t.shape, device=device).bfloat16()
         return torch.randn(t.transpose(1, 2).shape, device=device).bfloat16().transpose(1, 2)
+
     gq, gk = other_layout(qe), other_layout(ke)
     assert gq.stride() != q.stride() and gk.stride() != k.stride()
     dq, dk = torch.autograd.grad((qe, ke), (qr, kr), (gq, gk))
@@ -225,9 +229,10 @@ def test_fake_kernels_and_autograd_registration(device):
     torch.library.opcheck(torch.ops.foak.rope_one.default, (k, cos, sin, 1))
     g = torch.randn_like(q.detach())
     torch.library.opcheck(torch.ops.foak.rope_backward.default, (g, None, cos, sin, 1, torch.bfloat16, None))
-    torch.library.opcheck(torch.ops.foak.rope_backward.default,
-                          (g.contiguous(), k.detach(), cos, sin, 1, torch.bfloat16, torch.float32,
-                           list(q.stride()), list(k.stride())))
+    torch.library.opcheck(
+        torch.ops.foak.rope_backward.default,
+        (g.contiguous(), k.detach(), cos, sin, 1, torch.bfloat16, torch.float32, list(q.stride()), list(k.stride())),
+    )
 
 
 def test_bad_shapes_raise(device):

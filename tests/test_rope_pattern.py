@@ -1,4 +1,5 @@
 """The rope pattern on real transformers models and on hand-written variants/near-misses."""
+
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ from tests.models import batch, compare_with_eager, tiny_model
 
 def rotate_half(x):
     x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2:]
+    x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
@@ -117,8 +118,10 @@ def separate_tables(q, k, cos, sin):
     """k rotated with other cos/sin than q: two single rotations."""
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     c2, s2 = cos * 0.5, sin * 0.5
-    return (q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1),
-            k * c2.unsqueeze(1) + rotate_half(k) * s2.unsqueeze(1))
+    return (
+        q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1),
+        k * c2.unsqueeze(1) + rotate_half(k) * s2.unsqueeze(1),
+    )
 
 
 def partial_rotary(q, k, cos, sin):
@@ -132,8 +135,10 @@ def partial_rotary(q, k, cos, sin):
 
 def interleaved(q, k, cos, sin):
     """GPT-J's rotate_every_two with repeat-interleaved cos/sin."""
+
     def every_two(x):
         return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
     cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1).unsqueeze(2)
     sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1).unsqueeze(2)
     return q * cos + every_two(q) * sin, k
@@ -232,12 +237,15 @@ def test_intermediate_with_an_outside_user_keeps_its_partner():
     assert len(misses) == 1 and "outside the pattern" in misses[0]
 
 
-@pytest.mark.parametrize("fn, reason", [
-    (partial_rotary, "partial rotary"),
-    (interleaved, "interleaved (GPT-J style)"),
-    (other_split, "not at the middle 8"),
-    (other_direction, "the rotation would run the other way"),
-])
+@pytest.mark.parametrize(
+    "fn, reason",
+    [
+        (partial_rotary, "partial rotary"),
+        (interleaved, "interleaved (GPT-J style)"),
+        (other_split, "not at the middle 8"),
+        (other_direction, "the rotation would run the other way"),
+    ],
+)
 def test_near_misses_are_left_alone(fn, reason):
     variants, misses = run(fn)
     assert variants == []
@@ -246,7 +254,10 @@ def test_near_misses_are_left_alone(fn, reason):
 
 def test_bf16_llama_with_lora_is_bit_exact():
     from peft import LoraConfig, get_peft_model
-    model = get_peft_model(tiny_model("llama", torch.bfloat16),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"]))
+
+    model = get_peft_model(
+        tiny_model("llama", torch.bfloat16),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"]),
+    )
     be = compare_with_eager(model, batch(model), patterns=["rope"], rtol=0, atol=0)
     assert len(rope_matches(be)) == 2

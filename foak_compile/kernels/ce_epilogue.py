@@ -2,6 +2,7 @@
 lm_head + cross-entropy paths: what a model does to its logits between lm_head and loss, as an
 `Epilogue` value and as the `_epilogue` Triton helper their kernels call on each logit.
 """
+
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,7 @@ class Epilogue(NamedTuple):
     """z → z·scale → z/divisor → softcap·tanh(z/softcap) on each logit z before the loss (identity
     steps: scale 1, divisor 1, softcap 0); `rounded`: each step's result rounded to the logits'
     dtype, as eager computes it on half-precision logits (False: in fp32, after an upcast)."""
+
     scale: float = 1.0
     divisor: float = 1.0
     softcap: float = 0.0
@@ -22,8 +24,9 @@ class Epilogue(NamedTuple):
 
     def flags(self, t: torch.Tensor) -> int:
         """The kernels' EPI constexpr for logits t: which steps run (0: none), and how to divide."""
-        steps = ((_MUL if self.scale != 1.0 else 0) | (_DIV if self.divisor != 1.0 else 0)
-                 | (_CAP if self.softcap else 0))
+        steps = (
+            (_MUL if self.scale != 1.0 else 0) | (_DIV if self.divisor != 1.0 else 0) | (_CAP if self.softcap else 0)
+        )
         if not steps:
             return 0
         return steps | (_ROUND if self.rounded else 0) | (_RECIP if _divides_by_reciprocal(t) else 0)

@@ -1,4 +1,5 @@
 """What every kernel launcher needs: when Triton can run, and torch → Triton dtypes."""
+
 import functools
 import os
 

@@ -33,6 +33,7 @@ multiply the gradient by its derivative: the capped logits never exist either.
 Labels outside [0, V) that are not ignore_index raise (asynchronously on CUDA, like torch's
 own device assert); the kernel gives their rows a NaN loss and reads nothing out of bounds.
 """
+
 from typing import Optional
 
 import torch
@@ -44,24 +45,73 @@ from .ce_epilogue import NO_EPILOGUE, Epilogue, _epilogue
 from .common import TL_DTYPE, cast, use_triton
 
 
-
-
 @triton.jit
-def _ce_fwd(X, Y, LOSS, LSE, SCALE, stride_x, n_rows, n_cols, ignore_index, smooth, smooth_per_col,
-            mul, div, cap, cdiv, EPI: tl.constexpr,
-            HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_fwd(
+    X,
+    Y,
+    LOSS,
+    LSE,
+    SCALE,
+    stride_x,
+    n_rows,
+    n_cols,
+    ignore_index,
+    smooth,
+    smooth_per_col,
+    mul,
+    div,
+    cap,
+    cdiv,
+    EPI: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """loss and lse of rows pid, pid + grid, ...; with WRITE_GRAD also dx (scaled by SCALE[0])
     written over each row. A smaller grid than n_rows keeps fewer rows in flight, so that the
     gradient pass finds its row still in L2."""
     for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):  # int64: row * stride
-        _ce_fwd_row(X + row * stride_x, Y + row, LOSS + row, LSE + row, SCALE, n_cols,
-                    ignore_index, smooth, smooth_per_col, mul, div, cap, cdiv, EPI, HAS_SMOOTH, WRITE_GRAD,
-                    BLOCK_V)
+        _ce_fwd_row(
+            X + row * stride_x,
+            Y + row,
+            LOSS + row,
+            LSE + row,
+            SCALE,
+            n_cols,
+            ignore_index,
+            smooth,
+            smooth_per_col,
+            mul,
+            div,
+            cap,
+            cdiv,
+            EPI,
+            HAS_SMOOTH,
+            WRITE_GRAD,
+            BLOCK_V,
+        )
 
 
 @triton.jit
-def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth_per_col, mul, div, cap, cdiv,
-                EPI: tl.constexpr, HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_fwd_row(
+    x_row,
+    Y,
+    LOSS,
+    LSE,
+    SCALE,
+    n_cols,
+    ignore_index,
+    smooth,
+    smooth_per_col,
+    mul,
+    div,
+    cap,
+    cdiv,
+    EPI: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     y = tl.load(Y)
     keep = y != ignore_index
     in_range = (y >= 0) & (y < n_cols)
@@ -106,15 +156,13 @@ def _ce_fwd_row(x_row, Y, LOSS, LSE, SCALE, n_cols, ignore_index, smooth, smooth
         for start in range(0, n_cols, BLOCK_V):
             cols = start + cols0
             x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(tl.float32)
-            g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, EPI,
-                      x_row.dtype.element_ty)
+            g = _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, EPI, x_row.dtype.element_ty)
             g = tl.where(keep, g, 0.0)  # ignored rows: zeros, which the GEMMs then read
             tl.store(x_row + cols, cast(g, x_row.dtype.element_ty), mask=cols < n_cols)
 
 
 @triton.jit
-def _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, EPI: tl.constexpr,
-          DTYPE: tl.constexpr):
+def _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, EPI: tl.constexpr, DTYPE: tl.constexpr):
     """dloss/dx for a block of raw logits x of one row (through the epilogue when there is one)."""
     if EPI != 0:
         v, dv = _epilogue(x, mul, div, cap, cdiv, EPI, DTYPE)
@@ -128,8 +176,26 @@ def _grad(x, y, cols, lse, scale, smooth, smooth_per_col, mul, div, cap, cdiv, E
 
 
 @triton.jit
-def _ce_bwd(X, DX, Y, LSE, SCALE, stride_x, stride_dx, stride_scale, n_cols, ignore_index,
-            smooth, smooth_per_col, mul, div, cap, cdiv, EPI: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_bwd(
+    X,
+    DX,
+    Y,
+    LSE,
+    SCALE,
+    stride_x,
+    stride_dx,
+    stride_scale,
+    n_cols,
+    ignore_index,
+    smooth,
+    smooth_per_col,
+    mul,
+    div,
+    cap,
+    cdiv,
+    EPI: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     dx_row = DX + row * stride_dx
@@ -180,8 +246,10 @@ def check_labels(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     if labels.device.type == "cpu":  # the check costs no sync here: raise torch's error class
         if bad.any():
             target = labels[bad][0].item()
-            raise LabelOutOfRange(f"foak cross_entropy: label out of range: Target {target} is out of bounds "
-                                  f"(vocab {n_cols}, ignore_index {ignore_index})")
+            raise LabelOutOfRange(
+                f"foak cross_entropy: label out of range: Target {target} is out of bounds "
+                f"(vocab {n_cols}, ignore_index {ignore_index})"
+            )
         return
     torch._assert_async(~bad.any(), "foak cross_entropy: label out of range")
 
@@ -197,8 +265,20 @@ def _smooth(label_smoothing: float, n_cols: int):
 # ---------------------------------------------------------------------------------------------
 # Row kernels on a [rows, vocab] block; callers have checked the labels.
 
-def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=None, grad_scale=None,
-                  num_warps=None, programs=None, epi=NO_EPILOGUE):
+
+def _forward_rows(
+    x,
+    labels,
+    ignore_index,
+    label_smoothing,
+    loss,
+    lse,
+    block_v=None,
+    grad_scale=None,
+    num_warps=None,
+    programs=None,
+    epi=NO_EPILOGUE,
+):
     """Fill loss[r] and lse[r] (fp32) for the rows of x (through `epi`); given `grad_scale` (fp32
     [1]), also overwrite x with dloss/dx where d(loss_r) = grad_scale for every row. `programs`:
     the grid (default one program per row)."""
@@ -217,10 +297,25 @@ def _forward_rows(x, labels, ignore_index, label_smoothing, loss, lse, block_v=N
     write = grad_scale is not None
     warps = num_warps or warps
     grid = min(n_rows, programs or n_rows)
-    _ce_fwd[(grid,)](x, labels, loss, lse, grad_scale if write else lse, x.stride(0), n_rows, n_cols,
-                     ignore_index, eps, eps_v, *epi.kernel_args(x), EPI=epi.flags(x),
-                     HAS_SMOOTH=eps != 0.0,
-                     WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
+    _ce_fwd[(grid,)](
+        x,
+        labels,
+        loss,
+        lse,
+        grad_scale if write else lse,
+        x.stride(0),
+        n_rows,
+        n_cols,
+        ignore_index,
+        eps,
+        eps_v,
+        *epi.kernel_args(x),
+        EPI=epi.flags(x),
+        HAS_SMOOTH=eps != 0.0,
+        WRITE_GRAD=write,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
 
 
 def _backward_rows(x, labels, lse, scale, ignore_index, label_smoothing, out, block_v=None, epi=NO_EPILOGUE):
@@ -234,9 +329,24 @@ def _backward_rows(x, labels, lse, scale, ignore_index, label_smoothing, out, bl
         return out
     block, warps = _block(x, n_cols, block_v)
     eps, eps_v = _smooth(label_smoothing, n_cols)
-    _ce_bwd[(n_rows,)](x, out, labels, lse, scale, x.stride(0), out.stride(0),
-                       1 if scale.numel() > 1 else 0, n_cols, ignore_index, eps, eps_v,
-                       *epi.kernel_args(x), EPI=epi.flags(x), BLOCK_V=block, num_warps=warps)
+    _ce_bwd[(n_rows,)](
+        x,
+        out,
+        labels,
+        lse,
+        scale,
+        x.stride(0),
+        out.stride(0),
+        1 if scale.numel() > 1 else 0,
+        n_cols,
+        ignore_index,
+        eps,
+        eps_v,
+        *epi.kernel_args(x),
+        EPI=epi.flags(x),
+        BLOCK_V=block,
+        num_warps=warps,
+    )
     return out
 
 
@@ -282,8 +392,14 @@ def _torch_grad(x, labels, lse, scale, ignore_index, label_smoothing, epi=NO_EPI
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy on materialised logits.
 
-def cross_entropy_forward(x: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                          label_smoothing: float = 0.0, block_v: Optional[int] = None):
+
+def cross_entropy_forward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float = 0.0,
+    block_v: Optional[int] = None,
+):
     """(loss, lse): fp32 per-row loss (0 where ignored) and logsumexp of [N, V] logits."""
     x = _rows(x)
     check_labels(labels, x.shape[1], ignore_index)
@@ -293,14 +409,21 @@ def cross_entropy_forward(x: torch.Tensor, labels: torch.Tensor, ignore_index: i
     return loss, lse
 
 
-def cross_entropy_backward(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                           scale: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0,
-                           block_v: Optional[int] = None) -> torch.Tensor:
+def cross_entropy_backward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float = 0.0,
+    block_v: Optional[int] = None,
+) -> torch.Tensor:
     """dloss/dx in x's dtype, where d(loss_r) = scale[r] (scale: fp32, [N] or [1])."""
     x = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _backward_rows(x, labels.contiguous(), lse.contiguous(), scale.contiguous(),
-                          ignore_index, label_smoothing, out, block_v)
+    return _backward_rows(
+        x, labels.contiguous(), lse.contiguous(), scale.contiguous(), ignore_index, label_smoothing, out, block_v
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,9 +534,23 @@ def _buffers(hidden, n_cols, rows, n_work, gather):
     return flat[: r * n_cols].view(r, n_cols), flat[tail:].view(r, n_hidden), r
 
 
-def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse=None, scale=None,
-             need_hidden=False, need_weight=False, need_bias=False, chunk_elements=None, block_v=None,
-             epi=NO_EPILOGUE):
+def _chunked(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    label_smoothing,
+    *,
+    lse=None,
+    scale=None,
+    need_hidden=False,
+    need_weight=False,
+    need_bias=False,
+    chunk_elements=None,
+    block_v=None,
+    epi=NO_EPILOGUE,
+):
     """The chunk loop behind the lm_head + loss entry points.
 
     lse None: forward, returns (loss, lse, dh, dw, db); with `scale` (fp32 [1]: d(total)/d(loss_r)
@@ -452,11 +589,25 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
                 y = labels.index_select(0, rows_i)
             logits = _logits_into(buf[: e - s], h, weight, bias)
             if forward:
-                loss_c, lse_c = (loss[s:e], lse[s:e]) if idx is None else (
-                    torch.empty(e - s, dtype=torch.float32, device=device),
-                    torch.empty(e - s, dtype=torch.float32, device=device))
-                _forward_rows(logits, y, ignore_index, label_smoothing, loss_c, lse_c, block_v,
-                              grad_scale=scale if grads else None, epi=epi)
+                loss_c, lse_c = (
+                    (loss[s:e], lse[s:e])
+                    if idx is None
+                    else (
+                        torch.empty(e - s, dtype=torch.float32, device=device),
+                        torch.empty(e - s, dtype=torch.float32, device=device),
+                    )
+                )
+                _forward_rows(
+                    logits,
+                    y,
+                    ignore_index,
+                    label_smoothing,
+                    loss_c,
+                    lse_c,
+                    block_v,
+                    grad_scale=scale if grads else None,
+                    epi=epi,
+                )
                 if idx is not None:
                     loss.index_copy_(0, rows_i, loss_c)
                     lse.index_copy_(0, rows_i, lse_c)
@@ -485,48 +636,113 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, *, lse
     return (loss, lse, dh, dw, db) if forward else (dh, dw, db)
 
 
-def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                 labels: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0,
-                                 chunk_elements: Optional[int] = None, block_v: Optional[int] = None,
-                                 epi: Epilogue = NO_EPILOGUE):
+def linear_cross_entropy_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float = 0.0,
+    chunk_elements: Optional[int] = None,
+    block_v: Optional[int] = None,
+    epi: Epilogue = NO_EPILOGUE,
+):
     """(loss, lse) per row of cross_entropy(epi(hidden @ weight.T + bias), labels); hidden is [N, H]."""
     check_labels(labels, weight.shape[0], ignore_index)
-    loss, lse, *_ = _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing,
-                             chunk_elements=chunk_elements, block_v=block_v, epi=epi)
+    loss, lse, *_ = _chunked(
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        label_smoothing,
+        chunk_elements=chunk_elements,
+        block_v=block_v,
+        epi=epi,
+    )
     return loss, lse
 
 
-def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                          labels: torch.Tensor, ignore_index: int, label_smoothing: float,
-                                          scale: torch.Tensor, need_hidden: bool, need_weight: bool,
-                                          need_bias: bool, chunk_elements: Optional[int] = None,
-                                          block_v: Optional[int] = None, epi: Epilogue = NO_EPILOGUE,
-                                          online: Optional[bool] = None):
+def linear_cross_entropy_forward_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    scale: torch.Tensor,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    chunk_elements: Optional[int] = None,
+    block_v: Optional[int] = None,
+    epi: Epilogue = NO_EPILOGUE,
+    online: Optional[bool] = None,
+):
     """(loss, lse, dhidden, dweight, dbias): the forward's per-row loss and lse, and the gradients
     asked for (else None) of Σ_r scale·loss_r, scale being one fp32 value ([1]) for all rows.
     `online` (default: cross_entropy_online.preferred, by size, or always inside a CUDA graph capture): a
     frozen lm_head's dh by the vocabulary-tiled online softmax of cross_entropy_online.py, where it applies."""
     check_labels(labels, weight.shape[0], ignore_index)
     wanted = online_path.preferred(*hidden.shape, weight.shape[0], _captured(hidden)) if online is None else online
-    if wanted and need_hidden and online_path.applicable(
-            hidden, weight, label_smoothing, need_weight, need_bias and bias is not None, epi):
+    if (
+        wanted
+        and need_hidden
+        and online_path.applicable(hidden, weight, label_smoothing, need_weight, need_bias and bias is not None, epi)
+    ):
         labels = labels.contiguous()
-        loss, lse, dh = online_path.forward_backward(hidden, weight, bias, labels, ignore_index, scale,
-                                                     _kept_rows(labels, ignore_index), epi)
+        loss, lse, dh = online_path.forward_backward(
+            hidden, weight, bias, labels, ignore_index, scale, _kept_rows(labels, ignore_index), epi
+        )
         return loss, lse, dh, None, None
-    return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, scale=scale,
-                    need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-                    chunk_elements=chunk_elements, block_v=block_v, epi=epi)
+    return _chunked(
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        label_smoothing,
+        scale=scale,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+        chunk_elements=chunk_elements,
+        block_v=block_v,
+        epi=epi,
+    )
 
 
-def linear_cross_entropy_backward(scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                                  bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
-                                  ignore_index: int, label_smoothing: float, need_hidden: bool,
-                                  need_weight: bool, need_bias: bool,
-                                  chunk_elements: Optional[int] = None, block_v: Optional[int] = None,
-                                  epi: Epilogue = NO_EPILOGUE):
+def linear_cross_entropy_backward(
+    scale: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    chunk_elements: Optional[int] = None,
+    block_v: Optional[int] = None,
+    epi: Epilogue = NO_EPILOGUE,
+):
     """(dhidden, dweight, dbias), each None unless needed, where d(loss_r) = scale[r]
     (fp32, [N] or [1]). Recomputes each chunk's logits rather than keep them from the forward."""
-    return _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, lse=lse, scale=scale,
-                    need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-                    chunk_elements=chunk_elements, block_v=block_v, epi=epi)
+    return _chunked(
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        label_smoothing,
+        lse=lse,
+        scale=scale,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+        chunk_elements=chunk_elements,
+        block_v=block_v,
+        epi=epi,
+    )

@@ -24,6 +24,7 @@ one [rows, piece] buffer and an fp32 [rows, hidden] accumulator, whatever the to
 Not here: label smoothing (its ε/V term would need Σ_n dv_n·W_n, a second GEMM), trained
 weight or bias (dW needs every p after the full lse: the chunked path's three GEMMs).
 """
+
 from typing import Optional
 
 import torch
@@ -71,11 +72,24 @@ BUDGET = 31 * 2**20
 TAU = {torch.float32: 20.0, torch.bfloat16: 20.0, torch.float16: 8.0}
 
 
-def applicable(hidden: torch.Tensor, weight: torch.Tensor, label_smoothing: float, need_weight: bool,
-               need_bias: bool, epi: Epilogue) -> bool:
+def applicable(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    label_smoothing: float,
+    need_weight: bool,
+    need_bias: bool,
+    epi: Epilogue,
+) -> bool:
     """Whether this path computes what the chunked path would (see the module doc for what it lacks)."""
-    return (label_smoothing == 0.0 and not need_weight and not need_bias and use_triton(hidden)
-            and hidden.dtype in TAU and weight.dtype == hidden.dtype and weight.shape[0] > 0)
+    return (
+        label_smoothing == 0.0
+        and not need_weight
+        and not need_bias
+        and use_triton(hidden)
+        and hidden.dtype in TAU
+        and weight.dtype == hidden.dtype
+        and weight.shape[0] > 0
+    )
 
 
 def _linear_factor(epi: Epilogue) -> float:
@@ -88,8 +102,21 @@ def _linear_factor(epi: Epilogue) -> float:
 
 
 @triton.jit
-def _piece(S, Y, STATE, ACC, EPI_ARGS, width, col0, n_hidden, ignore_index, EPI: tl.constexpr, TAU: tl.constexpr,
-           BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _piece(
+    S,
+    Y,
+    STATE,
+    ACC,
+    EPI_ARGS,
+    width,
+    col0,
+    n_hidden,
+    ignore_index,
+    EPI: tl.constexpr,
+    TAU: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """One row of a logits piece S[:, :width] (contiguous; vocabulary columns col0...): update the row's
     STATE, rescale its accumulator row (ACC: contiguous [rows, n_hidden]) when the reference moved (before
     the piece's GEMM adds to it: same stream; no launch of its own), and overwrite the piece with
@@ -156,8 +183,23 @@ def _piece(S, Y, STATE, ACC, EPI_ARGS, width, col0, n_hidden, ignore_index, EPI:
 
 
 @triton.jit
-def _finish(ACC, W, Y, STATE, SCALE, DH, LOSS, LSE, stride_w, stride_dh, n_hidden, n_cols, ignore_index, lin,
-            BLOCK: tl.constexpr):
+def _finish(
+    ACC,
+    W,
+    Y,
+    STATE,
+    SCALE,
+    DH,
+    LOSS,
+    LSE,
+    stride_w,
+    stride_dh,
+    n_hidden,
+    n_cols,
+    ignore_index,
+    lin,
+    BLOCK: tl.constexpr,
+):
     """Per row: lse = m + log l, loss = lse - v_y, dh = scale·(lin·acc/l + (e_y/l - 1)·dv_y·W_y)."""
     row = tl.program_id(0).to(tl.int64)
     st = STATE + row * 5
@@ -234,8 +276,9 @@ def _addmm_fp32_public(acc, p, w):
     torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
 
 
-_mm_fp32, _addmm_fp32 = ((_mm_fp32_public, _addmm_fp32_public) if _public_out_dtype()
-                          else (_mm_fp32_ops, _addmm_fp32_ops))
+_mm_fp32, _addmm_fp32 = (
+    (_mm_fp32_public, _addmm_fp32_public) if _public_out_dtype() else (_mm_fp32_ops, _addmm_fp32_ops)
+)
 
 
 _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype_out")
@@ -259,8 +302,15 @@ def _bytes_per_row(n_cols: int, n_hidden: int, itemsize: int, gather: bool, cols
     return held + (n_hidden * itemsize + 32 if gather else 0)
 
 
-def block_rows(n_work: int, n_cols: int, n_hidden: int, itemsize: int, gather: bool = True,
-               rows: Optional[int] = None, cols: Optional[int] = None) -> int:
+def block_rows(
+    n_work: int,
+    n_cols: int,
+    n_hidden: int,
+    itemsize: int,
+    gather: bool = True,
+    rows: Optional[int] = None,
+    cols: Optional[int] = None,
+) -> int:
     """Rows per block for n_work rows: at most `rows` (or ROWS), by default as many as BUDGET holds, in whole
     64-row GEMM tiles; then the fewest blocks, made equal up to a tile (3080 kept rows, bound 1131, so
     1088: blocks of 1088, 1088 and 904 rather than 4 of 770). Each block costs a pass of launches over the
@@ -272,9 +322,18 @@ def block_rows(n_work: int, n_cols: int, n_hidden: int, itemsize: int, gather: b
     return min(tile_cap, -(-even // 64) * 64) if tile_cap >= 64 else even
 
 
-def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     labels: torch.Tensor, ignore_index: int, scale: torch.Tensor, idx: Optional[torch.Tensor],
-                     epi: Epilogue = NO_EPILOGUE, rows: Optional[int] = None, cols: Optional[int] = None):
+def forward_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    scale: torch.Tensor,
+    idx: Optional[torch.Tensor],
+    epi: Epilogue = NO_EPILOGUE,
+    rows: Optional[int] = None,
+    cols: Optional[int] = None,
+):
     """(loss, lse, dh) per row of cross_entropy(epi(hidden @ weight.T + bias), labels) with
     d(loss_r) = scale[0] for every row; `idx`: the rows to run (the others get zeros), or None."""
     n_rows, n_hidden = hidden.shape
@@ -329,8 +388,22 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
                 torch.mm(h, w_pieces_t[j], out=piece)
             else:
                 torch.addmm(b_pieces[j], h, w_pieces_t[j], out=piece)
-            _piece[(r,)](piece, y, st, acc, epi_vals, c1 - c0, c0, n_hidden, ignore_index, EPI=epi_flags, TAU=tau,
-                         BLOCK=block, BLOCK_H=block_h, num_warps=warps)
+            _piece[(r,)](
+                piece,
+                y,
+                st,
+                acc,
+                epi_vals,
+                c1 - c0,
+                c0,
+                n_hidden,
+                ignore_index,
+                EPI=epi_flags,
+                TAU=tau,
+                BLOCK=block,
+                BLOCK_H=block_h,
+                num_warps=warps,
+            )
             _accumulate(acc, piece, w_pieces[j], first=j == 0)
         if idx is None:
             loss_c, lse_c, dh_c = loss[s:e], lse[s:e], dh[s:e]
@@ -338,8 +411,23 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
             loss_c = torch.empty(r, dtype=torch.float32, device=device)
             lse_c = torch.empty_like(loss_c)
             dh_c = h_buf[:r]  # h is read by nothing after the last piece's GEMM
-        _finish[(r,)](acc, w, y, st, scale, dh_c, loss_c, lse_c, w.stride(0), dh_c.stride(0), n_hidden, n_cols,
-                      ignore_index, lin, BLOCK=block_h)
+        _finish[(r,)](
+            acc,
+            w,
+            y,
+            st,
+            scale,
+            dh_c,
+            loss_c,
+            lse_c,
+            w.stride(0),
+            dh_c.stride(0),
+            n_hidden,
+            n_cols,
+            ignore_index,
+            lin,
+            BLOCK=block_h,
+        )
         if idx is not None:
             loss.index_copy_(0, rows_i, loss_c)
             lse.index_copy_(0, rows_i, lse_c)
@@ -347,8 +435,15 @@ def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return loss, lse, dh
 
 
-def peak_bytes(n_rows: int, n_cols: int, n_hidden: int, itemsize: int, gather: bool = True,
-               rows: Optional[int] = None, cols: Optional[int] = None) -> int:
+def peak_bytes(
+    n_rows: int,
+    n_cols: int,
+    n_hidden: int,
+    itemsize: int,
+    gather: bool = True,
+    rows: Optional[int] = None,
+    cols: Optional[int] = None,
+) -> int:
     """What forward_backward holds beyond its outputs (loss, lse, dh) for n_rows rows to run: one block's
     working memory (_bytes_per_row), at most BUDGET by default."""
     r = block_rows(n_rows, n_cols, n_hidden, itemsize, gather, rows, cols)

@@ -21,6 +21,7 @@ the zero itself. gptqmodel converts v1 → v2 when it loads a checkpoint by addi
 field of each packed int32 word at once (0x11111111 for 4 bits), carries included; with
 zero_format=1 the kernel decodes a v1 word the same way, so both give identical bits.
 """
+
 from typing import Optional
 
 import torch
@@ -38,9 +39,24 @@ def _v1_offset(bits: int) -> int:
 
 
 @triton.jit
-def _dequant_gptq(QW, QZ, S, G, OUT, n_in, n_out, stride_qz, stride_out, out_col, V1_OFFSET,
-                  BITS: tl.constexpr, V1: tl.constexpr, ROUND_TWICE: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_gptq(
+    QW,
+    QZ,
+    S,
+    G,
+    OUT,
+    n_in,
+    n_out,
+    stride_qz,
+    stride_out,
+    out_col,
+    V1_OFFSET,
+    BITS: tl.constexpr,
+    V1: tl.constexpr,
+    ROUND_TWICE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     PF: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
     rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # input features
@@ -84,23 +100,39 @@ def check(qweight, qzeros, scales, g_idx, bits: int, zero_format: int = 2) -> tu
     return n_in, n_out
 
 
-def dequantize(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype, zero_format: int = 2,
-               out: Optional[torch.Tensor] = None, out_col: int = 0) -> torch.Tensor:
+def dequantize(
+    qweight,
+    qzeros,
+    scales,
+    g_idx,
+    bits: int,
+    dtype: torch.dtype,
+    zero_format: int = 2,
+    out: Optional[torch.Tensor] = None,
+    out_col: int = 0,
+) -> torch.Tensor:
     """The weight in GPTQ's own orientation, [in_features, out_features], in `dtype`.
     g_idx values must lie in [0, groups) (not checked: that would synchronise with the device).
     `out`: a contiguous [in, cols] tensor of `dtype` (siblings' stacked weight) whose columns from
     `out_col` on receive the weight; returned whole. The kernel gets the whole buffer and an offset
     (a written view is left to inductor's view handling, see bnb4.dequantize_4bit)."""
     n_in, n_out = check(qweight, qzeros, scales, g_idx, bits, zero_format)
-    if out is not None and (out.dim() != 2 or out.shape[0] != n_in or not 0 <= out_col <= out.shape[1] - n_out
-                            or out.dtype != dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous [{n_in}, cols >= {out_col} + {n_out}] {dtype} tensor, "
-                         f"not {tuple(out.shape)} {out.dtype}")
+    if out is not None and (
+        out.dim() != 2
+        or out.shape[0] != n_in
+        or not 0 <= out_col <= out.shape[1] - n_out
+        or out.dtype != dtype
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous [{n_in}, cols >= {out_col} + {n_out}] {dtype} tensor, "
+            f"not {tuple(out.shape)} {out.dtype}"
+        )
     if not (use_triton(qweight) and dtype in TL_DTYPE and scales.dtype in TL_DTYPE):
         w = dequantize_torch(qweight, qzeros, scales, g_idx, bits, dtype, zero_format)
         if out is None:
             return w
-        out[:, out_col:out_col + n_out].copy_(w)
+        out[:, out_col : out_col + n_out].copy_(w)
         return out
     out = torch.empty((n_in, n_out), dtype=dtype, device=qweight.device) if out is None else out
     if n_in * n_out == 0:
@@ -108,9 +140,24 @@ def dequantize(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype, ze
     block_k, block_n = 32, 128
     grid = (triton.cdiv(n_in, block_k), triton.cdiv(n_out, block_n))
     wrap_triton(_dequant_gptq)[grid](
-        qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), out, n_in, n_out,
-        qzeros.shape[1], out.shape[1], out_col, _v1_offset(bits), BITS=bits, V1=zero_format == 1,
-        ROUND_TWICE=scales.dtype != dtype, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+        qweight.contiguous(),
+        qzeros.contiguous(),
+        scales.contiguous(),
+        g_idx.contiguous(),
+        out,
+        n_in,
+        n_out,
+        qzeros.shape[1],
+        out.shape[1],
+        out_col,
+        _v1_offset(bits),
+        BITS=bits,
+        V1=zero_format == 1,
+        ROUND_TWICE=scales.dtype != dtype,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
     return out
 
 
@@ -126,8 +173,9 @@ def _unpack(words: torch.Tensor, bits: int, dim: int, n: int) -> torch.Tensor:
     return fields.narrow(dim, 0, n)
 
 
-def dequantize_torch(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype,
-                     zero_format: int = 2) -> torch.Tensor:
+def dequantize_torch(
+    qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype, zero_format: int = 2
+) -> torch.Tensor:
     """The same numbers with torch ops: devices without Triton."""
     n_in, n_out = check(qweight, qzeros, scales, g_idx, bits, zero_format)
     codes = _unpack(qweight, bits, 0, n_in)  # [in, out]

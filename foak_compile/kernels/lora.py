@@ -16,6 +16,7 @@ mutates y is reinplaced by inductor instead. The torch path (devices without Tri
 mask from a hash of (seed, index) in torch ops: a different mask than the kernel's, but the
 same one in forward and backward, which is all autograd needs.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -32,8 +33,20 @@ def _keep(seed, rows, cols, n_cols, p):
 
 
 @triton.jit
-def _dropout(X, OUT, n_rows, n_cols, stride_x, stride_out, SEED, p, scale,
-             ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dropout(
+    X,
+    OUT,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_out,
+    SEED,
+    p,
+    scale,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """OUT = drop(X), or OUT += drop(X) with ACCUMULATE; the seed is read from memory so a
     CUDA graph or an inlined op replays with the seed of the step, not a baked-in constant."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -48,8 +61,25 @@ def _dropout(X, OUT, n_rows, n_cols, stride_x, stride_out, SEED, p, scale,
 
 
 @triton.jit
-def _low_rank_add(Y, U, V, M, N, R, col0, stride_y, stride_um, stride_ur, stride_vn, stride_vr, alpha,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _low_rank_add(
+    Y,
+    U,
+    V,
+    M,
+    N,
+    R,
+    col0,
+    stride_y,
+    stride_um,
+    stride_ur,
+    stride_vn,
+    stride_vr,
+    alpha,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """Y[:, col0:col0+N] += alpha · U·Vᵀ over one [BLOCK_M, BLOCK_N] tile, accumulated in fp32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,10 +87,16 @@ def _low_rank_add(Y, U, V, M, N, R, col0, stride_y, stride_um, stride_ur, stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_R):
         ks = k0 + tl.arange(0, BLOCK_R)
-        u = tl.load(U + r64[:, None] * stride_um + ks[None, :] * stride_ur,
-                    mask=(rows < M)[:, None] & (ks < R)[None, :], other=0.0)
-        v = tl.load(V + c64[None, :] * stride_vn + ks[:, None] * stride_vr,
-                    mask=(cols < N)[None, :] & (ks < R)[:, None], other=0.0)
+        u = tl.load(
+            U + r64[:, None] * stride_um + ks[None, :] * stride_ur,
+            mask=(rows < M)[:, None] & (ks < R)[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + c64[None, :] * stride_vn + ks[:, None] * stride_vr,
+            mask=(cols < N)[None, :] & (ks < R)[:, None],
+            other=0.0,
+        )
         if _DOT_IN_FP32:  # the interpreter has no half-precision dot; the products are exact in fp32 anyway
             u, v = u.to(tl.float32), v.to(tl.float32)
         acc += tl.dot(u, v, input_precision=PRECISION)
@@ -76,15 +112,31 @@ def low_rank_add_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: floa
     (m, r), n = u.shape, v.shape[0]
     assert y.dim() == 2 and y.stride(1) == 1 and y.shape[0] == m and col0 + n <= y.shape[1] and v.shape[1] == r
     if not (use_triton(y) and y.dtype in TL_DTYPE and u.dtype == v.dtype == y.dtype):
-        y[:, col0:col0 + n].addmm_(u, v.t(), alpha=alpha)
+        y[:, col0 : col0 + n].addmm_(u, v.t(), alpha=alpha)
         return y
     if m and n and r:
         block_r = min(64, max(16, triton.next_power_of_2(r)))
         grid = (triton.cdiv(m, 64), triton.cdiv(n, 128))
-        wrap_triton(_low_rank_add)[grid](y, u, v, m, n, r, col0, y.stride(0), u.stride(0), u.stride(1),
-                                         v.stride(0), v.stride(1), alpha,
-                                         PRECISION="ieee" if y.dtype == torch.float32 or INTERPRET else "tf32",
-                                         BLOCK_M=64, BLOCK_N=128, BLOCK_R=block_r, num_warps=4)
+        wrap_triton(_low_rank_add)[grid](
+            y,
+            u,
+            v,
+            m,
+            n,
+            r,
+            col0,
+            y.stride(0),
+            u.stride(0),
+            u.stride(1),
+            v.stride(0),
+            v.stride(1),
+            alpha,
+            PRECISION="ieee" if y.dtype == torch.float32 or INTERPRET else "tf32",
+            BLOCK_M=64,
+            BLOCK_N=128,
+            BLOCK_R=block_r,
+            num_warps=4,
+        )
     return y
 
 
@@ -122,9 +174,21 @@ def _launch(x2, out, seed, p, accumulate):
     n_rows, n_cols = x2.shape
     if n_rows:
         grid, block_r, block_c = grid_2d(n_rows, n_cols)
-        wrap_triton(_dropout)[grid](x2, out, n_rows, n_cols, x2.stride(0), out.stride(0),
-                                    _seed_tensor(seed, x2.device), p, 1.0 / (1.0 - p), ACCUMULATE=accumulate,
-                                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        wrap_triton(_dropout)[grid](
+            x2,
+            out,
+            n_rows,
+            n_cols,
+            x2.stride(0),
+            out.stride(0),
+            _seed_tensor(seed, x2.device),
+            p,
+            1.0 / (1.0 - p),
+            ACCUMULATE=accumulate,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
 
 
 def dropout(x: torch.Tensor, seed, p: float, out_dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,7 @@ hidden sizes (Qwen3's q/k norm over head_dim) still give each program enough wor
 backward recomputes rstd from the row it loads anyway, so the forward saves nothing but x.
 dW is reduced per persistent program into an fp32 [programs, H] buffer and summed once.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -21,9 +22,21 @@ STAGES = 3  # software pipelining of that persistent loop
 
 
 @triton.jit
-def _rms_norm_fwd(X, W, Y, n_rows, n_cols, stride_x, stride_y, eps,
-                  HAS_W: tl.constexpr, HAS_MID: tl.constexpr, MID: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rms_norm_fwd(
+    X,
+    W,
+    Y,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_y,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_MID: tl.constexpr,
+    MID: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < n_cols
@@ -41,10 +54,27 @@ def _rms_norm_fwd(X, W, Y, n_rows, n_cols, stride_x, stride_y, eps,
 
 
 @triton.jit
-def _rms_norm_bwd(DY, X, W, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dx, eps,
-                  HAS_W: tl.constexpr, HAS_MID: tl.constexpr, MID: tl.constexpr,
-                  NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STAGES: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rms_norm_bwd(
+    DY,
+    X,
+    W,
+    DX,
+    DW_PART,
+    n_rows,
+    n_cols,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_MID: tl.constexpr,
+    MID: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < n_cols
@@ -118,9 +148,21 @@ def rms_norm_forward(x, weight, eps: float, mid_dtype, out_dtype):
     w = weight.contiguous() if weight is not None else x2
     block_r, block_h, num_warps = _tile(n_cols)
     wrap_triton(_rms_norm_fwd)[(triton.cdiv(n_rows, block_r),)](
-        x2, w, y, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-        HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
-        MID=TL_DTYPE.get(mid_dtype, tl.float32), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
+        x2,
+        w,
+        y,
+        n_rows,
+        n_cols,
+        x2.stride(0),
+        y.stride(0),
+        eps,
+        HAS_W=weight is not None,
+        HAS_MID=mid_dtype is not None,
+        MID=TL_DTYPE.get(mid_dtype, tl.float32),
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
     return y.view(x.shape)
 
 
@@ -141,11 +183,27 @@ def rms_norm_backward(dy, x, weight, eps: float, mid_dtype, need_dx: bool, need_
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
     w = weight.contiguous() if weight is not None else x2
     wrap_triton(_rms_norm_bwd)[(programs,)](
-        dy2, x2, w, dx if need_dx else x2, dw_part if need_dw else x2,
-        n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols, eps,
-        HAS_W=weight is not None, HAS_MID=mid_dtype is not None,
-        MID=TL_DTYPE.get(mid_dtype, tl.float32), NEED_DX=need_dx, NEED_DW=need_dw, STAGES=stages if need_dw else 1,
-        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
+        dy2,
+        x2,
+        w,
+        dx if need_dx else x2,
+        dw_part if need_dw else x2,
+        n_rows,
+        n_cols,
+        dy2.stride(0),
+        x2.stride(0),
+        n_cols,
+        eps,
+        HAS_W=weight is not None,
+        HAS_MID=mid_dtype is not None,
+        MID=TL_DTYPE.get(mid_dtype, tl.float32),
+        NEED_DX=need_dx,
+        NEED_DW=need_dw,
+        STAGES=stages if need_dw else 1,
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return (dx.view(x.shape) if need_dx else None), dw
 

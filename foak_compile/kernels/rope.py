@@ -21,6 +21,7 @@ Math is fp32. When the result is bf16/fp16, eager rounds each product and the su
 dtype (`round(round(x·c) + round(x'·s))`); `ROUND` reproduces those roundings so results
 are bit-exact with eager rather than one rounding more accurate.
 """
+
 import functools
 
 import torch
@@ -31,8 +32,28 @@ from .common import TL_DTYPE, cast, use_triton, wrap_triton
 
 
 @triton.jit
-def _rotate_tile(X, Y, tok_x, tok_y, tmask, h0, n_heads, half, sxh, sxd, syh, syd, c1, c2, a1, a2,
-                 ROUND: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+def _rotate_tile(
+    X,
+    Y,
+    tok_x,
+    tok_y,
+    tmask,
+    h0,
+    n_heads,
+    half,
+    sxh,
+    sxd,
+    syh,
+    syd,
+    c1,
+    c2,
+    a1,
+    a2,
+    ROUND: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
     """One [BLOCK_T, BLOCK_H, half] tile of each half of X rotated into Y; c*/a* are [BLOCK_T, 1, BLOCK_D]."""
     hh = h0 + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -56,13 +77,51 @@ def _rotate_tile(X, Y, tok_x, tok_y, tmask, h0, n_heads, half, sxh, sxd, syh, sy
 
 
 @triton.jit
-def _rope_kernel(X1, Y1, X2, Y2, COS, SIN, n_tokens, S, H1, H2, half, NHB1, NHB,
-                 sx1b, sx1s, sx1h, sx1d, sy1b, sy1s, sy1h, sy1d,
-                 sx2b, sx2s, sx2h, sx2d, sy2b, sy2s, sy2h, sy2d,
-                 scb, scs, scd, ssb, sss, ssd,
-                 BACKWARD: tl.constexpr, ROUND1: tl.constexpr, ROUND2: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                 EVEN_D: tl.constexpr, INT64: tl.constexpr):
+def _rope_kernel(
+    X1,
+    Y1,
+    X2,
+    Y2,
+    COS,
+    SIN,
+    n_tokens,
+    S,
+    H1,
+    H2,
+    half,
+    NHB1,
+    NHB,
+    sx1b,
+    sx1s,
+    sx1h,
+    sx1d,
+    sy1b,
+    sy1s,
+    sy1h,
+    sy1d,
+    sx2b,
+    sx2s,
+    sx2h,
+    sx2d,
+    sy2b,
+    sy2s,
+    sy2h,
+    sy2d,
+    scb,
+    scs,
+    scd,
+    ssb,
+    sss,
+    ssd,
+    BACKWARD: tl.constexpr,
+    ROUND1: tl.constexpr,
+    ROUND2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    INT64: tl.constexpr,
+):
     pid = tl.program_id(0)
     hb = pid % NHB  # head blocks fastest: programs running together touch nearby memory
     t = (pid // NHB) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -86,11 +145,51 @@ def _rope_kernel(X1, Y1, X2, Y2, COS, SIN, n_tokens, S, H1, H2, half, NHB1, NHB,
     else:
         a1, a2 = -s1, s2
     if hb < NHB1:
-        _rotate_tile(X1, Y1, b * sx1b + s * sx1s, b * sy1b + s * sy1s, tmask, hb * BLOCK_H, H1, half,
-                     sx1h, sx1d, sy1h, sy1d, c1, c2, a1, a2, ROUND1, BLOCK_H, BLOCK_D, EVEN_D)
+        _rotate_tile(
+            X1,
+            Y1,
+            b * sx1b + s * sx1s,
+            b * sy1b + s * sy1s,
+            tmask,
+            hb * BLOCK_H,
+            H1,
+            half,
+            sx1h,
+            sx1d,
+            sy1h,
+            sy1d,
+            c1,
+            c2,
+            a1,
+            a2,
+            ROUND1,
+            BLOCK_H,
+            BLOCK_D,
+            EVEN_D,
+        )
     else:
-        _rotate_tile(X2, Y2, b * sx2b + s * sx2s, b * sy2b + s * sy2s, tmask, (hb - NHB1) * BLOCK_H, H2, half,
-                     sx2h, sx2d, sy2h, sy2d, c1, c2, a1, a2, ROUND2, BLOCK_H, BLOCK_D, EVEN_D)
+        _rotate_tile(
+            X2,
+            Y2,
+            b * sx2b + s * sx2s,
+            b * sy2b + s * sy2s,
+            tmask,
+            (hb - NHB1) * BLOCK_H,
+            H2,
+            half,
+            sx2h,
+            sx2d,
+            sy2h,
+            sy2d,
+            c1,
+            c2,
+            a1,
+            a2,
+            ROUND2,
+            BLOCK_H,
+            BLOCK_D,
+            EVEN_D,
+        )
 
 
 def _bshd(t: torch.Tensor, unsqueeze_dim: int):
@@ -110,15 +209,17 @@ def check_shapes(xs, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -
         raise ValueError(f"cos/sin must both be [B or 1, S, D], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     for x in xs:
         v = _bshd(x, unsqueeze_dim)[0] if x.dim() == 4 else None
-        if v is None or v[-1] % 2 or cos.shape[2] != v[3] or cos.shape[1] != v[1] \
-                or cos.shape[0] not in (1, v[0]):
-            raise ValueError(f"cannot rotate {tuple(x.shape)} (unsqueeze_dim={unsqueeze_dim}) "
-                             f"with cos/sin {tuple(cos.shape)}")
+        if v is None or v[-1] % 2 or cos.shape[2] != v[3] or cos.shape[1] != v[1] or cos.shape[0] not in (1, v[0]):
+            raise ValueError(
+                f"cannot rotate {tuple(x.shape)} (unsqueeze_dim={unsqueeze_dim}) with cos/sin {tuple(cos.shape)}"
+            )
     if len(xs) == 2:  # one launch walks the first tensor's tokens for both
         (b1, s1, _, d1), (b2, s2, _, d2) = (_bshd(x, unsqueeze_dim)[0] for x in xs)
         if (b1, s1, d1) != (b2, s2, d2):
-            raise ValueError(f"tensors rotated together must have the same batch, sequence and head_dim: "
-                             f"{tuple(xs[0].shape)} and {tuple(xs[1].shape)} (unsqueeze_dim={unsqueeze_dim})")
+            raise ValueError(
+                f"tensors rotated together must have the same batch, sequence and head_dim: "
+                f"{tuple(xs[0].shape)} and {tuple(xs[1].shape)} (unsqueeze_dim={unsqueeze_dim})"
+            )
 
 
 def kernel_supported(*ts: torch.Tensor) -> bool:
@@ -163,8 +264,9 @@ def empty_out(x: torch.Tensor, dtype: torch.dtype, stride=None) -> torch.Tensor:
     return torch.empty_strided(x.shape, stride, dtype=dtype, device=x.device)
 
 
-def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, backward: bool = False,
-         out_strides=(None, None)):
+def rope(
+    x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, backward: bool = False, out_strides=(None, None)
+):
     """Rotate x1 (and x2, if given) with one launch; returns (y1, y2 or None).
 
     Outputs have the layout of their inputs (`empty_like`) or the strides in `out_strides`
@@ -172,8 +274,9 @@ def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, back
     """
     xs = [x1] if x2 is None else [x1, x2]
     check_shapes(xs, cos, sin, unsqueeze_dim)
-    outs = [empty_out(x1, out1_dtype, out_strides[0])] + \
-        ([] if x2 is None else [empty_out(x2, out2_dtype, out_strides[1])])
+    outs = [empty_out(x1, out1_dtype, out_strides[0])] + (
+        [] if x2 is None else [empty_out(x2, out2_dtype, out_strides[1])]
+    )
     y2 = outs[1] if x2 is not None else None
     if not kernel_supported(*xs, *outs, cos, sin):
         for x, y in zip(xs, outs):
@@ -198,14 +301,38 @@ def rope(x1, x2, cos, sin, unsqueeze_dim: int, out1_dtype, out2_dtype=None, back
     shp1, shp2, shc = (B, S, H1, D), (B, S, H2, D), tuple(cos.shape)
     int64 = _needs_int64((shp1, sx1), (shp1, sy1), (shp2, sx2), (shp2, sy2), (shc, sc), (shc, ss))
     wrap_triton(_rope_kernel)[(-(-(B * S) // block_t) * (nhb1 + nhb2),)](
-        x1, outs[0], x2_, y2_, cos, sin, B * S, S, H1, H2, half, nhb1, nhb1 + nhb2,
-        *sx1, *sy1, *sx2, *sy2, *sc, *ss,
-        BACKWARD=backward, ROUND1=outs[0].dtype != torch.float32, ROUND2=y2_.dtype != torch.float32,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, EVEN_D=block_d == half,
-        INT64=int64, num_warps=num_warps,
+        x1,
+        outs[0],
+        x2_,
+        y2_,
+        cos,
+        sin,
+        B * S,
+        S,
+        H1,
+        H2,
+        half,
+        nhb1,
+        nhb1 + nhb2,
+        *sx1,
+        *sy1,
+        *sx2,
+        *sy2,
+        *sc,
+        *ss,
+        BACKWARD=backward,
+        ROUND1=outs[0].dtype != torch.float32,
+        ROUND2=y2_.dtype != torch.float32,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        EVEN_D=block_d == half,
+        INT64=int64,
+        num_warps=num_warps,
         # no FMA: it would skip the product roundings that make bf16/fp16 match eager, and
         # (after LLVM narrows the math to bf16) it did so only for some tiles
-        enable_fp_fusion=False)
+        enable_fp_fusion=False,
+    )
     return outs[0], y2
 
 
@@ -221,5 +348,6 @@ def rope_torch(x, cos, sin, unsqueeze_dim: int, out_dtype, backward: bool = Fals
 
     def r(t):
         return t if out_dtype in (torch.float32, acc) else t.to(out_dtype).to(acc)
+
     y = torch.cat((r(x1 * c[..., :h]) + r(x2 * a1), r(x2 * c[..., h:]) + r(x1 * a2)), dim=-1)
     return y.to(out_dtype)

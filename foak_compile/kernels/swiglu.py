@@ -15,10 +15,12 @@ Backward, from dh (in g's dtype), all fp32 and each gradient rounded once:
 
 Tensors are [rows, cols] with any row stride, so the halves of a split (4-bit siblings) need no copy.
 """
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 try:
     from triton.language.extra import libdevice
 except ImportError:  # an older Triton without the backend-dispatching module
@@ -53,8 +55,24 @@ def _swiglu_fwd(G, U, H, n_rows, n_cols, stride_g, stride_u, stride_h, BLOCK_R: 
 
 
 @triton.jit
-def _swiglu_bwd(DH, G, U, DG, DU, n_rows, n_cols, stride_dh, stride_g, stride_u, stride_dg, stride_du,
-                NEED_G: tl.constexpr, NEED_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _swiglu_bwd(
+    DH,
+    G,
+    U,
+    DG,
+    DU,
+    n_rows,
+    n_cols,
+    stride_dh,
+    stride_g,
+    stride_u,
+    stride_dg,
+    stride_du,
+    NEED_G: tl.constexpr,
+    NEED_U: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -87,8 +105,19 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, recompute: bool = False) -> torch.T
     n_rows, n_cols = g2.shape
     h = torch.empty((n_rows, n_cols), dtype=g.dtype, device=g.device)
     grid, block_r, block_c = grid_2d(n_rows, n_cols)
-    wrap_triton(_swiglu_fwd)[grid](g2, u2, h, n_rows, n_cols, g2.stride(0), u2.stride(0), h.stride(0),
-                                   BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    wrap_triton(_swiglu_fwd)[grid](
+        g2,
+        u2,
+        h,
+        n_rows,
+        n_cols,
+        g2.stride(0),
+        u2.stride(0),
+        h.stride(0),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
     return h.view(g.shape)
 
 
@@ -103,9 +132,24 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, need_g: 
     if need_g or need_u:
         grid, block_r, block_c = grid_2d(n_rows, n_cols)
         wrap_triton(_swiglu_bwd)[grid](
-            dh2, g2, u2, dg if need_g else g2, du if need_u else u2, n_rows, n_cols, dh2.stride(0), g2.stride(0),
-            u2.stride(0), n_cols, n_cols, NEED_G=need_g, NEED_U=need_u, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=4)
+            dh2,
+            g2,
+            u2,
+            dg if need_g else g2,
+            du if need_u else u2,
+            n_rows,
+            n_cols,
+            dh2.stride(0),
+            g2.stride(0),
+            u2.stride(0),
+            n_cols,
+            n_cols,
+            NEED_G=need_g,
+            NEED_U=need_u,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
     return (dg.view(g.shape) if need_g else dg), (du.view(u.shape) if need_u else du)
 
 

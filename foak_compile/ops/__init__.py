@@ -6,6 +6,7 @@ It is also all that patterns know of the ops besides their names: the dtypes the
 (SUPPORTED_DTYPES), the LoRA ops' argument layouts (lora_schema) and the quantisation formats
 they accept (lora.BNB4_BLOCKSIZES, lora_gptq.bit_widths); patterns import nothing from kernels/.
 """
+
 from ..kernels.common import TL_DTYPE
 from . import cross_entropy  # noqa: F401
 from . import dequant  # noqa: F401

@@ -13,6 +13,7 @@ last four arguments are what the model does to the logits before the loss (kerne
 `Epilogue`): z·logit_scale, then z/logit_divisor, then softcap·tanh(z/softcap) (0: none), each
 rounded to the logits' dtype when round_epilogue.
 """
+
 import math
 from typing import Optional
 
@@ -41,8 +42,7 @@ def _check(n_rows: int, labels: torch.Tensor, label_smoothing: float, reduction:
         raise ValueError(f"label_smoothing must be in [0, 1], not {label_smoothing}")
 
 
-def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   epi: Epilogue) -> Epilogue:
+def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], epi: Epilogue) -> Epilogue:
     # F.linear promotes a bias of another dtype; the chunked GEMMs need one dtype (the pattern
     # only matches that)
     if bias is not None and bias.dtype != weight.dtype:
@@ -50,8 +50,10 @@ def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"foak linear_cross_entropy: bias {tuple(bias.shape)} is not [vocab] = [{weight.shape[0]}]")
     if epi.scale == 0.0 or epi.divisor == 0.0 or epi.softcap < 0.0 or not all(map(math.isfinite, epi[:3])):
-        raise ValueError(f"foak linear_cross_entropy: logit scale {epi.scale}, divisor {epi.divisor}, softcap "
-                         f"{epi.softcap}: scale and divisor must be finite and nonzero, softcap finite and ≥ 0")
+        raise ValueError(
+            f"foak linear_cross_entropy: logit scale {epi.scale}, divisor {epi.divisor}, softcap "
+            f"{epi.softcap}: scale and divisor must be finite and nonzero, softcap finite and ≥ 0"
+        )
     return epi
 
 
@@ -81,9 +83,16 @@ def _fake_outputs(like, labels, reduction, out_dtype):
 
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("foak::cross_entropy", mutates_args=())
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
-                  reduction: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) of F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ...)."""
     x = _rows(logits)
     _check(x.shape[0], labels, label_smoothing, reduction)
@@ -97,13 +106,19 @@ def _(logits, labels, ignore_index, label_smoothing, reduction, out_dtype):
 
 
 @torch.library.custom_op("foak::cross_entropy_backward", mutates_args=())
-def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                           ignore_index: int, label_smoothing: float, reduction: str) -> torch.Tensor:
+def cross_entropy_backward(
+    dloss: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
     """dloss/dlogits, in the logits' dtype and shape."""
     x = _rows(logits)
     scale = _row_scale(dloss, labels, ignore_index, reduction)
-    dx = kernel.cross_entropy_backward(x, labels.reshape(-1), lse.reshape(-1), scale, ignore_index,
-                                       label_smoothing)
+    dx = kernel.cross_entropy_backward(x, labels.reshape(-1), lse.reshape(-1), scale, ignore_index, label_smoothing)
     return dx.view(logits.shape)
 
 
@@ -140,39 +155,65 @@ cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 #                                   row, unknown in the forward): keeps lse, the backward
 #                                   recomputes the logits
 
-LCE_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, SymInt ignore_index, "
-              "float label_smoothing, str reduction, ScalarType out_dtype, float logit_scale=1., "
-              "float logit_divisor=1., float softcap=0., bool round_epilogue=False) -> (Tensor, Tensor)")
+LCE_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, SymInt ignore_index, "
+    "float label_smoothing, str reduction, ScalarType out_dtype, float logit_scale=1., "
+    "float logit_divisor=1., float softcap=0., bool round_epilogue=False) -> (Tensor, Tensor)"
+)
 torch.library.define("foak::linear_cross_entropy", LCE_SCHEMA)
 
 
 @torch.library.impl("foak::linear_cross_entropy", "CompositeImplicitAutograd")
-def linear_cross_entropy(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype,
-                         logit_scale=1.0, logit_divisor=1.0, softcap=0.0, round_epilogue=False):
+def linear_cross_entropy(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    out_dtype,
+    logit_scale=1.0,
+    logit_divisor=1.0,
+    softcap=0.0,
+    round_epilogue=False,
+):
     """(loss, lse) of F.cross_entropy(epilogue(F.linear(hidden, weight, bias)).float() rows, labels, ...),
     never holding more than one chunk of tokens' logits."""
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     epi = (logit_scale, logit_divisor, softcap, round_epilogue)
     if reduction != "none" and any(need):
-        out = torch.ops.foak.linear_cross_entropy_fused(hidden, weight, bias, labels, ignore_index,
-                                                         label_smoothing, reduction, out_dtype, *need, *epi)
+        out = torch.ops.foak.linear_cross_entropy_fused(
+            hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype, *need, *epi
+        )
         return out[0], out[1]
-    return torch.ops.foak.linear_cross_entropy_recompute(hidden, weight, bias, labels, ignore_index,
-                                                         label_smoothing, reduction, out_dtype, *epi)
+    return torch.ops.foak.linear_cross_entropy_recompute(
+        hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype, *epi
+    )
 
 
 @torch.library.custom_op("foak::linear_cross_entropy_recompute", mutates_args=())
-def linear_cross_entropy_recompute(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                   labels: torch.Tensor, ignore_index: int, label_smoothing: float,
-                                   reduction: str, out_dtype: torch.dtype, logit_scale: float = 1.0,
-                                   logit_divisor: float = 1.0, softcap: float = 0.0, round_epilogue: bool = False
-                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_recompute(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    out_dtype: torch.dtype,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    softcap: float = 0.0,
+    round_epilogue: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse); the backward (linear_cross_entropy_backward) recomputes the logits."""
     h = _rows(hidden)
     _check(h.shape[0], labels, label_smoothing, reduction)
     epi = _check_lm_head(hidden, weight, bias, Epilogue(logit_scale, logit_divisor, softcap, round_epilogue))
-    loss, lse = kernel.linear_cross_entropy_forward(h, weight, bias, labels.reshape(-1), ignore_index,
-                                                    label_smoothing, epi=epi)
+    loss, lse = kernel.linear_cross_entropy_forward(
+        h, weight, bias, labels.reshape(-1), ignore_index, label_smoothing, epi=epi
+    )
     return _reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape)
 
 
@@ -182,38 +223,78 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, ou
 
 
 @torch.library.custom_op("foak::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                                  bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
-                                  ignore_index: int, label_smoothing: float, reduction: str, need_hidden: bool,
-                                  need_weight: bool, need_bias: bool, logit_scale: float = 1.0,
-                                  logit_divisor: float = 1.0, softcap: float = 0.0, round_epilogue: bool = False
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_backward(
+    dloss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    softcap: float = 0.0,
+    round_epilogue: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty tensor."""
     h = _rows(hidden)
     scale = _row_scale(dloss, labels, ignore_index, reduction)
     epi = Epilogue(logit_scale, logit_divisor, softcap, round_epilogue)
-    dh, dw, db = kernel.linear_cross_entropy_backward(scale, h, weight, bias, labels.reshape(-1),
-                                                      lse.reshape(-1), ignore_index, label_smoothing,
-                                                      need_hidden, need_weight, need_bias, epi=epi)
+    dh, dw, db = kernel.linear_cross_entropy_backward(
+        scale,
+        h,
+        weight,
+        bias,
+        labels.reshape(-1),
+        lse.reshape(-1),
+        ignore_index,
+        label_smoothing,
+        need_hidden,
+        need_weight,
+        need_bias,
+        epi=epi,
+    )
     return _grads_or_empty(hidden, weight, dh, dw, db)
 
 
 def _grads_or_empty(hidden, weight, dh, dw, db):
-    return (dh.view(hidden.shape) if dh is not None else hidden.new_empty(0),
-            dw if dw is not None else weight.new_empty(0),
-            db if db is not None else weight.new_empty(0))
+    return (
+        dh.view(hidden.shape) if dh is not None else hidden.new_empty(0),
+        dw if dw is not None else weight.new_empty(0),
+        db if db is not None else weight.new_empty(0),
+    )
 
 
 def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
     need_bias = need_bias and bias is not None
-    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
-            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
-            bias.new_empty(bias.shape) if need_bias else weight.new_empty(0))
+    return (
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+        bias.new_empty(bias.shape) if need_bias else weight.new_empty(0),
+    )
 
 
 @linear_cross_entropy_backward.register_fake
-def _(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, reduction,
-      need_hidden, need_weight, need_bias, *epilogue):
+def _(
+    dloss,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    need_hidden,
+    need_weight,
+    need_bias,
+    *epilogue,
+):
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -231,43 +312,87 @@ def _recompute_backward(ctx, dloss, _dlse):
     need_b = ctx.needs_input_grad[2] and bias is not None
     if dloss is None or not (need_h or need_w or need_b):
         return (None,) * 12
-    dh, dw, db = torch.ops.foak.linear_cross_entropy_backward(dloss, hidden, weight, bias, labels, lse,
-                                                              *ctx.args, need_h, need_w, need_b, *ctx.epilogue)
-    return (dh if need_h else None), (dw if need_w else None), (db if need_b else None), \
-        None, None, None, None, None, None, None, None, None
+    dh, dw, db = torch.ops.foak.linear_cross_entropy_backward(
+        dloss, hidden, weight, bias, labels, lse, *ctx.args, need_h, need_w, need_b, *ctx.epilogue
+    )
+    return (
+        (dh if need_h else None),
+        (dw if need_w else None),
+        (db if need_b else None),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 linear_cross_entropy_recompute.register_autograd(_recompute_backward, setup_context=_recompute_setup_context)
 
 
 @torch.library.custom_op("foak::linear_cross_entropy_fused", mutates_args=())
-def linear_cross_entropy_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                               labels: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
-                               out_dtype: torch.dtype, need_hidden: bool, need_weight: bool, need_bias: bool,
-                               logit_scale: float = 1.0, logit_divisor: float = 1.0, softcap: float = 0.0,
-                               round_epilogue: bool = False
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    out_dtype: torch.dtype,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    softcap: float = 0.0,
+    round_epilogue: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, dhidden, dweight, dbias) for reduction mean/sum: the gradients of the loss
     (for an upstream gradient of 1), each an empty tensor unless asked for."""
     if reduction == "none":
-        raise ValueError("linear_cross_entropy_fused: reduction 'none' has one upstream gradient per "
-                         "row, unknown in the forward; use linear_cross_entropy_recompute")
+        raise ValueError(
+            "linear_cross_entropy_fused: reduction 'none' has one upstream gradient per "
+            "row, unknown in the forward; use linear_cross_entropy_recompute"
+        )
     h = _rows(hidden)
     _check(h.shape[0], labels, label_smoothing, reduction)
     epi = _check_lm_head(hidden, weight, bias, Epilogue(logit_scale, logit_divisor, softcap, round_epilogue))
     y = labels.reshape(-1)
     scale = _row_scale(torch.ones((), device=h.device), y, ignore_index, reduction)
     loss, lse, dh, dw, db = kernel.linear_cross_entropy_forward_backward(
-        h, weight, bias, y, ignore_index, label_smoothing, scale, need_hidden, need_weight, need_bias, epi=epi)
-    return (_reduce(loss, labels, ignore_index, reduction, out_dtype), lse.view(labels.shape),
-            *_grads_or_empty(hidden, weight, dh, dw, db))
+        h, weight, bias, y, ignore_index, label_smoothing, scale, need_hidden, need_weight, need_bias, epi=epi
+    )
+    return (
+        _reduce(loss, labels, ignore_index, reduction, out_dtype),
+        lse.view(labels.shape),
+        *_grads_or_empty(hidden, weight, dh, dw, db),
+    )
 
 
 @linear_cross_entropy_fused.register_fake
-def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, out_dtype,
-      need_hidden, need_weight, need_bias, *epilogue):
-    return (*_fake_outputs(hidden, labels, reduction, out_dtype),
-            *_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias))
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    out_dtype,
+    need_hidden,
+    need_weight,
+    need_bias,
+    *epilogue,
+):
+    return (
+        *_fake_outputs(hidden, labels, reduction, out_dtype),
+        *_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias),
+    )
 
 
 def _fused_setup_context(ctx, inputs, output):

@@ -18,6 +18,7 @@ multiply in fp32. The adapter's update is added into the base GEMM's output in p
 Work: forward = base GEMM + two rank-r GEMMs; backward = dX (one GEMM + rank-r update,
 through the same mask), dA and dB only when needed (ctx.needs_input_grad).
 """
+
 from typing import Callable, Optional
 
 import torch
@@ -45,8 +46,9 @@ def _check(x, a, b, weight_shape, p):
     out_f, in_f = weight_shape
     r = a.shape[0]
     if x.shape[-1] != in_f or tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
-        raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, W {tuple(weight_shape)}, "
-                         f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+        raise ValueError(
+            f"shapes do not chain: x {tuple(x.shape)}, W {tuple(weight_shape)}, A {tuple(a.shape)}, B {tuple(b.shape)}"
+        )
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), not {p}")
 
@@ -65,12 +67,30 @@ def _forward(x, weight: torch.Tensor, bias, a, b, scaling: float, p: float, cdt,
 
 def _fake_forward(x, weight_shape, a, cdt, out_dtype, p):
     lead = x.shape[:-1]
-    return (x.new_empty(*lead, weight_shape[0], dtype=out_dtype), x.new_empty(*lead, a.shape[0], dtype=cdt),
-            x.new_empty(1 if p > 0 else 0, dtype=torch.int64))
+    return (
+        x.new_empty(*lead, weight_shape[0], dtype=out_dtype),
+        x.new_empty(*lead, a.shape[0], dtype=cdt),
+        x.new_empty(1 if p > 0 else 0, dtype=torch.int64),
+    )
 
 
-def _backward(dy, x, get_weight: Callable[[], torch.Tensor], bias, a, b, t, seed, scaling: float, p: float,
-              cdt, need_x: bool, need_bias: bool, need_a: bool, need_b: bool):
+def _backward(
+    dy,
+    x,
+    get_weight: Callable[[], torch.Tensor],
+    bias,
+    a,
+    b,
+    t,
+    seed,
+    scaling: float,
+    p: float,
+    cdt,
+    need_x: bool,
+    need_bias: bool,
+    need_a: bool,
+    need_b: bool,
+):
     """(dx, dbias, da, db); a gradient that is not needed comes back as an empty tensor."""
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
     dx, dbias, da, db = (x.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
@@ -95,10 +115,12 @@ def _backward(dy, x, get_weight: Callable[[], torch.Tensor], bias, a, b, t, seed
 
 
 def _fake_backward(x, bias, a, b, need_x, need_bias, need_a, need_b):
-    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
-            bias.new_empty(bias.shape) if (need_bias and bias is not None) else x.new_empty(0),
-            a.new_empty(a.shape) if need_a else x.new_empty(0),
-            b.new_empty(b.shape) if need_b else x.new_empty(0))
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        bias.new_empty(bias.shape) if (need_bias and bias is not None) else x.new_empty(0),
+        a.new_empty(a.shape) if need_a else x.new_empty(0),
+        b.new_empty(b.shape) if need_b else x.new_empty(0),
+    )
 
 
 def _no_base_grad(family, need) -> None:
@@ -110,10 +132,18 @@ def _no_base_grad(family, need) -> None:
 
 # --- dense base ---------------------------------------------------------------------------------
 
+
 @fused_op("foak::lora_linear", seeded=True)
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, dropout_p: float,
-                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, t, seed) with y = out_dtype(x·Wᵀ + bias + scaling·(drop(x)·Aᵀ)·Bᵀ), computed in W's dtype."""
     _check(x, lora_a, lora_b, weight.shape, dropout_p)
     return _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight.dtype, out_dtype)
@@ -128,17 +158,45 @@ register_fake(lora_linear, _lora_linear_fake)
 
 
 @fused_op("foak::lora_linear_backward")
-def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         lora_a: torch.Tensor, lora_b: torch.Tensor, t: torch.Tensor, seed: torch.Tensor,
-                         scaling: float, dropout_p: float, need_x: bool, need_bias: bool, need_a: bool,
-                         need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    t: torch.Tensor,
+    seed: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    need_x: bool,
+    need_bias: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dbias, dA, dB) of lora_linear; empty where not needed."""
-    return _backward(dy, x, lambda: weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, weight.dtype,
-                     need_x, need_bias, need_a, need_b)
+    return _backward(
+        dy,
+        x,
+        lambda: weight,
+        bias,
+        lora_a,
+        lora_b,
+        t,
+        seed,
+        scaling,
+        dropout_p,
+        weight.dtype,
+        need_x,
+        need_bias,
+        need_a,
+        need_b,
+    )
 
 
-def _lora_linear_backward_fake(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, need_x, need_bias,
-                               need_a, need_b):
+def _lora_linear_backward_fake(
+    dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, need_x, need_bias, need_a, need_b
+):
     return _fake_backward(x, bias, lora_a, lora_b, need_x, need_bias, need_a, need_b)
 
 
@@ -156,8 +214,9 @@ def _backward_dense(ctx, dy, _dt, _dseed):
     need = DENSE.single.view(ctx.needs_input_grad)
     _no_base_grad(DENSE, need)
     x, weight, bias, a, b, t, seed = ctx.saved_tensors
-    dx, dbias, da, db = torch.ops.foak.lora_linear_backward(dy, x, weight, bias, a, b, t, seed, ctx.scaling, ctx.p,
-                                                           need.x, need.bias, need.lora_a, need.lora_b)
+    dx, dbias, da, db = torch.ops.foak.lora_linear_backward(
+        dy, x, weight, bias, a, b, t, seed, ctx.scaling, ctx.p, need.x, need.bias, need.lora_a, need.lora_b
+    )
     return DENSE.single.grads(ctx.needs_input_grad, x=dx, bias=dbias, lora_a=da, lora_b=db)
 
 
@@ -166,29 +225,93 @@ lora_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
 
 # --- bitsandbytes 4-bit base ---------------------------------------------------------------------
 
-def _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-             weight_shape, cdt, site: int):
-    return dequant.weight(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, weight_shape, cdt, site)
+
+def _dequant(
+    qweight,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    quant_type,
+    blocksize,
+    nested_blocksize,
+    weight_shape,
+    cdt,
+    site: int,
+):
+    return dequant.weight(
+        qweight,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        quant_type,
+        blocksize,
+        nested_blocksize,
+        weight_shape,
+        cdt,
+        site,
+    )
 
 
 @fused_op("foak::lora_linear_4bit", seeded=True)
-def lora_linear_4bit(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
-                     nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
-                     offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, scaling: float, dropout_p: float, quant_type: str, blocksize: int,
-                     nested_blocksize: int, weight_shape: list[int], compute_dtype: torch.dtype,
-                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_linear_4bit(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    quant_type: str,
+    blocksize: int,
+    nested_blocksize: int,
+    weight_shape: list[int],
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_linear over the bitsandbytes 4-bit weight (qweight, absmax[, nested_absmax, nested_code,
     offset]) of shape weight_shape, dequantised to compute_dtype."""
     _check(x, lora_a, lora_b, weight_shape, dropout_p)
-    w = _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-                 weight_shape, compute_dtype, dequant.FORWARD)
+    w = _dequant(
+        qweight,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        quant_type,
+        blocksize,
+        nested_blocksize,
+        weight_shape,
+        compute_dtype,
+        dequant.FORWARD,
+    )
     return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, compute_dtype, out_dtype)
 
 
-def _lora_linear_4bit_fake(x, qweight, absmax, nested_absmax, nested_code, offset, bias, lora_a, lora_b, scaling,
-                           dropout_p, quant_type, blocksize, nested_blocksize, weight_shape, compute_dtype, out_dtype):
+def _lora_linear_4bit_fake(
+    x,
+    qweight,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    bias,
+    lora_a,
+    lora_b,
+    scaling,
+    dropout_p,
+    quant_type,
+    blocksize,
+    nested_blocksize,
+    weight_shape,
+    compute_dtype,
+    out_dtype,
+):
     _check(x, lora_a, lora_b, weight_shape, dropout_p)
     return _fake_forward(x, weight_shape, lora_a, compute_dtype, out_dtype, dropout_p)
 
@@ -197,25 +320,92 @@ register_fake(lora_linear_4bit, _lora_linear_4bit_fake)
 
 
 @fused_op("foak::lora_linear_4bit_backward")
-def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
-                              nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
-                              offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                              lora_b: torch.Tensor, t: torch.Tensor, seed: torch.Tensor, scaling: float,
-                              dropout_p: float, quant_type: str, blocksize: int, nested_blocksize: int,
-                              weight_shape: list[int], compute_dtype: torch.dtype, need_x: bool, need_bias: bool,
-                              need_a: bool, need_b: bool
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_linear_4bit_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    t: torch.Tensor,
+    seed: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    quant_type: str,
+    blocksize: int,
+    nested_blocksize: int,
+    weight_shape: list[int],
+    compute_dtype: torch.dtype,
+    need_x: bool,
+    need_bias: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dbias, dA, dB) of lora_linear_4bit; the weight is dequantised again, only for dx."""
+
     def weight():
-        return _dequant(qweight, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                        nested_blocksize, weight_shape, compute_dtype, dequant.BACKWARD)
-    return _backward(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, compute_dtype,
-                     need_x, need_bias, need_a, need_b)
+        return _dequant(
+            qweight,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            quant_type,
+            blocksize,
+            nested_blocksize,
+            weight_shape,
+            compute_dtype,
+            dequant.BACKWARD,
+        )
+
+    return _backward(
+        dy,
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        t,
+        seed,
+        scaling,
+        dropout_p,
+        compute_dtype,
+        need_x,
+        need_bias,
+        need_a,
+        need_b,
+    )
 
 
-def _lora_linear_4bit_backward_fake(dy, x, qweight, absmax, nested_absmax, nested_code, offset, bias, lora_a, lora_b,
-                                    t, seed, scaling, dropout_p, quant_type, blocksize, nested_blocksize, weight_shape,
-                                    compute_dtype, need_x, need_bias, need_a, need_b):
+def _lora_linear_4bit_backward_fake(
+    dy,
+    x,
+    qweight,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    bias,
+    lora_a,
+    lora_b,
+    t,
+    seed,
+    scaling,
+    dropout_p,
+    quant_type,
+    blocksize,
+    nested_blocksize,
+    weight_shape,
+    compute_dtype,
+    need_x,
+    need_bias,
+    need_a,
+    need_b,
+):
     return _fake_backward(x, bias, lora_a, lora_b, need_x, need_bias, need_a, need_b)
 
 
@@ -224,11 +414,29 @@ register_fake(lora_linear_4bit_backward, _lora_linear_4bit_backward_fake)
 
 def _setup_4bit(ctx, inputs, output):
     i = BNB4.single.view(inputs)
-    ctx.save_for_backward(i.x, i.qweight, i.absmax, i.nested_absmax, i.nested_code, i.offset, i.bias, i.lora_a,
-                          i.lora_b, output[1], output[2])
+    ctx.save_for_backward(
+        i.x,
+        i.qweight,
+        i.absmax,
+        i.nested_absmax,
+        i.nested_code,
+        i.offset,
+        i.bias,
+        i.lora_a,
+        i.lora_b,
+        output[1],
+        output[2],
+    )
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.args = (i.scaling, i.dropout_p, i.quant_type, i.blocksize, i.nested_blocksize, list(i.weight_shape),
-                i.compute_dtype)
+    ctx.args = (
+        i.scaling,
+        i.dropout_p,
+        i.quant_type,
+        i.blocksize,
+        i.nested_blocksize,
+        list(i.weight_shape),
+        i.compute_dtype,
+    )
 
 
 def _backward_4bit(ctx, dy, _dt, _dseed):
@@ -236,8 +444,24 @@ def _backward_4bit(ctx, dy, _dt, _dseed):
     _no_base_grad(BNB4, need)
     x, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, t, seed = ctx.saved_tensors
     dx, dbias, da, db = torch.ops.foak.lora_linear_4bit_backward(
-        dy, x, qweight, absmax, nested_absmax, nested_code, offset, bias, a, b, t, seed, *ctx.args,
-        need.x, need.bias, need.lora_a, need.lora_b)
+        dy,
+        x,
+        qweight,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        bias,
+        a,
+        b,
+        t,
+        seed,
+        *ctx.args,
+        need.x,
+        need.bias,
+        need.lora_a,
+        need.lora_b,
+    )
     return BNB4.single.grads(ctx.needs_input_grad, x=dx, bias=dbias, lora_a=da, lora_b=db)
 
 

@@ -9,6 +9,7 @@ and again in backward for dx, never kept; it is produced in GPTQ's [in, out] lay
 transposed, so no copy is made. All GEMMs run in compute_dtype (gptqmodel's TorchLinear casts
 its dequantised weight to the activation's dtype; the pattern passes that dtype).
 """
+
 from typing import Optional
 
 import torch
@@ -43,18 +44,44 @@ def _weight(qweight, qzeros, scales, g_idx, bits, zero_format, cdt, site: int) -
 
 
 @fused_op("foak::lora_linear_gptq", seeded=True)
-def lora_linear_gptq(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                     g_idx: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                     scaling: float, dropout_p: float, bits: int, zero_format: int, compute_dtype: torch.dtype,
-                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_linear_gptq(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    bits: int,
+    zero_format: int,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, t, seed) of a LoRA layer whose base weight is GPTQ-packed; see the module doc."""
     _check(x, lora_a, lora_b, _shape(qweight, qzeros, scales, g_idx, bits, zero_format), dropout_p)
     w = _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype, dequant.FORWARD)
     return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, compute_dtype, out_dtype)
 
 
-def _lora_linear_gptq_fake(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, scaling, dropout_p, bits,
-                           zero_format, compute_dtype, out_dtype):
+def _lora_linear_gptq_fake(
+    x,
+    qweight,
+    qzeros,
+    scales,
+    g_idx,
+    bias,
+    lora_a,
+    lora_b,
+    scaling,
+    dropout_p,
+    bits,
+    zero_format,
+    compute_dtype,
+    out_dtype,
+):
     shape = _shape(qweight, qzeros, scales, g_idx, bits, zero_format)
     _check(x, lora_a, lora_b, shape, dropout_p)
     return _fake_forward(x, shape, lora_a, compute_dtype, out_dtype, dropout_p)
@@ -64,21 +91,74 @@ register_fake(lora_linear_gptq, _lora_linear_gptq_fake)
 
 
 @fused_op("foak::lora_linear_gptq_backward")
-def lora_linear_gptq_backward(dy: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                              scales: torch.Tensor, g_idx: torch.Tensor, bias: Optional[torch.Tensor],
-                              lora_a: torch.Tensor, lora_b: torch.Tensor, t: torch.Tensor, seed: torch.Tensor,
-                              scaling: float, dropout_p: float, bits: int, zero_format: int,
-                              compute_dtype: torch.dtype, need_x: bool, need_bias: bool, need_a: bool, need_b: bool
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_linear_gptq_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    t: torch.Tensor,
+    seed: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    bits: int,
+    zero_format: int,
+    compute_dtype: torch.dtype,
+    need_x: bool,
+    need_bias: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dbias, dA, dB) of lora_linear_gptq; the weight is dequantised again, only for dx."""
+
     def weight():
         return _weight(qweight, qzeros, scales, g_idx, bits, zero_format, compute_dtype, dequant.BACKWARD)
-    return _backward(dy, x, weight, bias, lora_a, lora_b, t, seed, scaling, dropout_p, compute_dtype,
-                     need_x, need_bias, need_a, need_b)
+
+    return _backward(
+        dy,
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        t,
+        seed,
+        scaling,
+        dropout_p,
+        compute_dtype,
+        need_x,
+        need_bias,
+        need_a,
+        need_b,
+    )
 
 
-def _lora_linear_gptq_backward_fake(dy, x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, t, seed, scaling,
-                                    dropout_p, bits, zero_format, compute_dtype, need_x, need_bias, need_a, need_b):
+def _lora_linear_gptq_backward_fake(
+    dy,
+    x,
+    qweight,
+    qzeros,
+    scales,
+    g_idx,
+    bias,
+    lora_a,
+    lora_b,
+    t,
+    seed,
+    scaling,
+    dropout_p,
+    bits,
+    zero_format,
+    compute_dtype,
+    need_x,
+    need_bias,
+    need_a,
+    need_b,
+):
     return _fake_backward(x, bias, lora_a, lora_b, need_x, need_bias, need_a, need_b)
 
 
@@ -87,8 +167,7 @@ register_fake(lora_linear_gptq_backward, _lora_linear_gptq_backward_fake)
 
 def _setup(ctx, inputs, output):
     i = GPTQ.single.view(inputs)
-    ctx.save_for_backward(i.x, i.qweight, i.qzeros, i.scales, i.g_idx, i.bias, i.lora_a, i.lora_b, output[1],
-                          output[2])
+    ctx.save_for_backward(i.x, i.qweight, i.qzeros, i.scales, i.g_idx, i.bias, i.lora_a, i.lora_b, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.args = (i.scaling, i.dropout_p, i.bits, i.zero_format, i.compute_dtype)
 
@@ -98,8 +177,23 @@ def _backward_gptq(ctx, dy, _dt, _dseed):
     _no_base_grad(GPTQ, need)  # qweight, qzeros, scales, g_idx: frozen, no gradient
     x, qweight, qzeros, scales, g_idx, bias, a, b, t, seed = ctx.saved_tensors
     dx, dbias, da, db = torch.ops.foak.lora_linear_gptq_backward(
-        dy, x, qweight, qzeros, scales, g_idx, bias, a, b, t, seed, *ctx.args, need.x, need.bias, need.lora_a,
-        need.lora_b)
+        dy,
+        x,
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+        bias,
+        a,
+        b,
+        t,
+        seed,
+        *ctx.args,
+        need.x,
+        need.bias,
+        need.lora_a,
+        need.lora_b,
+    )
     return GPTQ.single.grads(ctx.needs_input_grad, x=dx, bias=dbias, lora_a=da, lora_b=db)
 
 

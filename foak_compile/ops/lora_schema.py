@@ -15,6 +15,7 @@ Every op of the family is laid out the same way:
 
 where each kind of base layer (`Family`) names its tensors and constants.
 """
+
 from collections import namedtuple
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,10 +27,22 @@ from torch.fx import Node
 _ADAPTER = ("bias", "lora_a", "lora_b", "scaling", "dropout_p")
 # A siblings op takes each per-layer argument as a list, under these names; the rest is shared by the
 # group. (weight_shape, too: flattened, (out, in) of each layer in turn.)
-_PER_LAYER = {"weight": "weights", "qweight": "qweights", "absmax": "absmaxes", "nested_absmax": "nested_absmaxes",
-              "nested_code": "nested_codes", "offset": "offsets", "qzeros": "qzeros", "scales": "scales",
-              "g_idx": "g_idxs", "bias": "biases", "lora_a": "lora_a", "lora_b": "lora_b", "scaling": "scalings",
-              "weight_shape": "weight_shapes"}
+_PER_LAYER = {
+    "weight": "weights",
+    "qweight": "qweights",
+    "absmax": "absmaxes",
+    "nested_absmax": "nested_absmaxes",
+    "nested_code": "nested_codes",
+    "offset": "offsets",
+    "qzeros": "qzeros",
+    "scales": "scales",
+    "g_idx": "g_idxs",
+    "bias": "biases",
+    "lora_a": "lora_a",
+    "lora_b": "lora_b",
+    "scaling": "scalings",
+    "weight_shape": "weight_shapes",
+}
 
 
 class Layout:
@@ -59,8 +72,11 @@ class Layout:
     def parse(self, node: Any):
         """A named view of a call's arguments; None unless it calls this op with all of them by position,
         the form patterns write."""
-        if not (isinstance(node, Node) and node.op == "call_function" and node.target is self.op) \
-                or node.kwargs or len(node.args) != len(self.fields):
+        if (
+            not (isinstance(node, Node) and node.op == "call_function" and node.target is self.op)
+            or node.kwargs
+            or len(node.args) != len(self.fields)
+        ):
             return None
         return self.Args(*node.args)
 
@@ -82,15 +98,18 @@ class Layout:
         """Raise unless the registered op's schema names exactly these fields, in order."""
         names = tuple(a.name for a in self.op._schema.arguments)
         if names != self.fields:
-            raise RuntimeError(f"torch.ops.foak.{self.op_name} takes {names}, but ops/lora_schema.py "
-                               f"declares {self.fields}: update the one to match the other")
+            raise RuntimeError(
+                f"torch.ops.foak.{self.op_name} takes {names}, but ops/lora_schema.py "
+                f"declares {self.fields}: update the one to match the other"
+            )
 
 
 @dataclass(frozen=True)
 class Family:
     """One kind of base layer: the tensors it is given by (its weight first), the constants that
     describe their format, and the family's ops."""
-    name: str       # as reports name it
+
+    name: str  # as reports name it
     tensors: tuple
     consts: tuple
     single: Layout
@@ -124,16 +143,26 @@ def per_layer(field: str) -> str:
 def _family(name: str, suffix: str, tensors: tuple, consts: tuple, swiglu: bool = True) -> Family:
     single = ("x",) + tensors + _ADAPTER + consts + ("out_dtype",)
     siblings = tuple(_PER_LAYER.get(f, f) for f in single if f != "dropout_p")  # siblings have no dropout
-    return Family(name, tensors, consts, Layout(f"lora_linear{suffix}", single),
-                  Layout(f"lora_linear{suffix}_siblings", siblings),
-                  Layout(f"lora_linear{suffix}_swiglu", ("gate", "up") + single[1:]) if swiglu else None)
+    return Family(
+        name,
+        tensors,
+        consts,
+        Layout(f"lora_linear{suffix}", single),
+        Layout(f"lora_linear{suffix}_siblings", siblings),
+        Layout(f"lora_linear{suffix}_swiglu", ("gate", "up") + single[1:]) if swiglu else None,
+    )
 
 
 DENSE = _family("dense", "", ("weight",), ())
-BNB4 = _family("4-bit", "_4bit", ("qweight", "absmax", "nested_absmax", "nested_code", "offset"),
-               ("quant_type", "blocksize", "nested_blocksize", "weight_shape", "compute_dtype"))
-GPTQ = _family("GPTQ", "_gptq", ("qweight", "qzeros", "scales", "g_idx"), ("bits", "zero_format", "compute_dtype"),
-               swiglu=False)
+BNB4 = _family(
+    "4-bit",
+    "_4bit",
+    ("qweight", "absmax", "nested_absmax", "nested_code", "offset"),
+    ("quant_type", "blocksize", "nested_blocksize", "weight_shape", "compute_dtype"),
+)
+GPTQ = _family(
+    "GPTQ", "_gptq", ("qweight", "qzeros", "scales", "g_idx"), ("bits", "zero_format", "compute_dtype"), swiglu=False
+)
 FAMILIES = (DENSE, BNB4, GPTQ)
 
 

@@ -18,6 +18,7 @@ when inductor lowers it). A 16-layer model launches the same few kernels with th
 hundreds of times, so `_memoize_access_analysis` caches that answer for foak's kernels per kernel
 and argument signature (config.ttir_cache; FOAK_TTIR_CACHE=0 turns it off).
 """
+
 import copy
 import functools
 from typing import Union
@@ -131,6 +132,7 @@ def direct_launches(fn):
     def direct(*args, **kwargs):
         with _wrap_triton_enabled(False):
             return fn(*args, **kwargs)
+
     return direct
 
 
@@ -140,6 +142,7 @@ def fused_op(name: str, seeded: bool = False, inline: bool = True):
     constant-fold it and it counts as impure; the joint graph's CSE does not read the tag, see
     ops/dequant.py; inlined, its randint node says so).
     inline=False keeps an op opaque everywhere (its body is not traceable yet)."""
+
     def register(fn):
         short = name.split("::")[-1]
         wanted = INLINE if isinstance(INLINE, bool) else any(short.startswith(f) for f in INLINE)
@@ -148,6 +151,7 @@ def fused_op(name: str, seeded: bool = False, inline: bool = True):
             return torch.library.triton_op(name, fn, mutates_args=())
         tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
         return torch.library.custom_op(name, direct_launches(fn), mutates_args=(), tags=tags)
+
     return register
 
 

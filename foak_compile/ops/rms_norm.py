@@ -1,4 +1,5 @@
 """torch.ops.foak.rms_norm and its backward, over kernels/rms_norm.py."""
+
 from typing import Optional
 
 import torch
@@ -8,8 +9,13 @@ from .registry import fused_op, register_fake
 
 
 @fused_op("foak::rms_norm")
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
-             mid_dtype: Optional[torch.dtype], out_dtype: torch.dtype) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    mid_dtype: Optional[torch.dtype],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """out_dtype(weight * mid_dtype(x * rsqrt(mean(x², -1) + eps))), statistics in fp32."""
     return kernel.rms_norm_forward(x, weight, eps, mid_dtype, out_dtype)
 
@@ -22,13 +28,18 @@ register_fake(rms_norm, _rms_norm_fake)
 
 
 @fused_op("foak::rms_norm_backward")
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
-                      mid_dtype: Optional[torch.dtype], need_dx: bool,
-                      need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    mid_dtype: Optional[torch.dtype],
+    need_dx: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw); a gradient that is not needed comes back as an empty tensor."""
     dx, dw = kernel.rms_norm_backward(dy, x, weight, eps, mid_dtype, need_dx, need_dw)
-    return (dx if dx is not None else x.new_empty(0),
-            dw if dw is not None else x.new_empty(0))
+    return (dx if dx is not None else x.new_empty(0), dw if dw is not None else x.new_empty(0))
 
 
 def _rms_norm_backward_fake(dy, x, weight, eps, mid_dtype, need_dx, need_dw):

@@ -10,6 +10,7 @@ gradients come back in the dtypes of q and k, as autograd would cast them, and i
 layouts (the outputs', which are `empty_like(x)`): whatever layout the upstream grad has,
 AccumulateGrad and the backward of HF's `view(...).transpose(1, 2)` then need no copy.
 """
+
 from typing import Optional
 
 import torch
@@ -25,8 +26,9 @@ def _out_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.d
 
 
 @fused_op("foak::rope")
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         unsqueeze_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin), cos/sin unsqueezed at unsqueeze_dim."""
     return kernel.rope(q, k, cos, sin, unsqueeze_dim, _out_dtype(q, cos, sin), _out_dtype(k, cos, sin))
 
@@ -54,14 +56,22 @@ register_fake(rope_one, _rope_one_fake)
 
 
 @fused_op("foak::rope_backward")
-def rope_backward(dy1: torch.Tensor, dy2: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                  unsqueeze_dim: int, dx1_dtype: torch.dtype, dx2_dtype: Optional[torch.dtype],
-                  dx1_stride: Optional[list[int]] = None,
-                  dx2_stride: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_backward(
+    dy1: torch.Tensor,
+    dy2: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int,
+    dx1_dtype: torch.dtype,
+    dx2_dtype: Optional[torch.dtype],
+    dx1_stride: Optional[list[int]] = None,
+    dx2_stride: Optional[list[int]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx1, dx2) = the transposed rotation of (dy1, dy2); dx2 is empty without dy2.
     dx*_stride: the gradient's layout (default: dy's)."""
-    dx1, dx2 = kernel.rope(dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype, backward=True,
-                           out_strides=(dx1_stride, dx2_stride))
+    dx1, dx2 = kernel.rope(
+        dy1, dy2, cos, sin, unsqueeze_dim, dx1_dtype, dx2_dtype, backward=True, out_strides=(dx1_stride, dx2_stride)
+    )
     return dx1, (dx2 if dx2 is not None else dy1.new_empty(0))
 
 
@@ -76,7 +86,7 @@ register_fake(rope_backward, _rope_backward_fake)
 def _no_cos_grad(ctx, first_cos_input: int) -> None:
     # The patterns never rewrite a rotation whose cos/sin require grad; refuse rather than
     # silently return no gradient if the op is called that way.
-    if any(ctx.needs_input_grad[first_cos_input:first_cos_input + 2]):
+    if any(ctx.needs_input_grad[first_cos_input : first_cos_input + 2]):
         raise NotImplementedError("foak rope: gradients with respect to cos/sin are not implemented")
 
 
@@ -89,8 +99,9 @@ def _rotate_back(ctx, grads, dtypes):
         g2 = grads[need[1]] if len(need) > 1 else None
         d2 = dtypes[need[1]] if len(need) > 1 else None
         st2 = ctx.strides[need[1]] if len(need) > 1 else None
-        dx1, dx2 = torch.ops.foak.rope_backward(grads[need[0]], g2, cos, sin, ctx.unsqueeze_dim, dtypes[need[0]], d2,
-                                                ctx.strides[need[0]], st2)
+        dx1, dx2 = torch.ops.foak.rope_backward(
+            grads[need[0]], g2, cos, sin, ctx.unsqueeze_dim, dtypes[need[0]], d2, ctx.strides[need[0]], st2
+        )
         out[need[0]] = dx1
         if len(need) > 1:
             out[need[1]] = dx2

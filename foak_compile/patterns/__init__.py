@@ -1,5 +1,6 @@
 """Pattern families, one module each. `PATTERNS` maps the names users pass to `backend(patterns=...)`,
 in the order they run; `DEFAULT` is what runs when none are named: all of them."""
+
 from .cross_entropy import CrossEntropyPattern, LinearCrossEntropyPattern
 from .lora import LoraPattern
 from .lora_siblings import LoraSiblingsPattern

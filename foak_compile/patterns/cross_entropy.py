@@ -24,6 +24,7 @@ Near-misses: class weights, legacy size_average/reduce, probability (float) or n
 labels, the class dim not last; for the lm_head, a softcap or scale spelt otherwise (two
 constants, a scale after the softcap, a tensor scale), or mixing half-precision and fp32 steps.
 """
+
 import math
 import operator
 from dataclasses import dataclass
@@ -45,13 +46,13 @@ LOSS_KINDS = ("cross_entropy", "nll_loss")
 
 @dataclass
 class _Loss:
-    node: Node              # the cross_entropy / nll_loss call
-    logits: Node            # whose rows are softmaxed (log_softmax's input for nll_loss)
+    node: Node  # the cross_entropy / nll_loss call
+    logits: Node  # whose rows are softmaxed (log_softmax's input for nll_loss)
     labels: Node
     ignore_index: int
     label_smoothing: float
     reduction: str
-    nodes: list             # what the loss itself removes: [log_softmax, views,] the loss node
+    nodes: list  # what the loss itself removes: [log_softmax, views,] the loss node
     variant: list
 
 
@@ -70,8 +71,9 @@ def _producer(n) -> Optional[Node]:
     op = canon(n)
     if op is not None and op.kind == "cast":
         return op.args[0] if _is_exact_upcast(src, out) else None
-    shape_only = ((n.op == "call_method" and n.target in ("view", "reshape", "contiguous", "flatten"))
-                  or (n.op == "call_function" and n.target in (torch.reshape, torch.flatten)))
+    shape_only = (n.op == "call_method" and n.target in ("view", "reshape", "contiguous", "flatten")) or (
+        n.op == "call_function" and n.target in (torch.reshape, torch.flatten)
+    )
     if shape_only and src.dtype == out.dtype and src.shape[-1] == out.shape[-1]:
         return n.args[0]
     return None
@@ -81,14 +83,24 @@ def _row_selection(n) -> Optional[tuple]:
     """(src, index) for n = src[index] with int / constant-slice entries on leading dims only, as
     `logits[:, :-1]` (a hand-written next-token shift): the same rows of the lm_head's output are
     the lm_head of the same rows of its input, hidden[index]."""
-    if not (isinstance(n, Node) and n.op == "call_function" and n.target is operator.getitem
-            and isinstance(n.args[0], Node) and value(n.args[0]) is not None and value(n) is not None):
+    if not (
+        isinstance(n, Node)
+        and n.op == "call_function"
+        and n.target is operator.getitem
+        and isinstance(n.args[0], Node)
+        and value(n.args[0]) is not None
+        and value(n) is not None
+    ):
         return None
     index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
-    plain = all((isinstance(i, int) and not isinstance(i, bool))
-                or (isinstance(i, slice) and all(v is None or (isinstance(v, int) and not isinstance(v, bool))
-                                                 for v in (i.start, i.stop, i.step)))
-                for i in index)
+    plain = all(
+        (isinstance(i, int) and not isinstance(i, bool))
+        or (
+            isinstance(i, slice)
+            and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (i.start, i.stop, i.step))
+        )
+        for i in index
+    )
     if not plain or len(index) >= value(n.args[0]).dim():  # the vocab dim stays whole
         return None
     return n.args[0], index
@@ -109,8 +121,9 @@ def _hint(v) -> float:
 
 
 def _is_tanh(n) -> bool:
-    return isinstance(n, Node) and ((n.op == "call_function" and n.target in (torch.tanh, F.tanh))
-                                    or (n.op == "call_method" and n.target == "tanh"))
+    return isinstance(n, Node) and (
+        (n.op == "call_function" and n.target in (torch.tanh, F.tanh)) or (n.op == "call_method" and n.target == "tanh")
+    )
 
 
 def _softcap_step(n) -> Optional[tuple]:
@@ -133,8 +146,7 @@ def _softcap_step(n) -> Optional[tuple]:
         problem = "softcap c·tanh(z/c) with a tensor c"
     elif inner.kind != "div" or _hint(c_in) != _hint(c) or not 0 < _hint(c) < math.inf:
         what = "·" if inner.kind == "mul" else "/"
-        problem = (f"softcap {_hint(c):g}·tanh(z{what}{_hint(c_in):g}): only c·tanh(z/c) with one finite c > 0 "
-                   "is fused")
+        problem = f"softcap {_hint(c):g}·tanh(z{what}{_hint(c_in):g}): only c·tanh(z/c) with one finite c > 0 is fused"
     return inner.args[0], c, [t.args[0], t, n] + c_nodes + in_nodes, problem
 
 
@@ -162,8 +174,9 @@ def _scale_step(n) -> Optional[tuple]:
 @dataclass
 class _Head:
     """The lm_head's F.linear below a loss and what lies between them."""
+
     linear: Node
-    nodes: list         # the chain's nodes, lm_head first
+    nodes: list  # the chain's nodes, lm_head first
     scale: object = 1.0
     divisor: object = 1.0
     softcap: object = 0.0
@@ -280,8 +293,10 @@ def _parse_loss(seed: Node) -> Optional[_Loss]:
     if yv.dtype != torch.int64:
         raise Reject(f"labels of dtype {yv.dtype}, not int64")
     if xv.dim() != 2 or yv.dim() != 1:
-        raise Reject(f"logits of shape {tuple(xv.shape)} with labels {tuple(yv.shape)}: only "
-                     "[tokens, vocab] with [tokens] (the class dim last)")
+        raise Reject(
+            f"logits of shape {tuple(xv.shape)} with labels {tuple(yv.shape)}: only "
+            "[tokens, vocab] with [tokens] (the class dim last)"
+        )
     nodes, variant = [seed], [f"F.{op.kind}"]
     if op.kind == "nll_loss":
         x = _log_softmax_input(x, nodes, variant)
@@ -310,15 +325,18 @@ def _check_loss_dtype(loss) -> None:
     loss call receives decides: log_softmax(x_bf16, dtype=torch.float32) is an exact upcast."""
     lv = value(canon(loss.node).arg(0, "input"))
     if lv is not None and lv.dtype in (torch.bfloat16, torch.float16):
-        raise Reject(f"loss computed over {lv.dtype} logits without an fp32 upcast "
-                     "(the fp32 kernel would round differently)")
+        raise Reject(
+            f"loss computed over {lv.dtype} logits without an fp32 upcast (the fp32 kernel would round differently)"
+        )
 
 
 def _call(target, args):
     """The fused op returns (loss, lse); the graph takes the loss."""
+
     def replace(g):
         call = g.call_function(target, args)
         return g.call_function(operator.getitem, (call, 0))
+
     return replace
 
 
@@ -326,6 +344,7 @@ def _call_lce(args, head: _Head):
     def replace(g):
         hidden = args[0] if head.rows is None else g.call_function(operator.getitem, (args[0], head.rows))
         return _call(torch.ops.foak.linear_cross_entropy.default, (hidden,) + args[1:] + head.epilogue_args())(g)
+
     return replace
 
 
@@ -361,9 +380,11 @@ class LinearCrossEntropyPattern(_LossPattern):
     name = "linear_cross_entropy"
     # a graph returns the logits when its caller does (a plain model call: compile the loss alone) or when a
     # graph break after the lm_head hands them to the next graph (then TORCH_LOGS=graph_breaks says where)
-    graph_output_hint = ("this graph returns the logits: to the caller (a model call returns them: compile a "
-                         "loss-only function, `lambda **b: model(**b).loss`, or compile_for_trainer(model, "
-                         "loss_only=True)) or to the code after a graph break (TORCH_LOGS=graph_breaks)")
+    graph_output_hint = (
+        "this graph returns the logits: to the caller (a model call returns them: compile a "
+        "loss-only function, `lambda **b: model(**b).loss`, or compile_for_trainer(model, "
+        "loss_only=True)) or to the code after a graph break (TORCH_LOGS=graph_breaks)"
+    )
 
     def match(self, seed: Node) -> Optional[Candidate]:
         loss = _parse_loss(seed)
@@ -374,8 +395,10 @@ class LinearCrossEntropyPattern(_LossPattern):
             return None  # logits not from a linear: cross_entropy's business
         x = head.linear
         if len(set(head.step_dtypes)) > 1:
-            raise Reject(f"logit scale/softcap steps in {' and '.join(map(str, head.step_dtypes))}: "
-                         "only all in the logits' dtype or all in fp32")
+            raise Reject(
+                f"logit scale/softcap steps in {' and '.join(map(str, head.step_dtypes))}: "
+                "only all in the logits' dtype or all in fp32"
+            )
         _check_loss_dtype(loss)
         lin = canon(x)
         hidden, weight, bias = lin.arg(0, "input"), lin.arg(1, "weight"), lin.arg(2, "bias")
@@ -384,22 +407,35 @@ class LinearCrossEntropyPattern(_LossPattern):
         if wv is None or ov is None or wv.dim() != 2 or wv.shape[0] != ov.shape[-1]:
             raise Reject("lm_head weight is not [vocab, hidden]")
         bv = value(bias) if bias is not None else None
-        if bias is not None and (bv is None or bv.dim() != 1 or bv.dtype != wv.dtype
-                                 or not statically_known_true(bv.shape[0] == wv.shape[0])):
+        if bias is not None and (
+            bv is None or bv.dim() != 1 or bv.dtype != wv.dtype or not statically_known_true(bv.shape[0] == wv.shape[0])
+        ):
             # F.linear also broadcasts a [1] bias; the kernels read one per vocabulary column
-            raise Reject(f"lm_head bias {tuple(bv.shape) if bv is not None else '?'} is not a [vocab] "
-                         f"tensor of the weight's dtype")
+            raise Reject(
+                f"lm_head bias {tuple(bv.shape) if bv is not None else '?'} is not a [vocab] "
+                f"tensor of the weight's dtype"
+            )
         if not hv.dtype == wv.dtype == ov.dtype:
             raise Reject(f"lm_head gives {ov.dtype} from {hv.dtype} × {wv.dtype} (autocast?)")
         if head.step_dtypes and head.step_dtypes[0] not in (ov.dtype, torch.float32):
             raise Reject(f"logit scale/softcap in {head.step_dtypes[0]} over {ov.dtype} logits")
         if head.rows is not None and [str(d) for d in head.rows_of] != [str(d) for d in ov.shape]:
             # hidden[index] is those rows only where the index sees the lm_head's own leading dims
-            raise Reject(f"the logits are indexed after a reshape of the lm_head's output "
-                         f"{tuple(ov.shape)} to {tuple(head.rows_of)}")
+            raise Reject(
+                f"the logits are indexed after a reshape of the lm_head's output "
+                f"{tuple(ov.shape)} to {tuple(head.rows_of)}"
+            )
         variant = ["F.linear" + (" + bias" if bias is not None else "")] + head.variant() + loss.variant
         if ov.dtype != value(loss.logits).dtype:
             variant.append(f"upcast from {ov.dtype}")
-        args = (hidden, weight, bias, loss.labels, loss.ignore_index, loss.label_smoothing, loss.reduction,
-                value(seed).dtype)
+        args = (
+            hidden,
+            weight,
+            bias,
+            loss.labels,
+            loss.ignore_index,
+            loss.label_smoothing,
+            loss.reduction,
+            value(seed).dtype,
+        )
         return Candidate(head.nodes + loss.nodes, seed, _call_lce(args, head), ", ".join(variant))

@@ -30,6 +30,7 @@ a Linear4bit already repacked for bitsandbytes' CPU inference kernel, a base wei
 requires grad, a LoRA layer whose base runs alone (adapters merged or disabled), dropout
 that is in place or has a non-constant p, scaling that is not a constant.
 """
+
 import operator
 import re
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ _BNB_4BIT = "bitsandbytes.nn.modules.Linear4bit"
 _OTHER_BASES = {  # base layer classes we recognise but do not fuse, with why
     "bitsandbytes.nn.modules.Linear8bitLt": "8-bit base layer (bitsandbytes Linear8bitLt) is not supported",
     "transformers.pytorch_utils.Conv1D": "fan_in_fan_out base (transformers Conv1D, weight stored [in, out]) "
-                                         "is not supported",
+    "is not supported",
 }
 _MUTATING = re.compile(r"(^|_)(set_|copy_|_set_data)$")
 _GPTQMODEL = "gptqmodel.nn_modules.qlinear.BaseQuantLinear"  # every gptqmodel quantised linear
@@ -59,31 +60,35 @@ _GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ checkpoint 
 
 @dataclass
 class _Adapter:
-    x: Node          # the layer input, before peft's cast to the adapter dtype
+    x: Node  # the layer input, before peft's cast to the adapter dtype
     a: Node
     b: Node
     scaling: object  # a float, or the SymFloat of an `.item()` under dynamic=True
-    p: float         # dropout probability (0: none, or dropout in eval mode)
-    nodes: list      # casts, dropout, both linears, the scaling multiply, a cast of the result
-    out: Node        # what is added to the base result
+    p: float  # dropout probability (0: none, or dropout in eval mode)
+    nodes: list  # casts, dropout, both linears, the scaling multiply, a cast of the result
+    out: Node  # what is added to the base result
     variant: list
 
 
 @dataclass
 class _Base:
-    family: Family   # which op: lora_linear, lora_linear_4bit or lora_linear_gptq
-    args: dict       # the op's arguments that describe the base (its tensors, bias, constants), by name
+    family: Family  # which op: lora_linear, lora_linear_4bit or lora_linear_gptq
+    args: dict  # the op's arguments that describe the base (its tensors, bias, constants), by name
     nodes: list
     cdt: torch.dtype  # the base GEMM's compute dtype
-    wshape: tuple     # (out_features, in_features)
+    wshape: tuple  # (out_features, in_features)
     variant: list
 
 
 # --- small helpers -------------------------------------------------------------------------------
 
+
 def _is_clone(n) -> bool:
-    return isinstance(n, Node) and not n.kwargs and (
-        (n.op == "call_method" and n.target == "clone") or (n.op == "call_function" and n.target is torch.clone))
+    return (
+        isinstance(n, Node)
+        and not n.kwargs
+        and ((n.op == "call_method" and n.target == "clone") or (n.op == "call_function" and n.target is torch.clone))
+    )
 
 
 def _float_cast(n) -> bool:
@@ -131,6 +136,7 @@ def _number(v) -> bool:
 
 # --- the adapter ---------------------------------------------------------------------------------
 
+
 def _up_projection(n: Node) -> bool:
     return is_kind(n, "linear") and is_kind(canon(n).arg(0, "input"), "linear")
 
@@ -175,8 +181,10 @@ def _scaled(n: Node, nodes: list) -> tuple:
         nodes += [user] + ([s] if len(s.users) == 1 else [])
         return user, sym  # float() when spliced (_call): a match rejected later leaves no guard
     if isinstance(s, Node):
-        raise Reject(f"adapter output is multiplied by a tensor `{s.name}`, not a constant scaling "
-                     "(DoRA's magnitude, use_dora=True?)")
+        raise Reject(
+            f"adapter output is multiplied by a tensor `{s.name}`, not a constant scaling "
+            "(DoRA's magnitude, use_dora=True?)"
+        )
     if not _number(s):
         raise Reject(f"adapter scaling is a {type(s).__name__}, not a number")
     nodes.append(user)
@@ -225,8 +233,9 @@ def _adapter(up: Node) -> Optional[_Adapter]:
     if cast and canon(out).kwargs["dtype"] != value(add_node).dtype:
         # the op rounds the adapter's term only to the result dtype: another cast's rounding (or
         # overflow) would be dropped
-        raise Reject(f"adapter output cast to {canon(out).kwargs['dtype']}, not to the result dtype "
-                     f"{value(add_node).dtype}")
+        raise Reject(
+            f"adapter output cast to {canon(out).kwargs['dtype']}, not to the result dtype {value(add_node).dtype}"
+        )
     if downo.arg(2, "bias") is not None:
         raise Reject("lora_A has a bias")
     if upo.arg(2, "bias") is not None:
@@ -247,6 +256,7 @@ def _is_adapter_out(n) -> bool:
 
 # --- the base ------------------------------------------------------------------------------------
 
+
 def _dense_base(lin: Node, x: Node, nodes: list) -> _Base:
     op = canon(lin)
     inp, w, bias = op.arg(0, "input"), op.arg(1, "weight"), op.arg(2, "bias")
@@ -261,8 +271,14 @@ def _dense_base(lin: Node, x: Node, nodes: list) -> _Base:
         raise Reject(f"base weight dtype {wv.dtype} unsupported")
     if bias is not None and (value(bias) is None or value(bias).shape != (wv.shape[0],)):
         raise Reject("base bias is not a [out_features] tensor")
-    return _Base(DENSE, dict(weight=w, bias=bias), nodes + [lin], wv.dtype, tuple(wv.shape),
-                 ["dense" + (" + bias" if bias is not None else "")])
+    return _Base(
+        DENSE,
+        dict(weight=w, bias=bias),
+        nodes + [lin],
+        wv.dtype,
+        tuple(wv.shape),
+        ["dense" + (" + bias" if bias is not None else "")],
+    )
 
 
 def _scope(r: Node, key: str) -> list:
@@ -278,8 +294,9 @@ def _scope(r: Node, key: str) -> list:
 
 
 def _graph_inputs_by_identity(graph) -> dict:
-    return {id(v): n for n in graph.nodes if n.op in ("placeholder", "get_attr")
-            if isinstance(v := _real(n), torch.Tensor)}
+    return {
+        id(v): n for n in graph.nodes if n.op in ("placeholder", "get_attr") if isinstance(v := _real(n), torch.Tensor)
+    }
 
 
 def _closed_call(scope: list, r: Node, x: Node, what: str, mutated: str, why: str = "") -> list:
@@ -303,8 +320,9 @@ def _closed_call(scope: list, r: Node, x: Node, what: str, mutated: str, why: st
 
 def _bnb4_base(r: Node, key: str, x: Node, nodes: list) -> _Base:
     scope = _scope(r, key)
-    inputs = _closed_call(scope, r, x, "Linear4bit", "its parameters",
-                          ": bitsandbytes repacks the weight for its CPU inference kernel")
+    inputs = _closed_call(
+        scope, r, x, "Linear4bit", "its parameters", ": bitsandbytes repacks the weight for its CPU inference kernel"
+    )
     weight = next((a for a in inputs if hasattr(_real(a), "quant_state")), None)
     qs = getattr(_real(weight), "quant_state", None) if weight is not None else None
     if qs is None:
@@ -313,12 +331,25 @@ def _bnb4_base(r: Node, key: str, x: Node, nodes: list) -> _Base:
     extra = [a for a in inputs if a.op in ("placeholder", "get_attr") and a is not weight and a not in q["nodes"]]
     bias = _bias_input(extra, qs.shape[0])
     cdt = _compute_dtype(scope, x)
-    args = dict(qweight=weight, absmax=q["absmax"], nested_absmax=q["nested_absmax"], nested_code=q["nested_code"],
-                offset=q["offset"], bias=bias, quant_type=qs.quant_type, blocksize=int(qs.blocksize),
-                nested_blocksize=q["nested_blocksize"], weight_shape=[int(s) for s in qs.shape], compute_dtype=cdt)
-    variant = [f"bitsandbytes 4-bit {qs.quant_type}" + (" double-quant" if qs.nested else "")
-               + f" blocksize {qs.blocksize}, compute {str(cdt).split('.')[-1]}"
-               + (" + bias" if bias is not None else "")]
+    args = dict(
+        qweight=weight,
+        absmax=q["absmax"],
+        nested_absmax=q["nested_absmax"],
+        nested_code=q["nested_code"],
+        offset=q["offset"],
+        bias=bias,
+        quant_type=qs.quant_type,
+        blocksize=int(qs.blocksize),
+        nested_blocksize=q["nested_blocksize"],
+        weight_shape=[int(s) for s in qs.shape],
+        compute_dtype=cdt,
+    )
+    variant = [
+        f"bitsandbytes 4-bit {qs.quant_type}"
+        + (" double-quant" if qs.nested else "")
+        + f" blocksize {qs.blocksize}, compute {str(cdt).split('.')[-1]}"
+        + (" + bias" if bias is not None else "")
+    ]
     return _Base(BNB4, args, nodes + scope, cdt, tuple(qs.shape), variant)
 
 
@@ -339,9 +370,14 @@ def _quant_state(qs, graph) -> dict:
     missing = [k for k, n in found.items() if n is None]
     if missing:
         raise Reject(f"quant_state tensor(s) {missing} are not graph inputs")
-    return {"absmax": found["absmax"], "nested_absmax": found.get("nested_absmax"),
-            "nested_code": found.get("nested_code"), "offset": found.get("offset"),
-            "nested_blocksize": int(qs.state2.blocksize) if qs.nested else 256, "nodes": set(found.values())}
+    return {
+        "absmax": found["absmax"],
+        "nested_absmax": found.get("nested_absmax"),
+        "nested_code": found.get("nested_code"),
+        "offset": found.get("offset"),
+        "nested_blocksize": int(qs.state2.blocksize) if qs.nested else 256,
+        "nodes": set(found.values()),
+    }
 
 
 def _bias_input(extra: list, out_features: int) -> Optional[Node]:
@@ -368,13 +404,15 @@ def _compute_dtype(scope: list, x: Node) -> torch.dtype:
 
 # --- gptqmodel GPTQ base -------------------------------------------------------------------------
 
+
 def _opaque(n: Node) -> bool:
     """An op whose numbers we cannot read off the graph: a custom or aten overload (Marlin,
     ExLlama, int4pack GEMMs), a higher-order op (autograd.Function, Triton kernels), a submodule."""
     if n.op == "call_module":
         return True
     return n.op == "call_function" and isinstance(
-        n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator))
+        n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
+    )
 
 
 def _input_name(n: Node) -> str:
@@ -394,10 +432,15 @@ def _gptq_bits(qweight, qzeros, scales, g_idx) -> int:
     """The bit width whose packing the tensors' shapes follow (2, 4 or 8)."""
     fits = gptq_bit_widths(qweight, qzeros, scales, g_idx)
     if len(fits) != 1:
-        raise Reject(f"GPTQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
-                     f"{tuple(scales.shape)}, g_idx {tuple(g_idx.shape)} fit " +
-                     (f"several bit widths {fits}" if fits else "no 2/4/8-bit int32 packing (3-bit, planar, "
-                      "or int8/int16 words?)"))
+        raise Reject(
+            f"GPTQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
+            f"{tuple(scales.shape)}, g_idx {tuple(g_idx.shape)} fit "
+            + (
+                f"several bit widths {fits}"
+                if fits
+                else "no 2/4/8-bit int32 packing (3-bit, planar, or int8/int16 words?)"
+            )
+        )
     return fits[0]
 
 
@@ -410,8 +453,10 @@ def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
     # TorchFusedLinear plain torch ops in training; what the graph holds does
     opaque = sorted({str(n.target) for n in scope if _opaque(n)})
     if opaque:
-        raise Reject(f"gptqmodel {cname} runs an opaque kernel ({', '.join(opaque)}); a GPTQ layer is fused "
-                     "where it dequantises in torch ops (TorchLinear, backend 'torch', in training mode)")
+        raise Reject(
+            f"gptqmodel {cname} runs an opaque kernel ({', '.join(opaque)}); a GPTQ layer is fused "
+            "where it dequantises in torch ops (TorchLinear, backend 'torch', in training mode)"
+        )
     inputs = _closed_call(scope, r, x, "GPTQ layer", "tensors")
     role, unknown = {}, []
     for a in inputs:
@@ -439,8 +484,10 @@ def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
         raise Reject("a GPTQ buffer requires grad (trained scales or bias): the op has no gradient for it")
     if any(isinstance(t := _real(role[k]), torch.Tensor) and t.is_inference() for k in role):
         # optimum packs under torch.inference_mode; the op would have to save them for backward
-        raise Reject("the GPTQ buffers are inference tensors (packed under torch.inference_mode): they cannot "
-                     "be saved for backward; clone them (a checkpoint loaded from disk holds normal tensors)")
+        raise Reject(
+            "the GPTQ buffers are inference tensors (packed under torch.inference_mode): they cannot "
+            "be saved for backward; clone them (a checkpoint loaded from disk holds normal tensors)"
+        )
     bias = role.get("bias")
     if bias is not None and tuple(value(bias).shape) != (scales.shape[1],):
         raise Reject("GPTQ bias is not an [out_features] tensor")
@@ -448,12 +495,23 @@ def _gptq_base(r: Node, key: str, cls, x: Node, nodes: list) -> _Base:
     n_in, n_out = g_idx.shape[0], scales.shape[1]
     g = _real(role["g_idx"])
     act_order = isinstance(g, torch.Tensor) and g.numel() > 1 and bool((g[1:] < g[:-1]).any())
-    variant = [f"gptqmodel {cname} {bits}-bit, {scales.shape[0]} group(s)" + (", act-order" if act_order else "")
-               + f", {str(scales.dtype).split('.')[-1]} scales, compute {str(cdt).split('.')[-1]}"
-               + (" + bias" if bias is not None else "")]
+    variant = [
+        f"gptqmodel {cname} {bits}-bit, {scales.shape[0]} group(s)"
+        + (", act-order" if act_order else "")
+        + f", {str(scales.dtype).split('.')[-1]} scales, compute {str(cdt).split('.')[-1]}"
+        + (" + bias" if bias is not None else "")
+    ]
     # zero_format 2: TorchLinear reads its qzeros as v2 (gptqmodel converts v1 checkpoints on load)
-    args = dict(qweight=role["qweight"], qzeros=role["qzeros"], scales=role["scales"], g_idx=role["g_idx"], bias=bias,
-                bits=bits, zero_format=2, compute_dtype=cdt)
+    args = dict(
+        qweight=role["qweight"],
+        qzeros=role["qzeros"],
+        scales=role["scales"],
+        g_idx=role["g_idx"],
+        bias=bias,
+        bits=bits,
+        zero_format=2,
+        compute_dtype=cdt,
+    )
     return _Base(GPTQ, args, nodes + scope, cdt, (n_out, n_in), variant)
 
 
@@ -462,8 +520,12 @@ _MATMULS = {torch.matmul, operator.matmul, torch.mm, torch.nn.functional.linear,
 
 def _gptq_compute_dtype(scope: list) -> torch.dtype:
     """The dtype of the layer's one GEMM (gptqmodel casts its dequantised weight to x's dtype)."""
-    mms = [n for n in scope if (n.op == "call_function" and n.target in _MATMULS)
-           or (n.op == "call_method" and n.target in ("matmul", "mm", "__matmul__"))]
+    mms = [
+        n
+        for n in scope
+        if (n.op == "call_function" and n.target in _MATMULS)
+        or (n.op == "call_method" and n.target in ("matmul", "mm", "__matmul__"))
+    ]
     if len(mms) != 1 or value(mms[0]) is None:
         raise Reject(f"the GPTQ layer call has {len(mms)} matrix products, not one")
     cdt = value(mms[0]).dtype
@@ -493,15 +555,18 @@ def _base(r: Node, x: Node) -> _Base:
     if op is not None and op.kind == "add" and any(_is_adapter_out(o) for o in op.args[:2]):
         raise Reject("several active adapters on one layer are not fused")
     if r.op == "placeholder":  # e.g. gptqmodel's TorchLinear in eval mode, whose weight caches break graphs
-        raise Reject(f"base result `{r.name}` is a graph input: the base layer ran outside this graph "
-                     "(a graph break inside it)")
+        raise Reject(
+            f"base result `{r.name}` is a graph input: the base layer ran outside this graph (a graph break inside it)"
+        )
     if not stack:
         raise Reject(f"base result `{r.name}` is no F.linear and has no module information")
-    raise Reject(f"base layer {module_of(r) or r.name} is neither nn.Linear, bitsandbytes Linear4bit nor "
-                 "gptqmodel TorchLinear")
+    raise Reject(
+        f"base layer {module_of(r) or r.name} is neither nn.Linear, bitsandbytes Linear4bit nor gptqmodel TorchLinear"
+    )
 
 
 # --- checks shared by both bases -----------------------------------------------------------------
+
 
 def _check_shapes(ad: _Adapter, base: _Base, out: Node) -> None:
     xv, av, bv, ov = value(ad.x), value(ad.a), value(ad.b), value(out)
@@ -558,8 +623,15 @@ class LoraPattern(Pattern):
             out = cast
         _check_shapes(ad, base, out)
         layout = base.family.single
-        args = layout.build(x=ad.x, lora_a=ad.a, lora_b=ad.b, scaling=ad.scaling, dropout_p=ad.p,
-                            out_dtype=value(out).dtype, **base.args)
+        args = layout.build(
+            x=ad.x,
+            lora_a=ad.a,
+            lora_b=ad.b,
+            scaling=ad.scaling,
+            dropout_p=ad.p,
+            out_dtype=value(out).dtype,
+            **base.args,
+        )
         hint = float(ad.scaling.node.hint) if isinstance(ad.scaling, torch.SymFloat) else ad.scaling
         variant = base.variant + [f"r={value(ad.a).shape[0]}", f"scaling={hint:g}"] + ad.variant
         adt = value(ad.a).dtype
@@ -570,13 +642,16 @@ class LoraPattern(Pattern):
 
 def _call(target, args):
     """The op returns (y, t, seed); the graph takes y. A symbolic scaling is specialised here."""
+
     def replace(g):
         call = g.call_function(target, tuple(float(a) if isinstance(a, torch.SymFloat) else a for a in args))
         return g.call_function(operator.getitem, (call, 0))
+
     return replace
 
 
 # --- a base layer of a LoRA layer running alone --------------------------------------------------
+
 
 def _lone_base_output(n: Node) -> bool:
     """The result of a peft LoRA layer's base_layer call (the node leaving its module scope)."""
@@ -584,8 +659,11 @@ def _lone_base_output(n: Node) -> bool:
         return False
     stack = _stack(n)
     # peft's GPTQ layer reaches its base as `quant_linear_module` (an alias of base_layer)
-    if len(stack) < 2 or not str(stack[-1][1]).endswith(("base_layer", "quant_linear_module")) \
-            or not _is_lora_layer(stack[-2][2]):
+    if (
+        len(stack) < 2
+        or not str(stack[-1][1]).endswith(("base_layer", "quant_linear_module"))
+        or not _is_lora_layer(stack[-2][2])
+    ):
         return False
     key = stack[-1][0]  # used past the base layer, not just stored away (graph outputs: a repacked absmax)
     return any(u.op != "output" and key not in (u.meta.get("nn_module_stack") or {}) for u in n.users)
@@ -599,5 +677,7 @@ def _base_alone(r: Node) -> Optional[Candidate]:
         op = canon(u)
         if op is not None and op.kind == "add" and _is_adapter_out(other_operand(op, r)):
             return None  # an adapter is added: its up-projection's seed handles this layer
-    raise Reject("the LoRA layer's base output is not combined with an adapter in this graph "
-                 "(adapters merged or disabled, or applied after a graph break)")
+    raise Reject(
+        "the LoRA layer's base output is not combined with an adapter in this graph "
+        "(adapters merged or disabled, or applied after a graph break)"
+    )

@@ -10,6 +10,7 @@ the output dtype, and have no LoRA dropout (each layer draws its own mask) and n
 bias. A 4-bit or GPTQ group becomes one stacked-weight op whose output the graph splits per
 layer. In the default set: it made the 1B LoRA step faster at the same memory (docs/decisions.md).
 """
+
 import operator
 from typing import Optional
 
@@ -79,21 +80,29 @@ class LoraSiblingsPattern(Pattern):
 
             def replace(g):
                 return g.call_function(op, args)
+
             return Candidate(nodes, outs, replace, f"{len(calls)} siblings ({', '.join(names)})")
         if family is GPTQ:
             return _gptq_group(x, layers, outs, nodes, names, scalings)
         # 4-bit: one quantisation setup, double quantisation for all or none
-        kinds = {(v.quant_type, v.blocksize, v.nested_blocksize, v.compute_dtype, v.out_dtype, v.nested_absmax is None)
-                 for v in layers}
+        kinds = {
+            (v.quant_type, v.blocksize, v.nested_blocksize, v.compute_dtype, v.out_dtype, v.nested_absmax is None)
+            for v in layers
+        }
         if len(kinds) != 1:
             raise Reject("4-bit siblings differ in quant type, block sizes, double quantisation or dtypes")
         shapes = [int(d) for v in layers for d in v.weight_shape]
         if set(shapes[1::2]) != {value(x).shape[-1]}:
-            raise Reject(f"4-bit siblings' in_features {shapes[1::2]} do not all equal "
-                         f"the input's {value(x).shape[-1]}")
+            raise Reject(
+                f"4-bit siblings' in_features {shapes[1::2]} do not all equal the input's {value(x).shape[-1]}"
+            )
         args = family.group(layers, x=x, scalings=scalings, weight_shapes=shapes)
-        return Candidate(nodes, outs, _split(family.siblings.op, args, shapes[0::2], value(x).dim() - 1),
-                         f"{len(calls)} 4-bit siblings, one stacked weight ({', '.join(names)})")
+        return Candidate(
+            nodes,
+            outs,
+            _split(family.siblings.op, args, shapes[0::2], value(x).dim() - 1),
+            f"{len(calls)} 4-bit siblings, one stacked weight ({', '.join(names)})",
+        )
 
 
 def _gptq_group(x, layers, outs, nodes, names, scalings) -> Candidate:
@@ -110,15 +119,21 @@ def _gptq_group(x, layers, outs, nodes, names, scalings) -> Candidate:
     if any(i != value(x).shape[-1] for i in n_in):  # compared, not hashed: sizes may be symbolic
         raise Reject(f"GPTQ siblings' in_features {n_in} do not all equal the input's {value(x).shape[-1]}")
     args = GPTQ.group(layers, x=x, scalings=scalings)
-    return Candidate(nodes, outs, _split(GPTQ.siblings.op, args, [s.shape[1] for s in scales], value(x).dim() - 1),
-                     f"{len(layers)} GPTQ siblings, one stacked weight ({', '.join(names)})")
+    return Candidate(
+        nodes,
+        outs,
+        _split(GPTQ.siblings.op, args, [s.shape[1] for s in scales], value(x).dim() - 1),
+        f"{len(layers)} GPTQ siblings, one stacked weight ({', '.join(names)})",
+    )
 
 
 def _split(op, args, widths, dim):
     """A stacked-weight siblings op returns [y, t], y the layers' outputs side by side: the graph
     splits y, and the engine takes each layer's piece."""
+
     def replace(g):
         call = g.call_function(op, args)
         y = g.call_function(operator.getitem, (call, 0))
         return g.call_function(torch.split, (y, widths, dim))
+
     return replace

@@ -10,6 +10,7 @@ output or the product used elsewhere, g and u differing in shape or dtype, the c
 outputs used, a GPTQ base. A default pattern: on the bf16 1B step it saves one [tokens, ffn] activation per
 layer (1 GiB) at the same speed (docs/decisions.md).
 """
+
 import operator
 from typing import Optional
 
@@ -21,8 +22,22 @@ from ..nodes import canon, is_in_place, module_of, other_operand, same_shape, so
 from ..ops.lora_schema import family_of
 
 # elementwise activations of gated MLPs: a product of one of them is reported when it is not silu
-_ACTIVATIONS = {"silu", "gelu", "relu", "sigmoid", "tanh", "mish", "hardswish", "hardsigmoid", "elu", "selu",
-                "celu", "leaky_relu", "softplus", "relu6"}
+_ACTIVATIONS = {
+    "silu",
+    "gelu",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "elu",
+    "selu",
+    "celu",
+    "leaky_relu",
+    "softplus",
+    "relu6",
+}
 _IN_PLACE_MULS = {operator.imul, "mul_", torch.Tensor.mul_}
 
 
@@ -107,5 +122,6 @@ class LoraSwigluPattern(Pattern):
         def replace(g):
             new = g.call_function(fused, args)
             return g.call_function(operator.getitem, (new, 0))  # the op returns (y, t, seed)
+
         variant = f"silu({_short(gate, act)})·{_short(up, act)} → {_short(out, act)} ({family.name})"
         return Candidate([prod, act, call, out], out, replace, variant)  # the product first: reports name the MLP

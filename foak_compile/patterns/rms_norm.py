@@ -5,6 +5,7 @@ Accepted variants: fp32 upcast of the input and cast back (before or after the w
 multiply), `pow(2)` or `x*x`, `rsqrt(v)` or `/ sqrt(v)`, weight on either side, a weight
 that is itself computed (Gemma's `1 + w.float()`), no weight. Anything else is left alone.
 """
+
 from typing import Optional
 
 import torch
@@ -41,8 +42,13 @@ def _same_value(a, b) -> bool:
     if a is b:
         return True
     ca, cb = canon(a), canon(b)
-    return (ca is not None and cb is not None and ca.kind == cb.kind == "cast"
-            and ca.args[0] is cb.args[0] and ca.kwargs["dtype"] == cb.kwargs["dtype"])
+    return (
+        ca is not None
+        and cb is not None
+        and ca.kind == cb.kind == "cast"
+        and ca.args[0] is cb.args[0]
+        and ca.kwargs["dtype"] == cb.kwargs["dtype"]
+    )
 
 
 def _mean_centred(n: Node) -> bool:
@@ -56,8 +62,13 @@ def _mean_centred(n: Node) -> bool:
 
 def _weight_ok(w, like: torch.Tensor) -> bool:
     wv = value(w)
-    return (wv is not None and wv.dim() == 1 and wv.shape[0] == like.shape[-1]
-            and wv.dtype in SUPPORTED_DTYPES and wv.device == like.device)
+    return (
+        wv is not None
+        and wv.dim() == 1
+        and wv.shape[0] == like.shape[-1]
+        and wv.dtype in SUPPORTED_DTYPES
+        and wv.device == like.device
+    )
 
 
 def _check_input(xv: torch.Tensor) -> None:
@@ -146,8 +157,10 @@ class RMSNormPattern(Pattern):
             raise Reject("input is mean-centred (LayerNorm), not an RMSNorm")
         if xv.dtype != torch.float32:
             if xv.dtype in SUPPORTED_DTYPES:
-                raise Reject(f"statistics computed in {xv.dtype} without an fp32 upcast "
-                             "(the fp32 kernel would round differently)")
+                raise Reject(
+                    f"statistics computed in {xv.dtype} without an fp32 upcast "
+                    "(the fp32 kernel would round differently)"
+                )
             raise Reject(f"dtype {xv.dtype} unsupported")
 
         norm = self._normalising_user(seed, kind, xf)
@@ -158,8 +171,12 @@ class RMSNormPattern(Pattern):
         x = xf
         upcasts = list(dict.fromkeys([xf, other_operand(canon(norm), seed) if kind == "rsqrt" else norm.args[0]]))
         up = canon(xf)
-        if (up is not None and up.kind == "cast" and value(up.args[0]).dtype in SUPPORTED_DTYPES
-                and all(set(u.users) <= {sq_node, norm} for u in upcasts)):
+        if (
+            up is not None
+            and up.kind == "cast"
+            and value(up.args[0]).dtype in SUPPORTED_DTYPES
+            and all(set(u.users) <= {sq_node, norm} for u in upcasts)
+        ):
             x = up.args[0]
             nodes[:0] = upcasts
             variant.append(f"upcast from {value(x).dtype}")
@@ -177,8 +194,9 @@ class RMSNormPattern(Pattern):
             op = canon(u)
             if op is None or op.kind != want:
                 continue
-            if (want == "mul" and _same_value(other_operand(op, seed), xf)) or \
-                    (want == "div" and op.args[1] is seed and _same_value(op.args[0], xf)):
+            if (want == "mul" and _same_value(other_operand(op, seed), xf)) or (
+                want == "div" and op.args[1] is seed and _same_value(op.args[0], xf)
+            ):
                 return u
         raise Reject(f"the {kind} does not normalise the tensor whose mean square it took")
 
@@ -193,8 +211,12 @@ class RMSNormPattern(Pattern):
             nodes.append(cur)
             nxt = sole_user(cur)
             op = canon(nxt)
-        if op is not None and op.kind == "mul" and _weight_ok(other_operand(op, cur), value(cur)) \
-                and value(nxt).shape == value(cur).shape:
+        if (
+            op is not None
+            and op.kind == "mul"
+            and _weight_ok(other_operand(op, cur), value(cur))
+            and value(nxt).shape == value(cur).shape
+        ):
             weight = other_operand(op, cur)
             variant.append("weight after cast" if mid is not None else "weight in fp32")
             cur = nxt
@@ -202,8 +224,12 @@ class RMSNormPattern(Pattern):
             nxt = sole_user(cur)
             op = canon(nxt)
             # A trailing cast is exact to absorb only when the product was rounded to fp32.
-            if (op is not None and op.kind == "cast" and op.kwargs["dtype"] in SUPPORTED_DTYPES
-                    and value(cur).dtype == torch.float32):
+            if (
+                op is not None
+                and op.kind == "cast"
+                and op.kwargs["dtype"] in SUPPORTED_DTYPES
+                and value(cur).dtype == torch.float32
+            ):
                 cur = nxt
                 nodes.append(cur)
                 variant.append("cast back")

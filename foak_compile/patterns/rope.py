@@ -16,6 +16,7 @@ Near-misses: interleaved (GPT-J) pairs, rotate_half over another split or direct
 partial rotary (a rotated slice concatenated with a pass-through part), cos/sin that are not
 `unsqueeze(1|2)` of a [B or 1, S, D] tensor, dtypes or shapes the kernel does not take.
 """
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,21 +36,22 @@ _MOVE_FUNCTIONS = {torch.flatten, torch.roll, torch.chunk, torch.split, torch.na
 
 @dataclass
 class _Application:
-    x: Node          # the rotated tensor (q or k)
-    cos: Node        # [B or 1, S, D], before the unsqueeze
+    x: Node  # the rotated tensor (q or k)
+    cos: Node  # [B or 1, S, D], before the unsqueeze
     sin: Node
-    dim: int         # unsqueeze_dim: 1 → x is [B, H, S, D]; 2 → [B, S, H, D]
+    dim: int  # unsqueeze_dim: 1 → x is [B, H, S, D]; 2 → [B, S, H, D]
     unsqueezes: list  # the cos/sin unsqueeze nodes this application uses
-    nodes: list      # its own nodes: products, rotate_half, the add
-    out: Node        # the add
+    nodes: list  # its own nodes: products, rotate_half, the add
+    out: Node  # the add
 
 
 def _moves(n: Node) -> bool:
     op = canon(n)
     if op is not None:
         return op.kind in _MOVES
-    return (n.op == "call_method" and n.target in _MOVE_METHODS) or \
-        (n.op == "call_function" and n.target in _MOVE_FUNCTIONS)
+    return (n.op == "call_method" and n.target in _MOVE_METHODS) or (
+        n.op == "call_function" and n.target in _MOVE_FUNCTIONS
+    )
 
 
 def _kind(n: Node) -> str:
@@ -138,12 +140,20 @@ def _piece(n, x: Node) -> Optional[tuple]:
         return None
     parent, i = op.args[0], op.args[1]
     name = _target_name(parent)
-    if parent.op not in ("call_method", "call_function") or name not in ("chunk", "split") \
-            or not parent.args or parent.args[0] is not x or not _dim_is_last(parent, 2):
+    if (
+        parent.op not in ("call_method", "call_function")
+        or name not in ("chunk", "split")
+        or not parent.args
+        or parent.args[0] is not x
+        or not _dim_is_last(parent, 2)
+    ):
         return None
     d = value(x).shape[-1]
-    size = parent.args[1] if len(parent.args) > 1 else \
-        parent.kwargs.get("chunks", parent.kwargs.get("split_size_or_sections", parent.kwargs.get("split_size")))
+    size = (
+        parent.args[1]
+        if len(parent.args) > 1
+        else parent.kwargs.get("chunks", parent.kwargs.get("split_size_or_sections", parent.kwargs.get("split_size")))
+    )
     if name == "chunk":
         if size != 2:
             return None
@@ -183,8 +193,10 @@ def _check_rotate_half(r: Node, x: Node, d: int) -> list:
     chunk/split, the join also a stack at -2 flattened back), or Reject why not."""
     joined = _joined(r, x)
     if joined is None and _interleaved(r, x):
-        raise Reject("interleaved (GPT-J style) rotation of pairs (x[..., ::2], x[..., 1::2]); "
-                     "only HF rotate_half over the two halves is supported")
+        raise Reject(
+            "interleaved (GPT-J style) rotation of pairs (x[..., ::2], x[..., 1::2]); "
+            "only HF rotate_half over the two halves is supported"
+        )
     if joined is None:
         raise Reject(f"x·cos + f(x)·sin where f is `{r.name}`, not HF rotate_half")
     parts, join_nodes = joined
@@ -193,11 +205,14 @@ def _check_rotate_half(r: Node, x: Node, d: int) -> list:
     neg, lo = canon(parts[0]), _piece(parts[1], x)
     hi = _piece(neg.args[0], x) if neg is not None and neg.kind == "neg" else None
     if hi is None or lo is None:
-        raise Reject("rotate_half is not cat((-x[..., h:], x[..., :h]), -1) "
-                     "(other sign or order: the rotation would run the other way)")
+        raise Reject(
+            "rotate_half is not cat((-x[..., h:], x[..., :h]), -1) "
+            "(other sign or order: the rotation would run the other way)"
+        )
     if d % 2 or (lo[0], lo[1], hi[0], hi[1]) != (0, d // 2, d // 2, d):
-        raise Reject(f"rotate_half splits head_dim {d} into [{lo[0]}:{lo[1]}] and [{hi[0]}:{hi[1]}], "
-                     f"not at the middle {d // 2}")
+        raise Reject(
+            f"rotate_half splits head_dim {d} into [{lo[0]}:{lo[1]}] and [{hi[0]}:{hi[1]}], not at the middle {d // 2}"
+        )
     return list(dict.fromkeys(lo[2] + hi[2] + [parts[0]] + join_nodes))
 
 
@@ -208,8 +223,10 @@ def _partial_rotary(x: Node, out: Node) -> Optional[str]:
     rejoined = any(canon(u) is not None and canon(u).kind == "cat" for u in out.users)
     if not rejoined:
         return None  # a slice of a fused projection, rotated whole: fine
-    return (f"partial rotary: rotates x[..., {sl[1]}:{sl[2]}] of a head_dim {value(sl[0]).shape[-1]} tensor "
-            "and concatenates the pass-through part (rotary_dim < head_dim); not supported")
+    return (
+        f"partial rotary: rotates x[..., {sl[1]}:{sl[2]}] of a head_dim {value(sl[0]).shape[-1]} tensor "
+        "and concatenates the pass-through part (rotary_dim < head_dim); not supported"
+    )
 
 
 def _as_unsqueeze(n) -> Optional[tuple]:
@@ -223,8 +240,11 @@ def _as_unsqueeze(n) -> Optional[tuple]:
     if op.kind != "getitem" or not isinstance(op.args[1], tuple) or value(n) is None:
         return None
     idx = op.args[1]
-    if idx.count(None) != 1 or idx.count(Ellipsis) > 1 \
-            or any(i is not None and i is not Ellipsis and i != slice(None) for i in idx):
+    if (
+        idx.count(None) != 1
+        or idx.count(Ellipsis) > 1
+        or any(i is not None and i is not Ellipsis and i != slice(None) for i in idx)
+    ):
         return None
     k = idx.index(None)
     if Ellipsis in idx and idx.index(Ellipsis) < k:  # counted from the end
@@ -240,8 +260,10 @@ def _unsqueezed(n, what: str) -> tuple:
     base, dim = found
     bv = value(base)
     if bv is None or bv.dim() != 3 or not isinstance(dim, int) or dim % 4 not in (1, 2):
-        raise Reject(f"{what} is unsqueezed at dim {dim} from shape "
-                     f"{tuple(bv.shape) if bv is not None else '?'}; needs [B or 1, S, D] at dim 1 or 2")
+        raise Reject(
+            f"{what} is unsqueezed at dim {dim} from shape "
+            f"{tuple(bv.shape) if bv is not None else '?'}; needs [B or 1, S, D] at dim 1 or 2"
+        )
     return base, dim % 4, n
 
 
@@ -252,11 +274,16 @@ def _check_values(x: Node, cos: Node, sin: Node, dim: int, out: Node) -> None:
     if xv.device.type not in ("cuda", "cpu") or cv.device != xv.device or sv.device != xv.device:
         raise Reject(f"devices {xv.device}/{cv.device}/{sv.device} unsupported")
     seq = xv.shape[2] if dim == 1 else xv.shape[1]
-    if not same_shape(cv.shape, sv.shape) or not same_size(cv.shape[2], xv.shape[3]) \
-            or not same_size(cv.shape[1], seq) \
-            or not (same_size(cv.shape[0], 1) or same_size(cv.shape[0], xv.shape[0])):
-        raise Reject(f"cos/sin {tuple(cv.shape)} are not per-token [B or 1, S, D] for x {tuple(xv.shape)} "
-                     f"with unsqueeze_dim {dim}")
+    if (
+        not same_shape(cv.shape, sv.shape)
+        or not same_size(cv.shape[2], xv.shape[3])
+        or not same_size(cv.shape[1], seq)
+        or not (same_size(cv.shape[0], 1) or same_size(cv.shape[0], xv.shape[0]))
+    ):
+        raise Reject(
+            f"cos/sin {tuple(cv.shape)} are not per-token [B or 1, S, D] for x {tuple(xv.shape)} "
+            f"with unsqueeze_dim {dim}"
+        )
     if not same_shape(ov.shape, xv.shape):
         raise Reject(f"result {tuple(ov.shape)} is broadcast beyond x {tuple(xv.shape)}")
     if cv.dtype != sv.dtype:
@@ -282,8 +309,12 @@ def _products(out: Node):
     """(x·cos, r·sin) operand pairs of the add, in either order, where r is built from x."""
     op = canon(out)
     # an add: the partner search also reaches here from a mul's user, which may be a sub
-    if op is None or op.kind != "add" or len(op.args) < 2 \
-            or any(canon(a) is None or canon(a).kind != "mul" for a in op.args[:2]):
+    if (
+        op is None
+        or op.kind != "add"
+        or len(op.args) < 2
+        or any(canon(a) is None or canon(a).kind != "mul" for a in op.args[:2])
+    ):
         return None
     for mc_node, ms_node in ((op.args[0], op.args[1]), (op.args[1], op.args[0])):
         mc, msin = canon(mc_node), canon(ms_node)
@@ -337,15 +368,22 @@ class RopePattern(Pattern):
         if partner is None:
             nodes = app.nodes + self._own_unsqueezes([app])
             call = (app.x, app.cos, app.sin, app.dim)
-            return Candidate(nodes, app.out, lambda g: g.call_function(torch.ops.foak.rope_one.default, call),
-                             f"single, unsqueeze_dim={app.dim}")
+            return Candidate(
+                nodes,
+                app.out,
+                lambda g: g.call_function(torch.ops.foak.rope_one.default, call),
+                f"single, unsqueeze_dim={app.dim}",
+            )
         order = _order(seed)
         first, second = sorted((app, partner), key=lambda a: order[a.out])
         nodes = first.nodes + second.nodes + self._own_unsqueezes([first, second])
         call = (first.x, second.x, first.cos, first.sin, first.dim)
-        return Candidate(nodes, [first.out, second.out],
-                         lambda g: g.call_function(torch.ops.foak.rope.default, call),
-                         f"q+k, unsqueeze_dim={first.dim}")
+        return Candidate(
+            nodes,
+            [first.out, second.out],
+            lambda g: g.call_function(torch.ops.foak.rope.default, call),
+            f"q+k, unsqueeze_dim={first.dim}",
+        )
 
     @staticmethod
     def _own_unsqueezes(apps: list) -> list:
@@ -369,9 +407,14 @@ class RopePattern(Pattern):
                     other = _application(next(iter(m.users)))
                 except Reject:
                     continue
-                if (other is None or other.out is app.out or other.x is app.x
-                        or (other.cos, other.sin, other.dim) != (app.cos, app.sin, app.dim)
-                        or not _same_tokens(app, other) or outside_users(other.nodes, [other.out])):
+                if (
+                    other is None
+                    or other.out is app.out
+                    or other.x is app.x
+                    or (other.cos, other.sin, other.dim) != (app.cos, app.sin, app.dim)
+                    or not _same_tokens(app, other)
+                    or outside_users(other.nodes, [other.out])
+                ):
                     continue
                 first_out = min(order[app.out], order[other.out])
                 if max(order[app.x], order[other.x], order[app.cos], order[app.sin]) < first_out:
