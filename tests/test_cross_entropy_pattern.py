@@ -75,7 +75,7 @@ def test_hf_model_call_rewrites_the_loss(family):
     assert "loss_utils.py" in m.source and m.variant == "F.cross_entropy, reduction=mean"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_hf_model_with_lora(family):
     model = _lora(tiny_model(family))
     be = compare_with_eager(model, _batch(model), patterns=CE)
@@ -99,6 +99,7 @@ def test_loss_only_step_with_lora_leaves_the_frozen_lm_head_alone():
     assert model.base_model.model.lm_head.weight.grad is None
 
 
+@pytest.mark.slow  # a bf16 model compiled twice (~14 s on CPU)
 def test_bf16_model_absorbs_the_upcast():
     model = tiny_model("llama", torch.bfloat16)
     be = compare_with_eager(model, _batch(model), patterns=CE, rtol=2e-2, atol=2e-3)

@@ -404,7 +404,9 @@ NEAR_MISSES = {
 }
 
 
-@pytest.mark.parametrize("name", list(NEAR_MISSES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in ("dora", "fan_in_fan_out") else n for n in NEAR_MISSES]
+)
 def test_near_misses_are_left_alone_and_reported(name):
     build, reason = NEAR_MISSES[name]
     if name in ("8-bit base",):

@@ -142,7 +142,7 @@ def _swiglu_misses(be):
     return [m.reason for r in be.reports for m in r.near_misses if m.pattern == "lora_swiglu"]
 
 
-@pytest.mark.parametrize("siblings", [False, True])
+@pytest.mark.parametrize("siblings", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_llama_down_projection_takes_the_product(siblings):
     model = peft_llama(layers=2)
     patterns = ["lora", "lora_siblings", "lora_swiglu"] if siblings else ["lora", "lora_swiglu"]
@@ -180,7 +180,7 @@ def test_half_precision_llama():
     assert _swiglu_variants(be) == ["silu(gate_proj)·up_proj → down_proj (dense)"]
 
 
-@pytest.mark.parametrize("siblings", [False, True])
+@pytest.mark.parametrize("siblings", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_4bit_down_base(siblings):
     pytest.importorskip("bitsandbytes")
     model = peft_llama(layers=1, quantize=dict(quant_type="nf4", nested=True))
