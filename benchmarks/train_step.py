@@ -486,7 +486,8 @@ def merge(paths, out):
     calls = [json.load(open(p)) for p in paths]
     rows = [dict(r, run=os.path.basename(p)) for p, c in zip(paths, calls) for r in c["rows"]]
     for r in rows:
-        r.pop("vs_inductor", None), r.pop("extra_warnings", None)
+        r.pop("vs_inductor", None)  # recomputed per call below
+        r.pop("extra_warnings", None)
     write_json(
         out,
         {

@@ -226,34 +226,6 @@ lora_linear.register_autograd(_backward_dense, setup_context=_setup_dense)
 # --- bitsandbytes 4-bit base ---------------------------------------------------------------------
 
 
-def _dequant(
-    qweight,
-    absmax,
-    nested_absmax,
-    nested_code,
-    offset,
-    quant_type,
-    blocksize,
-    nested_blocksize,
-    weight_shape,
-    cdt,
-    site: int,
-):
-    return dequant.weight(
-        qweight,
-        absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        quant_type,
-        blocksize,
-        nested_blocksize,
-        weight_shape,
-        cdt,
-        site,
-    )
-
-
 @fused_op("foak::lora_linear_4bit", seeded=True)
 def lora_linear_4bit(
     x: torch.Tensor,
@@ -277,7 +249,7 @@ def lora_linear_4bit(
     """lora_linear over the bitsandbytes 4-bit weight (qweight, absmax[, nested_absmax, nested_code,
     offset]) of shape weight_shape, dequantised to compute_dtype."""
     _check(x, lora_a, lora_b, weight_shape, dropout_p)
-    w = _dequant(
+    w = dequant.weight(
         qweight,
         absmax,
         nested_absmax,
@@ -348,7 +320,7 @@ def lora_linear_4bit_backward(
     """(dx, dbias, dA, dB) of lora_linear_4bit; the weight is dequantised again, only for dx."""
 
     def weight():
-        return _dequant(
+        return dequant.weight(
             qweight,
             absmax,
             nested_absmax,

@@ -20,7 +20,7 @@ import torch
 from ..kernels import swiglu
 from . import dequant
 from .lora import _backward as _lora_backward
-from .lora import _check, _dequant, _fake_backward, _fake_forward, _forward, _no_base_grad
+from .lora import _check, _fake_backward, _fake_forward, _forward, _no_base_grad
 from .lora_schema import BNB4, DENSE
 from .registry import fused_op, register_fake
 
@@ -217,7 +217,7 @@ def lora_linear_4bit_swiglu(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_linear_4bit (arguments as there) of silu(gate) * up."""
     _check_pair(gate, up, lora_a, lora_b, weight_shape, dropout_p)
-    w = _dequant(
+    w = dequant.weight(
         qweight,
         absmax,
         nested_absmax,
@@ -291,7 +291,7 @@ def lora_linear_4bit_swiglu_backward(
     """(dgate, dup, dbias, dA, dB) of lora_linear_4bit_swiglu; the weight is dequantised again, only for dh."""
 
     def weight():
-        return _dequant(
+        return dequant.weight(
             qweight,
             absmax,
             nested_absmax,
