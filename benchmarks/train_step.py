@@ -340,33 +340,87 @@ def run_one(args):
     if args.profile and step is not None and cuda:
         from .common import device_slug
 
-        res["profile"] = profile(step, args.profile, f"{device_slug()}_{args.variant}_{args.quant}_{args.shape}")
+        res["profile"] = profile(
+            step, args.profile, f"{device_slug()}_{args.variant}_{args.quant}_{args.shape}", vocab=args.vocab
+        )
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def profile(step, out_dir, name, steps=3):
-    """torch.profiler over a few steps: the top kernels and ops as text, and how much of the step the
-    GPU is busy (kernel time / wall time: what is left is host overhead and synchronisation)."""
+def profile(step, out_dir, name, steps=3, rank=16, vocab=None):
+    """torch.profiler over a few steps: the top kernels and ops as text, how much of the step the
+    GPU is busy (kernel time / wall time: what is left is host overhead and synchronisation), and
+    where the device time goes by category (`breakdown`)."""
     import torch
     from torch.profiler import ProfilerActivity, profile as prof
 
     os.makedirs(out_dir, exist_ok=True)
     torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as p:
         t = time.perf_counter()
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / steps * 1000
     ka = p.key_averages()
+    kernels = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.time_range.elapsed_us() for e in kernels)
+    busy = kernel_us / steps / 1000
+    split = breakdown(p.key_averages(group_by_input_shape=True), kernels, rank, vocab)
+    split = {k: round(v / steps / 1000, 2) for k, v in split.items()}
     with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
-        f.write(f"# {name}: {steps} steps, wall {wall:.1f} ms/step\n\n## by device time\n")
+        f.write(f"# {name}: {steps} steps, wall {wall:.1f} ms/step, GPU busy {busy:.1f} ms/step\n\n")
+        f.write("## where the device time goes (ms/step)\n")
+        f.write("".join(f"{k:>14}  {v:8.2f}\n" for k, v in split.items()))
+        f.write("\n## by device time\n")
         f.write(ka.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
         f.write("\n\n## by host time\n")
         f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
-    kernel_us = sum(e.time_range.elapsed_us() for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy = kernel_us / steps / 1000
-    return {"wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2), "gpu_busy_pct": round(100 * busy / wall, 1)}
+    return {
+        "wall_ms": round(wall, 2),
+        "gpu_busy_ms": round(busy, 2),
+        "gpu_busy_pct": round(100 * busy / wall, 1),
+        "breakdown_ms": split,
+    }
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_scaled_mm")
+GEMM_KERNELS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")
+KERNEL_KINDS = (  # first match wins, before GEMM_KERNELS (cuDNN's attention kernels say sm90_ too)
+    ("dequant", ("dequant", "kdequant")),
+    ("attention", ("attention", "flash", "fmha", "sdpa", "attn")),
+    ("loss", ("_ce_", "cross_entropy", "_lce", "log_softmax", "nll_loss", "logsumexp")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "fused_adam")),
+)
+
+
+def breakdown(shape_averages, kernels, rank=16, vocab=None) -> dict:
+    """Device µs over the profiled steps by category: GEMMs split by their operands' shapes into the
+    LoRA ones (an operand dimension equal to the rank), the lm_head's (one equal to the vocabulary)
+    and the base projections' (the rest); other kernels by name into dequant, attention, loss,
+    optimizer and the memory-bound rest (norms, rope, activations, adds, casts, copies)."""
+    out = dict.fromkeys(("base_gemm", "lora_gemm", "lm_head_gemm", "dequant", "attention", "loss"), 0.0)
+    out.update(optimizer=0.0, memory_bound=0.0)
+    gemm_total = 0.0
+    for e in shape_averages:
+        if e.key not in GEMM_OPS:
+            continue
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        dims = {d for shape in (e.input_shapes or []) for d in (shape or [])}
+        kind = "lora_gemm" if rank in dims else "lm_head_gemm" if vocab in dims else "base_gemm"
+        out[kind] += us
+        gemm_total += us
+    gemm_kernels = 0.0
+    for k in kernels:
+        name, us = k.name.lower(), k.time_range.elapsed_us()
+        kind = next((c for c, keys in KERNEL_KINDS if any(key in name for key in keys)), None)
+        if kind is None and any(g in name for g in GEMM_KERNELS):
+            gemm_kernels += us
+            continue
+        out[kind or "memory_bound"] += us
+    # GEMM kernels launched outside an aten GEMM op (a fused op's own cuBLAS call is still aten::mm;
+    # this is what no op claimed, e.g. inside cuDNN or a Triton matmul)
+    out["other_gemm"] = max(gemm_kernels - gemm_total, 0.0)
+    return out
 
 
 _TORCH_LOG = re.compile(r"^\s*(?:\[[^\]]*\]:)?W\d{4} [\d:.]+ \d+ ([^\]]+)\] (.*)$")  # W1205 12:00:00.1 123 file:42] msg

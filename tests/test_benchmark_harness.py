@@ -105,3 +105,45 @@ def test_trainer_route_runs_fused_on_cpu(tmp_path):
     row = json.loads(line[-1][len("RESULT ") :])
     assert row["foak_matches"]["linear_cross_entropy"] == 1 and row["foak_matches"]["lora"] == 14, row
     assert row["steps"] == 1 and row["tokens_per_s"] > 0
+
+
+def test_step_breakdown_sorts_device_time_by_kind():
+    from types import SimpleNamespace as NS
+
+    from benchmarks.train_step import breakdown
+
+    def op(key, shapes, us):
+        return NS(key=key, input_shapes=shapes, device_time_total=us)
+
+    def kernel(name, us):
+        return NS(name=name, time_range=NS(elapsed_us=lambda: us))
+
+    ops = [
+        op("aten::mm", [[4096, 2048], [2048, 8192]], 100.0),  # base projection
+        op("aten::mm", [[4096, 2048], [2048, 16]], 7.0),  # LoRA A (rank 16)
+        op("aten::mm", [[1024, 2048], [2048, 128256]], 30.0),  # lm_head chunk
+        op("aten::add", [[4096, 2048]], 5.0),  # not a GEMM op: counted through its kernel
+    ]
+    kernels = [
+        kernel("nvjet_sm90_tst_256x128", 130.0),
+        kernel("nvjet_sm90_small", 9.0),  # 2 µs more GEMM kernel time than the ops claim
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 40.0),
+        kernel("_dequant_4bit", 11.0),
+        kernel("kDequantizeBlockwise", 4.0),
+        kernel("_ce_bwd", 6.0),
+        kernel("triton_poi_fused_add_view_3", 5.0),
+        kernel("_rms_norm_fwd", 3.0),
+        kernel("multi_tensor_apply_kernel", 2.0),
+    ]
+    got = breakdown(ops, kernels, rank=16, vocab=128256)
+    assert got == dict(
+        base_gemm=100.0,
+        lora_gemm=7.0,
+        lm_head_gemm=30.0,
+        dequant=15.0,
+        attention=40.0,
+        loss=6.0,
+        optimizer=2.0,
+        memory_bound=8.0,
+        other_gemm=2.0,
+    )
